@@ -1,0 +1,141 @@
+"""Analysis: which tensors carry relevance, and what each unit on that path is.
+
+A *unit* is one ONNX node or one fused region (see patterns.py). A tensor carries relevance when
+it is a float tensor reachable from a relevance source and it reaches the explained output;
+only units on that path get a backward. Units whose rule is "constant" block the path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .graph import GraphView
+from .patterns import ACTIVATION_OPS, Region
+
+PRODUCT_OPS = {"MatMul", "Mul", "Einsum", "Gemm"}
+NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+               "Expand"}
+
+
+@dataclass
+class Unit:
+    nodes: list                 # node indices, ascending; the last one produces the output
+    inputs: list                # tensor names (for a node: its inputs, in order)
+    outputs: list               # tensor names
+    op_type: str                # the node's op type, or "Region:<pattern>"
+    name: str                   # the node's name (for a region: its last node's name)
+    region: Region | None = None
+    categories: list = field(default_factory=list)
+    rule: str = "gradient"
+    n_relevant_inputs: int = 0  # after blocking: how many inputs carry relevance
+
+    @property
+    def position(self) -> int:
+        return self.nodes[-1]
+
+    def describe(self, view: GraphView) -> str:
+        if self.region is not None:
+            return f"{self.region.pattern} [{len(self.nodes)} nodes ending at '{self.name}']"
+        n = view.nodes[self.nodes[0]]
+        return f"'{n.name or '<unnamed>'}' ({n.domain or 'ai.onnx'}::{n.op_type})"
+
+
+def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
+    """One unit per region and per node outside every region, in topological order."""
+    in_region = {}
+    for r in regions:
+        for i in r.nodes:
+            in_region[i] = r
+    units = []
+    for i, node in enumerate(view.nodes):
+        r = in_region.get(i)
+        if r is None:
+            units.append(Unit([i], list(node.input), list(node.output), node.op_type, node.name))
+        elif i == r.nodes[-1]:
+            units.append(Unit(r.nodes, [r.input], [r.output], f"Region:{r.pattern}", node.name, region=r))
+    # a region's output might not be produced by its last node (norm_scale outputs d): keep order by the
+    # node producing the output, which is always the region's last node since regions end at the output.
+    return units
+
+
+def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str,
+                   blocked: set[int] | None = None) -> set[str]:
+    """Float tensors reachable from `sources` and reaching `target`, skipping blocked units."""
+    blocked = blocked or set()
+    forward = set(sources)
+    for k, u in enumerate(units):
+        if k in blocked:
+            continue
+        if any(t in forward for t in u.inputs if t):
+            forward.update(o for o in u.outputs if o and view.is_float(o))
+    backward = {target}
+    for k in range(len(units) - 1, -1, -1):
+        u = units[k]
+        if k in blocked:
+            continue
+        if any(o in backward for o in u.outputs):
+            backward.update(t for t in u.inputs if t in forward)
+    return forward & backward
+
+
+def on_path(unit: Unit, path: set[str]) -> bool:
+    return any(o in path for o in unit.outputs) and any(t in path for t in unit.inputs if t)
+
+
+def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
+    """Give each unit its categories, most specific first; the rule set maps categories to rules."""
+    producer_unit = {}
+    for u in units:
+        for o in u.outputs:
+            producer_unit[o] = u
+    for u in units:
+        cats = []
+        if u.region is not None:
+            cats = ["activation"] if u.region.kind == "activation" else ["norm_scale"]
+            if u.region.kind == "activation" and _feeds_gate(view, u.outputs[0], path):
+                cats.insert(0, "gate")
+        else:
+            op = u.op_type
+            if op in ACTIVATION_OPS:
+                cats = ["activation"]
+                if _feeds_gate(view, u.outputs[0], path):
+                    cats.insert(0, "gate")
+            elif op in PRODUCT_OPS and sum(1 for t in u.inputs if t in path) >= 2:
+                cats = ["product"]
+            elif op in NORM_OPS:
+                cats = ["norm"]
+            elif op == "Softmax":
+                cats = ["attention_probs", "softmax"] if _feeds_attention(view, u.outputs[0], path) else ["softmax"]
+            cats.append(op)
+        u.categories = cats
+
+
+def _consumers_through(view: GraphView, t: str, depth: int = 6):
+    """Consumers of t, looking through routing ops (casts, reshapes, masks)."""
+    out, frontier = [], [(t, 0)]
+    while frontier:
+        name, d = frontier.pop()
+        for c in view.consumers.get(name, []):
+            n = view.nodes[c]
+            if n.op_type in ROUTING_OPS and d < depth and n.output and n.input and n.input[0] == name \
+                    or n.op_type == "Where" and d < depth and name in n.input[1:]:
+                frontier.append((n.output[0], d + 1))
+            else:
+                out.append((c, name))
+    return out
+
+
+def _feeds_attention(view: GraphView, probs: str, path: set[str]) -> bool:
+    for c, via in _consumers_through(view, probs):
+        n = view.nodes[c]
+        if n.op_type in ("MatMul", "Einsum") and any(i in path and i != via for i in n.input):
+            return True
+    return False
+
+
+def _feeds_gate(view: GraphView, act: str, path: set[str]) -> bool:
+    for c, via in _consumers_through(view, act, depth=2):
+        n = view.nodes[c]
+        if n.op_type == "Mul" and any(i in path and i != via for i in n.input):
+            return True
+    return False

@@ -1,0 +1,170 @@
+"""A read-only view of an ONNX graph: producers, consumers, constants, dtypes and shapes.
+
+The view never loads external weight data: initializers are known by name, dtype and dims only,
+and small constants (shape vectors, exponents, scales) are read when they are stored inline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+Dim = "int | str | None"  # static size, symbolic name, or unknown
+
+
+@dataclass
+class TensorInfo:
+    dtype: int | None = None
+    shape: list | None = None  # list of int | str | None; None = rank unknown
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+
+def _type_to_info(type_proto: onnx.TypeProto) -> TensorInfo:
+    if not type_proto.HasField("tensor_type"):
+        return TensorInfo()
+    tt = type_proto.tensor_type
+    dtype = tt.elem_type or None
+    if not tt.HasField("shape"):
+        return TensorInfo(dtype, None)
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorInfo(dtype, dims)
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How errors and reports name a node: its name, op type and domain."""
+    domain = node.domain or "ai.onnx"
+    return f"'{node.name or '<unnamed>'}' ({domain}::{node.op_type})"
+
+
+@dataclass
+class GraphView:
+    model: onnx.ModelProto
+    nodes: list = field(default_factory=list)
+    producer: dict = field(default_factory=dict)  # tensor -> node index
+    consumers: dict = field(default_factory=dict)  # tensor -> [node index]
+    initializers: dict = field(default_factory=dict)  # name -> TensorProto (data maybe external)
+    constant_values: dict = field(default_factory=dict)  # name -> np.ndarray (small, inline only)
+    info: dict = field(default_factory=dict)  # name -> TensorInfo
+    graph_inputs: list = field(default_factory=list)
+    graph_outputs: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto, inferred: onnx.ModelProto | None = None) -> "GraphView":
+        g = model.graph
+        view = cls(model=model)
+        view.nodes = list(g.node)
+        for i, n in enumerate(view.nodes):
+            for o in n.output:
+                if o:
+                    view.producer[o] = i
+            for t in n.input:
+                if t:
+                    view.consumers.setdefault(t, []).append(i)
+        for init in g.initializer:
+            view.initializers[init.name] = init
+            view.info[init.name] = TensorInfo(init.data_type, [int(d) for d in init.dims])
+            if not _is_external(init) and np.prod(init.dims, dtype=np.int64) <= 64:
+                view.constant_values[init.name] = numpy_helper.to_array(init)
+        for n in view.nodes:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                value = _constant_node_value(n)
+                if value is not None:
+                    view.constant_values[n.output[0]] = value
+                    view.info[n.output[0]] = TensorInfo(
+                        onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+        source = inferred if inferred is not None else model
+        for vi in list(source.graph.value_info) + list(source.graph.input) + list(source.graph.output):
+            info = _type_to_info(vi.type)
+            if vi.name not in view.info or view.info[vi.name].shape is None:
+                view.info[vi.name] = info
+        init_names = set(view.initializers)
+        view.graph_inputs = [i.name for i in g.input if i.name not in init_names]
+        view.graph_outputs = [o.name for o in g.output]
+        return view
+
+    # -- questions about tensors ------------------------------------------------------------
+    def dtype(self, name: str) -> int | None:
+        info = self.info.get(name)
+        return info.dtype if info else None
+
+    def shape(self, name: str) -> list | None:
+        info = self.info.get(name)
+        return info.shape if info else None
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def is_float(self, name: str) -> bool:
+        return self.dtype(name) in FLOAT_TYPES
+
+    def is_constant(self, name: str) -> bool:
+        """An initializer, a Constant node output, or anything computed only from those."""
+        return name in self._constant_set()
+
+    def _constant_set(self) -> set:
+        if not hasattr(self, "_consts"):
+            consts = set(self.initializers) | set(self.constant_values)
+            for n in self.nodes:  # nodes are topologically sorted
+                if n.input and all((not t) or t in consts for t in n.input) and not _has_subgraph(n):
+                    consts.update(o for o in n.output if o)
+                elif not n.input and n.op_type != "RandomNormal":
+                    consts.update(o for o in n.output if o)
+            self._consts = consts
+        return self._consts
+
+    def value(self, name: str):
+        """The value of a small inline constant, or None."""
+        return self.constant_values.get(name)
+
+    def scalar(self, name: str):
+        v = self.value(name)
+        if v is None or v.size != 1:
+            return None
+        return v.reshape(()).item()
+
+
+def _is_external(init: TensorProto) -> bool:
+    return init.data_location == TensorProto.EXTERNAL
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _constant_node_value(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.name == "value":
+            if _is_external(a.t):
+                return None
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default

@@ -1,0 +1,179 @@
+"""Pattern fusion: find the written-out functions that LRP rules treat as one unit.
+
+Exporters write GELU as x*0.5*(1+erf(x/sqrt2)) or 0.5x(1+tanh(...)), SiLU as x*sigmoid(x), and
+LayerNorm/RMSNorm as a mean, a power, a square root and a division. The rules need to see these
+as wholes: an activation gets the identity rule over the whole function, and the std/rms of a norm
+is a constant. The forward graph is never changed; a region only groups existing nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import GraphView
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Erf", "Tanh", "Sigmoid", "Exp", "Sqrt",
+               "Reciprocal", "Softplus", "Relu", "Cast", "Abs", "HardSigmoid", "Identity"}
+NONLINEAR = {"Erf", "Tanh", "Sigmoid", "Exp", "Softplus", "Relu", "HardSigmoid", "Abs"}
+ACTIVATION_OPS = {"Gelu", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus",
+                  "Softsign", "HardSigmoid", "HardSwish", "Mish", "Erf", "ThresholdedRelu", "PRelu",
+                  "FastGelu", "BiasGelu", "QuickGelu"}
+MAX_REGION_NODES = 24
+
+
+@dataclass
+class Region:
+    kind: str            # "activation" (identity rule) or "norm_scale" (std/rms treated as constant)
+    pattern: str         # what was recognised, for reports
+    nodes: list          # node indices, ascending
+    input: str           # the tensor the function is applied to
+    output: str          # the function's result (activation) or the std/rms factor (norm_scale)
+
+
+def _is_scalar_const(view: GraphView, t: str) -> bool:
+    if not view.is_constant(t):
+        return False
+    s = view.shape(t)
+    return s is not None and all(isinstance(d, int) for d in s) and int(np.prod(s, dtype=np.int64)) <= 1
+
+
+def _pattern_name(view: GraphView, nodes: list) -> str:
+    ops = {view.nodes[i].op_type for i in nodes}
+    if "Erf" in ops:
+        return "GELU (erf form)"
+    if "Tanh" in ops and "Pow" in ops or ("Tanh" in ops and len(nodes) >= 6):
+        return "GELU (tanh form)"
+    if "Sigmoid" in ops and len(nodes) == 2:
+        return "SiLU (x*sigmoid(x))"
+    if "Sigmoid" in ops:
+        return "x*sigmoid(a*x) (QuickGELU/SiLU form)"
+    return "elementwise activation (" + "+".join(sorted(ops)) + ")"
+
+
+def find_activation(view: GraphView, end: int, claimed: set) -> Region | None:
+    """Grow a region backward from node `end` (a Mul) until all its non-constant inputs collapse
+    into one tensor x: then the region computes y = f(x) elementwise."""
+    node = view.nodes[end]
+    if node.op_type != "Mul" or end in claimed:
+        return None
+    region = {end}
+    frontier = {t for t in node.input if t and not _is_scalar_const(view, t)}
+    if len(frontier) < 2:
+        return None
+    while True:
+        if len(frontier) == 1 and any(view.nodes[i].op_type in NONLINEAR for i in region):
+            x = next(iter(frontier))
+            if not view.is_float(x):
+                return None
+            nodes = sorted(region)
+            return Region("activation", _pattern_name(view, nodes), nodes, x, node.output[0])
+        if not frontier or len(region) >= MAX_REGION_NODES:
+            return None
+        t = max(frontier, key=lambda name: view.producer.get(name, -1))
+        p = view.producer.get(t)
+        if p is None or p in claimed or view.nodes[p].op_type not in ELEMENTWISE:
+            return None
+        if view.nodes[p].domain not in ("", "ai.onnx"):
+            return None
+        if any(c not in region for c in view.consumers.get(t, [])):
+            return None
+        if len([o for o in view.nodes[p].output if o]) != 1:
+            return None
+        for i in view.nodes[p].input:
+            if i and not view.is_constant(i):
+                pass
+            elif i and not _is_scalar_const(view, i):
+                return None  # a non-scalar constant would broadcast: not an elementwise function of x
+        region.add(p)
+        frontier.discard(t)
+        frontier |= {i for i in view.nodes[p].input if i and not view.is_constant(i)}
+
+
+NORM_CONE_OPS = {"Cast", "Reciprocal", "Sqrt", "Add", "ReduceMean", "Pow", "Mul", "Div", "Identity"}
+
+
+def _strip_casts(view: GraphView, t: str) -> str:
+    while True:
+        p = view.producer.get(t)
+        if p is None or view.nodes[p].op_type not in ("Cast", "Identity"):
+            return t
+        t = view.nodes[p].input[0]
+
+
+def find_norm_scale(view: GraphView, end: int, claimed: set) -> Region | None:
+    """Match Mul(a, d) / Div(a, d) where d = 1/sqrt(mean(a^2)+eps) (RMSNorm) or
+    sqrt(mean(a^2)+eps) with a = x - mean(x) (LayerNorm): d is the std/rms factor."""
+    node = view.nodes[end]
+    if node.op_type not in ("Mul", "Div") or end in claimed or len(node.input) != 2:
+        return None
+    candidates = [(node.input[0], node.input[1])]
+    if node.op_type == "Mul":
+        candidates.append((node.input[1], node.input[0]))
+    for a, d in candidates:
+        if view.is_constant(a) or view.is_constant(d):
+            continue
+        cone = _norm_cone(view, d, _strip_casts(view, a), claimed)
+        if cone is None:
+            continue
+        ops = {view.nodes[i].op_type for i in cone}
+        if "ReduceMean" not in ops or not ({"Sqrt", "Pow"} & ops):
+            continue
+        if any(c not in cone and c != end for i in cone for o in view.nodes[i].output
+               for c in view.consumers.get(o, []) if o != d):
+            continue
+        pattern = "RMSNorm rms" if node.op_type == "Mul" else "LayerNorm std"
+        return Region("norm_scale", pattern, sorted(cone), a, d)
+    return None
+
+
+def _norm_cone(view: GraphView, d: str, leaf: str, claimed: set):
+    """Nodes computing d from `leaf` alone through the norm ops, or None."""
+    cone, stack = set(), [d]
+    saw_square = False
+    while stack:
+        t = stack.pop()
+        if view.is_constant(t):
+            continue
+        if _strip_casts(view, t) == leaf and t not in (d,):
+            if view.producer.get(t) is not None and view.nodes[view.producer[t]].op_type == "Cast":
+                pass
+            continue
+        p = view.producer.get(t)
+        if p is None or p in claimed:
+            return None
+        n = view.nodes[p]
+        if n.op_type not in NORM_CONE_OPS or n.domain not in ("", "ai.onnx"):
+            return None
+        if n.op_type == "Pow":
+            if view.scalar(n.input[1]) not in (2, 2.0, -0.5) and _strip_casts(view, n.input[0]) == leaf:
+                return None
+            saw_square |= _strip_casts(view, n.input[0]) == leaf
+        if n.op_type == "Mul" and not any(view.is_constant(i) for i in n.input):
+            if not (n.input[0] == n.input[1] and _strip_casts(view, n.input[0]) == leaf):
+                return None
+            saw_square = True
+        if n.op_type == "Div" and not view.is_constant(n.input[0]):
+            return None
+        if n.op_type == "Add" and not any(view.is_constant(i) for i in n.input):
+            return None
+        cone.add(p)
+        stack.extend(i for i in n.input if i)
+        if len(cone) > MAX_REGION_NODES:
+            return None
+    return cone if saw_square else None
+
+
+def find_regions(view: GraphView, enabled: bool = True) -> list[Region]:
+    """All activation and norm regions of the graph, found from the outputs backward."""
+    if not enabled:
+        return []
+    regions, claimed = [], set()
+    for i in range(len(view.nodes) - 1, -1, -1):
+        for finder in (find_norm_scale, find_activation):
+            r = finder(view, i, claimed)
+            if r is not None:
+                regions.append(r)
+                claimed.update(r.nodes)
+                break
+    return regions

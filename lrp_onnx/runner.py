@@ -1,0 +1,73 @@
+"""Run a converted model in onnxruntime: CUDA when present, else CPU. No PyTorch."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import LRPError
+from .seed import POSITION_INPUT, SEED_INPUT, SELECTED_LOGIT, SELECTED_TARGET, TARGET_INPUT
+
+
+@dataclass
+class Explanation:
+    outputs: dict          # every graph output by name
+    relevance: np.ndarray  # at the (first) relevance source
+    target: np.ndarray | None
+    logit: np.ndarray | None
+
+    def token_relevance(self) -> np.ndarray:
+        """Relevance per token: summed over the hidden axis (the last one)."""
+        return self.relevance.sum(axis=-1) if self.relevance.ndim >= 3 else self.relevance
+
+
+class Explainer:
+    """Holds an onnxruntime session of a converted model."""
+
+    def __init__(self, model_path, providers=None, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = os.fspath(model_path)
+        if not os.path.isfile(path):
+            raise LRPError(f"{path}: no such file")
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the lrp_target/lrp_position defaults are meant to be overridable
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as exc:
+            raise LRPError(f"{path}: onnxruntime cannot open it ({str(exc).splitlines()[0][:300]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map.get("lrp_onnx")
+        if meta is None:
+            raise LRPError(f"{path}: not converted by lrp-onnx (no lrp_onnx metadata); run `lrp-onnx convert` first")
+        self.meta = json.loads(meta)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_names += [i.name for i in self.session.get_overridable_initializers()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, target=None, position=None, seed=None, **inputs) -> Explanation:
+        feed = {}
+        for name, value in inputs.items():
+            if name not in self.input_names:
+                raise LRPError(f"the model has no input '{name}'; inputs are: {', '.join(self.input_names)}")
+            feed[name] = np.asarray(value)
+        if target is not None:
+            feed[TARGET_INPUT] = np.atleast_1d(np.asarray(target, dtype=np.int64))
+        if position is not None:
+            if POSITION_INPUT not in self.input_names:
+                raise LRPError("the explained output has no sequence axis: position does not apply")
+            feed[POSITION_INPUT] = np.atleast_1d(np.asarray(position, dtype=np.int64))
+        if seed is not None:
+            if SEED_INPUT not in self.input_names:
+                raise LRPError("this model was converted without --seed-input")
+            feed[SEED_INPUT] = np.asarray(seed)
+        values = self.session.run(None, feed)
+        outputs = dict(zip(self.output_names, values))
+        return Explanation(outputs, outputs[self.meta["relevance_outputs"][0]],
+                           outputs.get(SELECTED_TARGET), outputs.get(SELECTED_LOGIT))

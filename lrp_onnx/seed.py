@@ -1,0 +1,93 @@
+"""Seed targets: which logit is explained, as graph inputs with defaults.
+
+Inputs added to the converted model (a public contract):
+  lrp_target   int64 [batch] (default [-1]): class/vocab index per row; negative = the argmax
+  lrp_position int64 [batch] (default [-1]): sequence position per row when the explained output
+               has a sequence axis; Python-style negative indices count from the end
+  lrp_seed     float, the explained output's shape: replaces both (option seed_input)
+Outputs: lrp_selected_target (int64 [batch]) and lrp_selected_logit ([batch]) say what was explained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .builder import Builder
+
+TARGET_INPUT = "lrp_target"
+POSITION_INPUT = "lrp_position"
+SEED_INPUT = "lrp_seed"
+SELECTED_TARGET = "lrp_selected_target"
+SELECTED_LOGIT = "lrp_selected_logit"
+
+
+@dataclass
+class Seed:
+    gradient: str                                  # the gradient fed into the explained output
+    inputs: list = field(default_factory=list)     # ValueInfoProto to add to the graph inputs
+    defaults: list = field(default_factory=list)   # TensorProto initializers backing optional inputs
+    outputs: dict = field(default_factory=dict)    # output name -> (tensor, ValueInfoProto)
+
+
+def build_seed(b: Builder, output: str, seed_input: bool) -> Seed:
+    view = b.view
+    dtype = view.dtype(output) or TensorProto.FLOAT
+    shape = view.shape(output)
+    if seed_input:
+        dims = shape if shape is not None else None
+        vi = helper.make_tensor_value_info(SEED_INPUT, dtype, dims)
+        return Seed(SEED_INPUT, inputs=[vi])
+    rank = len(shape) if shape is not None else None
+    if rank not in (1, 2, 3):
+        raise ValueError(f"the explained output '{output}' has rank {rank}; targets work for rank 1-3 "
+                         f"([batch], [batch, classes], [batch, sequence, vocab]); use seed_input")
+    if rank == 1:
+        ones = b.op("ConstantOfShape", [b.shape_of(output)], like=output,
+                    value=helper.make_tensor("value", dtype, [1], [1]))
+        return Seed(ones)
+    seed = Seed("")
+    batch = b.op("Slice", [b.shape_of(output), b.ints([0]), b.ints([1])])
+    target = b.op("Expand", [TARGET_INPUT, batch])
+    seed.inputs.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["lrp_batch"]))
+    seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
+    scores = output
+    one_hot_values = b.const(np.array([0, 1], dtype=helper.tensor_dtype_to_np_dtype(dtype)))
+    if rank == 3:
+        seed.inputs.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64, ["lrp_batch"]))
+        seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), POSITION_INPUT))
+        length = b.op("Slice", [b.shape_of(output), b.ints([1]), b.ints([2])])
+        position = b.op("Expand", [POSITION_INPUT, batch])
+        position = b.op("Where", [b.op("Less", [position, b.ints([0])]),
+                                  b.op("Add", [position, length]), position])
+        vocab = b.op("Slice", [b.shape_of(output), b.ints([2]), b.ints([3])])
+        index = b.op("Expand", [b.op("Reshape", [position, b.ints([-1, 1, 1])]),
+                                b.op("Concat", [batch, b.ints([1]), vocab], axis=0)])
+        scores = b.op("Squeeze", [b.op("GatherElements", [output, index], axis=1), b.ints([1])])
+        position_mask = b.op("Unsqueeze", [b.op("OneHot", [position, length, one_hot_values], axis=-1),
+                                           b.ints([2])])
+    argmax = b.op("ArgMax", [scores], axis=-1, keepdims=0)
+    chosen = b.op("Where", [b.op("Less", [target, b.ints([0])]), argmax, target])
+    classes = b.op("Slice", [b.shape_of(scores), b.ints([1]), b.ints([2])])
+    target_mask = b.op("OneHot", [chosen, classes, one_hot_values], axis=-1)
+    if rank == 3:
+        gradient = b.op("Mul", [position_mask, b.op("Unsqueeze", [target_mask, b.ints([1])])],
+                        dtype=dtype, shape=shape)
+    else:
+        gradient = b.op("Identity", [target_mask], dtype=dtype, shape=shape)
+    logit = b.op("Squeeze", [b.op("GatherElements", [scores, b.op("Unsqueeze", [chosen, b.ints([1])])],
+                                  axis=1), b.ints([1])])
+    seed.gradient = gradient
+    seed.outputs[SELECTED_TARGET] = (chosen, helper.make_tensor_value_info(
+        SELECTED_TARGET, TensorProto.INT64, [shape[0]]))
+    seed.outputs[SELECTED_LOGIT] = (logit, helper.make_tensor_value_info(SELECTED_LOGIT, dtype, [shape[0]]))
+    return seed
+
+
+def rename_output(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
+    for n in nodes:
+        for k, o in enumerate(n.output):
+            if o == old:
+                n.output[k] = new

@@ -1,0 +1,489 @@
+"""Vector-Jacobian products of ONNX ops, one small registered function per op.
+
+Each function receives the builder, the forward node, the gradients of the node's outputs (None
+where an output carries no gradient) and which inputs want a gradient; it returns one gradient
+name (or None) per input. These are the exact derivatives: the LRP rules in `rules.py` reuse them
+and change only the local Jacobians that AttnLRP modifies.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from .builder import Builder
+from .graph import attr
+
+VJPS: dict = {}
+
+
+def register(*op_types: str, domain: str = ""):
+    def deco(fn):
+        for op in op_types:
+            VJPS[(domain, op)] = fn
+        return fn
+    return deco
+
+
+def lookup(node: onnx.NodeProto):
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    return VJPS.get((domain, node.op_type))
+
+
+def _g(gy):
+    return gy[0]
+
+
+# -- pass-through and routing ops ---------------------------------------------------------------
+@register("Identity", "Dropout")
+def _identity(b: Builder, node, gy, wants):
+    return [_g(gy)] + [None] * (len(node.input) - 1)
+
+
+@register("Cast", "CastLike")
+def _cast(b, node, gy, wants):
+    return [b.cast_like(_g(gy), node.input[0])] + [None] * (len(node.input) - 1)
+
+
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(b, node, gy, wants):
+    return [b.reshape_like(_g(gy), node.input[0])] + [None] * (len(node.input) - 1)
+
+
+@register("Transpose")
+def _transpose(b, node, gy, wants):
+    perm = attr(node, "perm")
+    if perm is None:
+        perm = list(reversed(range(b.view.rank(node.input[0]))))
+    inverse = list(np.argsort(perm))
+    return [b.op("Transpose", [_g(gy)], perm=inverse, like=node.input[0])]
+
+
+@register("Expand")
+def _expand(b, node, gy, wants):
+    return [b.unbroadcast(_g(gy), node.input[0]), None]
+
+
+@register("Concat")
+def _concat(b, node, gy, wants):
+    axis = attr(node, "axis")
+    sizes = []
+    for t in node.input:
+        s = b.view.shape(t)
+        r = len(s) if s is not None else b.view.rank(node.output[0])
+        ax = axis % r
+        if s is not None and isinstance(s[ax], int):
+            sizes.append(b.ints([s[ax]]))
+        else:
+            sizes.append(b.op("Gather", [b.shape_of(t), b.ints([ax])], axis=0))
+    split = sizes[0] if len(sizes) == 1 else b.op("Concat", sizes, axis=0)
+    parts = b.op("Split", [_g(gy), split], n_out=len(node.input), axis=axis)
+    parts = [parts] if isinstance(parts, str) else parts
+    for p, t in zip(parts, node.input):
+        b.view.info[p] = b.view.info.get(t)
+    return [p if w else None for p, w in zip(parts, wants)]
+
+
+@register("Split")
+def _split(b, node, gy, wants):
+    axis = attr(node, "axis", 0)
+    pieces = [g if g is not None else b.zeros_like(o) for g, o in zip(gy, node.output)]
+    return [b.op("Concat", pieces, axis=axis, like=node.input[0])] + [None] * (len(node.input) - 1)
+
+
+@register("Slice")
+def _slice(b, node, gy, wants):
+    """Pad the gradient back to the input's extent (steps of 1 only)."""
+    x = node.input[0]
+    r = b.view.rank(x)
+    starts, ends = node.input[1], node.input[2]
+    axes = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    steps = node.input[4] if len(node.input) > 4 and node.input[4] else None
+    if steps is not None:
+        sv = b.view.value(steps)
+        if sv is None or not np.all(sv == 1):
+            raise NotImplementedError("Slice with steps other than 1")
+    if axes is None:
+        n = b.view.shape(starts)
+        axes_v = np.arange(n[0] if n and isinstance(n[0], int) else r)
+    else:
+        axes_v = b.view.value(axes)
+        if axes_v is None:
+            raise NotImplementedError("Slice with runtime axes")
+    axes_v = [int(a) % r for a in np.asarray(axes_v).reshape(-1)]
+    shape = b.shape_of(x)
+    dims = b.op("Gather", [shape, b.ints(axes_v)], axis=0)
+    zero = b.ints([0])
+
+    def normalize(idx):
+        idx = b.op("Cast", [idx], to=onnx.TensorProto.INT64)
+        neg = b.op("Less", [idx, zero])
+        idx = b.op("Where", [neg, b.op("Add", [idx, dims]), idx])
+        return b.op("Min", [b.op("Max", [idx, zero]), dims])
+
+    s = normalize(starts)
+    e = b.op("Max", [normalize(ends), s])
+    before = b.op("ScatterElements", [b.ints([0] * r), b.ints(axes_v), s], axis=0)
+    after = b.op("ScatterElements", [b.ints([0] * r), b.ints(axes_v), b.op("Sub", [dims, e])], axis=0)
+    pads = b.op("Concat", [before, after], axis=0)
+    return [b.op("Pad", [_g(gy), pads], like=x)] + [None] * (len(node.input) - 1)
+
+
+@register("Gather")
+def _gather(b, node, gy, wants):
+    """Scatter-add the gradient back into a zero tensor of the data's shape."""
+    data, indices = node.input[0], node.input[1]
+    axis = attr(node, "axis", 0) % b.view.rank(data)
+    g = _g(gy)
+    idx_rank = b.view.rank(indices)
+    if idx_rank == 0:
+        g = b.op("Unsqueeze", [g, b.ints([axis])])
+        idx = b.op("Reshape", [indices, b.ints([1])])
+    elif idx_rank == 1:
+        idx = indices
+    else:
+        raise NotImplementedError("Gather on the relevance path with indices of rank > 1")
+    r = b.view.rank(data)
+    idx_shape = [1] * r
+    idx_shape[axis] = -1
+    idx = b.op("Expand", [b.op("Reshape", [idx, b.ints(idx_shape)]), b.shape_of(g)])
+    out = b.op("ScatterElements", [b.zeros_like(data), idx, g], axis=axis, reduction="add", like=data)
+    return [out, None]
+
+
+@register("Where")
+def _where(b, node, gy, wants):
+    cond, x, y = node.input
+    g = _g(gy)
+    zero = b.scalar_like(0.0, g)
+    out = [None, None, None]
+    if wants[1]:
+        out[1] = b.unbroadcast(b.op("Where", [cond, g, zero], like=g), x)
+    if wants[2]:
+        out[2] = b.unbroadcast(b.op("Where", [cond, zero, g], like=g), y)
+    return out
+
+
+# -- arithmetic -------------------------------------------------------------------------------------
+@register("Add")
+def _add(b, node, gy, wants):
+    g = _g(gy)
+    return [b.unbroadcast(g, t) if w else None for t, w in zip(node.input, wants)]
+
+
+@register("Sum")
+def _sum(b, node, gy, wants):
+    return _add(b, node, gy, wants)
+
+
+@register("Sub")
+def _sub(b, node, gy, wants):
+    g = _g(gy)
+    ga = b.unbroadcast(g, node.input[0]) if wants[0] else None
+    gb = b.unbroadcast(b.neg(g), node.input[1]) if wants[1] else None
+    return [ga, gb]
+
+
+@register("Neg")
+def _neg(b, node, gy, wants):
+    return [b.neg(_g(gy))]
+
+
+@register("Mul")
+def _mul(b, node, gy, wants):
+    a, c = node.input
+    g = _g(gy)
+    ga = b.unbroadcast(b.mul(g, c, like=g), a) if wants[0] else None
+    gc = b.unbroadcast(b.mul(g, a, like=g), c) if wants[1] else None
+    return [ga, gc]
+
+
+@register("Div")
+def _div(b, node, gy, wants):
+    a, c = node.input
+    g = _g(gy)
+    ga = gc = None
+    gdiv = b.op("Div", [g, c], like=g)
+    if wants[0]:
+        ga = b.unbroadcast(gdiv, a)
+    if wants[1]:  # d(a/c)/dc = -(a/c)/c
+        gc = b.unbroadcast(b.neg(b.mul(gdiv, node.output[0], like=g)), c)
+    return [ga, gc]
+
+
+@register("Pow")
+def _pow(b, node, gy, wants):
+    x, p = node.input
+    g = _g(gy)
+    if wants[1]:
+        raise NotImplementedError("Pow with a relevance-carrying exponent")
+    pv = b.view.scalar(p)
+    if pv == 2:
+        local = b.mul(x, b.scalar_like(2.0, x), like=x)
+    else:
+        p_x = b.cast_like(p, x) if b.view.dtype(p) != b.view.dtype(x) else p
+        local = b.mul(p_x, b.op("Pow", [x, b.op("Sub", [p_x, b.scalar_like(1.0, x)])]), like=x)
+    return [b.unbroadcast(b.mul(g, local, like=g), x), None]
+
+
+@register("Sqrt")
+def _sqrt(b, node, gy, wants):
+    y = node.output[0]
+    return [b.op("Div", [_g(gy), b.mul(y, b.scalar_like(2.0, y))], like=y)]
+
+
+@register("Reciprocal")
+def _reciprocal(b, node, gy, wants):
+    y = node.output[0]
+    return [b.neg(b.mul(_g(gy), b.mul(y, y)))]
+
+
+@register("Exp")
+def _exp(b, node, gy, wants):
+    return [b.mul(_g(gy), node.output[0])]
+
+
+@register("Log")
+def _log(b, node, gy, wants):
+    return [b.op("Div", [_g(gy), node.input[0]], like=node.input[0])]
+
+
+@register("Tanh")
+def _tanh(b, node, gy, wants):
+    y = node.output[0]
+    one = b.scalar_like(1.0, y)
+    return [b.mul(_g(gy), b.op("Sub", [one, b.mul(y, y)], like=y))]
+
+
+@register("Sigmoid")
+def _sigmoid(b, node, gy, wants):
+    y = node.output[0]
+    one = b.scalar_like(1.0, y)
+    return [b.mul(_g(gy), b.mul(y, b.op("Sub", [one, y], like=y)))]
+
+
+@register("Relu")
+def _relu(b, node, gy, wants):
+    x = node.input[0]
+    positive = b.op("Greater", [x, b.scalar_like(0.0, x)])
+    return [b.op("Where", [positive, _g(gy), b.scalar_like(0.0, x)], like=x)]
+
+
+@register("Erf")
+def _erf(b, node, gy, wants):
+    x = node.input[0]
+    x2 = b.mul(x, x)
+    local = b.mul(b.op("Exp", [b.neg(x2)], like=x), b.scalar_like(2.0 / math.sqrt(math.pi), x))
+    return [b.mul(_g(gy), local)]
+
+
+@register("Gelu")
+def _gelu(b, node, gy, wants):
+    x = node.input[0]
+    if attr(node, "approximate", "none") in ("tanh", b"tanh"):
+        # y = 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3)
+        c = math.sqrt(2.0 / math.pi)
+        x2 = b.mul(x, x)
+        u = b.mul(b.scalar_like(c, x), b.mul(x, b.add(b.scalar_like(1.0, x), b.mul(x2, b.scalar_like(0.044715, x)))))
+        t = b.op("Tanh", [u], like=x)
+        du = b.mul(b.scalar_like(c, x), b.add(b.scalar_like(1.0, x), b.mul(x2, b.scalar_like(3 * 0.044715, x))))
+        one_minus_t2 = b.op("Sub", [b.scalar_like(1.0, x), b.mul(t, t)], like=x)
+        local = b.add(b.mul(b.scalar_like(0.5, x), b.add(b.scalar_like(1.0, x), t)),
+                      b.mul(b.mul(b.scalar_like(0.5, x), x), b.mul(one_minus_t2, du)))
+    else:
+        cdf = b.mul(b.scalar_like(0.5, x), b.add(b.scalar_like(1.0, x),
+                                                 b.op("Erf", [b.mul(x, b.scalar_like(1 / math.sqrt(2), x))], like=x)))
+        pdf = b.mul(b.op("Exp", [b.mul(b.mul(x, x), b.scalar_like(-0.5, x))], like=x),
+                    b.scalar_like(1 / math.sqrt(2 * math.pi), x))
+        local = b.add(cdf, b.mul(x, pdf))
+    return [b.mul(_g(gy), local)]
+
+
+# -- reductions and normalizations ----------------------------------------------------------------
+def _reduce_axes(b, node):
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        v = b.view.value(node.input[1])
+        if v is None:
+            raise NotImplementedError(f"{node.op_type} with runtime axes")
+        axes = [int(a) for a in np.asarray(v).reshape(-1)]
+    r = b.view.rank(node.input[0])
+    if not axes:
+        return list(range(r))
+    return [a % r for a in axes]
+
+
+def _expand_reduced(b, node, g):
+    axes = _reduce_axes(b, node)
+    if not attr(node, "keepdims", 1):
+        g = b.op("Unsqueeze", [g, b.ints(axes)])
+    return b.op("Expand", [g, b.shape_of(node.input[0])], like=node.input[0]), axes
+
+
+@register("ReduceSum")
+def _reduce_sum(b, node, gy, wants):
+    g, _ = _expand_reduced(b, node, _g(gy))
+    return [g] + [None] * (len(node.input) - 1)
+
+
+@register("ReduceMean")
+def _reduce_mean(b, node, gy, wants):
+    g, axes = _expand_reduced(b, node, _g(gy))
+    x = node.input[0]
+    shape = b.view.shape(x)
+    dims = [shape[a] for a in axes] if shape else [None]
+    if all(isinstance(d, int) for d in dims):
+        return [b.scale(g, 1.0 / float(np.prod(dims)))] + [None] * (len(node.input) - 1)
+    count = b.op("ReduceProd", [b.op("Gather", [b.shape_of(x), b.ints(axes)], axis=0)], keepdims=0)
+    count = b.op("Cast", [count], to=b.view.dtype(x))
+    return [b.op("Div", [g, count], like=x)] + [None] * (len(node.input) - 1)
+
+
+@register("Softmax")
+def _softmax(b, node, gy, wants):
+    y = node.output[0]
+    axis = attr(node, "axis", -1)
+    gyy = b.mul(_g(gy), y)
+    s = b.op("ReduceSum", [gyy, b.ints([axis])], keepdims=1)
+    return [b.mul(y, b.op("Sub", [_g(gy), s], like=y))]
+
+
+@register("LogSoftmax")
+def _log_softmax(b, node, gy, wants):
+    y = node.output[0]
+    axis = attr(node, "axis", -1)
+    s = b.op("ReduceSum", [_g(gy), b.ints([axis])], keepdims=1)
+    return [b.op("Sub", [_g(gy), b.mul(b.op("Exp", [y], like=y), s)], like=y)]
+
+
+def layer_norm_vjp(b: Builder, node, gy, wants, constant_std: bool):
+    """LayerNormalization: y = (x - mean) * invstd * scale + bias over axes [axis, rank).
+
+    With constant_std (AttnLRP's norm rule) invstd is held constant: only the centring is
+    differentiated."""
+    x, scale = node.input[0], node.input[1]
+    g = _g(gy)
+    r = b.view.rank(x)
+    axis = attr(node, "axis", -1) % r
+    axes = list(range(axis, r))
+    eps = attr(node, "epsilon", 1e-5)
+    if b.view.dtype(x) != onnx.TensorProto.FLOAT:
+        raise NotImplementedError("LayerNormalization backward in non-fp32")
+    gs = b.unbroadcast(b.mul(g, scale, like=g), x) if b.view.rank(scale) else b.mul(g, scale, like=g)
+    mean = b.op("ReduceMean", [x, b.ints(axes)] if b.opset >= 18 else [x], keepdims=1,
+                **({} if b.opset >= 18 else {"axes": axes}))
+    centred = b.op("Sub", [x, mean], like=x)
+    var = b.op("ReduceMean", [b.mul(centred, centred)] + ([b.ints(axes)] if b.opset >= 18 else []), keepdims=1,
+               **({} if b.opset >= 18 else {"axes": axes}))
+    invstd = b.op("Reciprocal", [b.op("Sqrt", [b.add(var, b.scalar_like(eps, x))])])
+
+    def mean_over(t):
+        return b.op("ReduceMean", [t] + ([b.ints(axes)] if b.opset >= 18 else []), keepdims=1,
+                    **({} if b.opset >= 18 else {"axes": axes}))
+
+    inner = b.op("Sub", [gs, mean_over(gs)], like=x)
+    if not constant_std:
+        xhat = b.mul(centred, invstd, like=x)
+        inner = b.op("Sub", [inner, b.mul(xhat, mean_over(b.mul(gs, xhat, like=x)))], like=x)
+    out = [b.mul(inner, invstd, like=x)] + [None] * (len(node.input) - 1)
+    return out
+
+
+@register("LayerNormalization")
+def _layer_norm(b, node, gy, wants):
+    return layer_norm_vjp(b, node, gy, wants, constant_std=False)
+
+
+# -- linear algebra -----------------------------------------------------------------------------
+def _weight_2d(b, t) -> bool:
+    return b.view.rank(t) == 2 and b.view.is_constant(t)
+
+
+@register("MatMul")
+def _matmul(b, node, gy, wants):
+    a, w = node.input
+    g = _g(gy)
+    ra, rw = b.view.rank(a), b.view.rank(w)
+    if ra is None or rw is None or ra < 2 or rw < 2:
+        raise NotImplementedError("MatMul on the relevance path with operands of rank < 2 or unknown rank")
+    ga = gw = None
+    if wants[0]:
+        if _weight_2d(b, w) and ra >= 2:
+            # g @ W^T without a transposed copy of W: Gemm reads the original initializer.
+            n = b.view.shape(w)[1]
+            g2 = b.op("Reshape", [g, b.ints([-1, n if isinstance(n, int) else 0])])
+            if not isinstance(n, int):
+                g2 = b.op("Reshape", [g, b.op("Concat", [b.ints([-1]), b.op(
+                    "Gather", [b.shape_of(w), b.ints([1])], axis=0)], axis=0)])
+            prod = b.op("Gemm", [g2, w], transB=1)
+            ga = b.reshape_like(prod, a)
+        else:
+            ga = b.unbroadcast(b.op("MatMul", [g, b.transpose_last2(w)], dtype=b.view.dtype(g),
+                                    shape=_matmul_shape(b, g, w, trans_b=True)), a)
+    if wants[1]:
+        gw = b.unbroadcast(b.op("MatMul", [b.transpose_last2(a), g], dtype=b.view.dtype(g),
+                                shape=_matmul_shape(b, a, g, trans_a=True)), w)
+    return [ga, gw]
+
+
+def _matmul_shape(b, x, y, trans_a=False, trans_b=False):
+    sx, sy = b.view.shape(x), b.view.shape(y)
+    if sx is None or sy is None:
+        return None
+    m = sx[-1] if trans_a else sx[-2]
+    n = sy[-2] if trans_b else sy[-1]
+    bx, by = sx[:-2], sy[:-2]
+    if len(bx) < len(by):
+        bx = [1] * (len(by) - len(bx)) + bx
+    if len(by) < len(bx):
+        by = [1] * (len(bx) - len(by)) + by
+    batch = [p if q == 1 else q if p == 1 else p for p, q in zip(bx, by)]
+    return batch + [m, n]
+
+
+@register("Gemm")
+def _gemm(b, node, gy, wants):
+    a, w = node.input[0], node.input[1]
+    c = node.input[2] if len(node.input) > 2 else ""
+    alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+    ta, tb = attr(node, "transA", 0), attr(node, "transB", 0)
+    g = _g(gy)
+    out = [None] * len(node.input)
+    if wants[0]:
+        if ta:
+            out[0] = b.op("Gemm", [w, g], transA=tb, transB=1, alpha=alpha, like=a)
+        else:
+            out[0] = b.op("Gemm", [g, w], transB=1 - tb, alpha=alpha, like=a)
+    if wants[1]:
+        if tb:
+            out[1] = b.op("Gemm", [g, a], transA=1, transB=ta, alpha=alpha, like=w)
+        else:
+            out[1] = b.op("Gemm", [a, g], transA=1 - ta, alpha=alpha, like=w)
+    if c and len(wants) > 2 and wants[2]:
+        out[2] = b.unbroadcast(b.scale(g, beta), c)
+    return out
+
+
+@register("Einsum")
+def _einsum(b, node, gy, wants):
+    eq = attr(node, "equation")
+    eq = eq.decode() if isinstance(eq, bytes) else eq
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        raise NotImplementedError(f"Einsum '{eq}' (implicit output or ellipsis)")
+    lhs, out_sub = eq.split("->")
+    subs = lhs.split(",")
+    g = _g(gy)
+    grads = []
+    for i, (t, w) in enumerate(zip(node.input, wants)):
+        if not w:
+            grads.append(None)
+            continue
+        others = [(s, x) for j, (s, x) in enumerate(zip(subs, node.input)) if j != i]
+        available = set(out_sub).union(*[set(s) for s, _ in others])
+        if set(subs[i]) - available or len(set(subs[i])) != len(subs[i]):
+            raise NotImplementedError(f"Einsum '{eq}': operand {i} sums out an index of its own")
+        sub_eq = ",".join([out_sub] + [s for s, _ in others]) + "->" + subs[i]
+        grads.append(b.op("Einsum", [g] + [x for _, x in others], equation=sub_eq, like=t))
+    return grads
