@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .builder import Builder
+from .graph import TensorInfo
 
 TARGET_INPUT = "lrp_target"
 POSITION_INPUT = "lrp_position"
@@ -39,6 +40,7 @@ def build_seed(b: Builder, output: str, seed_input: bool) -> Seed:
     if seed_input:
         dims = shape if shape is not None else None
         vi = helper.make_tensor_value_info(SEED_INPUT, dtype, dims)
+        view.info[SEED_INPUT] = TensorInfo(dtype, shape)
         return Seed(SEED_INPUT, inputs=[vi])
     rank = len(shape) if shape is not None else None
     if rank not in (1, 2, 3):
