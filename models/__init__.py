@@ -1,0 +1,1 @@
+"""Model recipes used by the tests (tiny random-weight transformers exported to ONNX)."""

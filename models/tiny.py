@@ -1,0 +1,238 @@
+"""Tiny random-weight Hugging Face transformers, and their ONNX exports, for tests.
+
+Each model has about 25k parameters (hidden 32, 2 layers, 4 heads, vocab 100), so
+building one takes milliseconds, a TorchScript export ~0.2 s and a dynamo export ~4 s.
+
+    model = build("llama", seed=0)
+    save(model, "out/hf")                      # safetensors, reloadable in another process
+    model = load("llama", "out/hf")
+    export(model, "out/model.onnx", exporter="torchscript")
+    verify_export(model, "out/model.onnx")      # onnxruntime vs PyTorch, returns max |error|
+
+CLI: ``python -m models.tiny --family llama --exporter torchscript --out DIR`` writes
+``DIR/hf`` (Hugging Face weights) and ``DIR/model.onnx``.
+
+The ONNX graph has inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence],
+both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
+[batch, sequence, vocab] for gpt2 and llama. Initializers that survive constant folding
+are named ``"model." + <Hugging Face parameter name>`` (the export wraps the model in
+``LogitsOnly``); folded ones (e.g. transposed linear weights) get generated names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FAMILIES = ("bert", "gpt2", "llama")
+EXPORTERS = ("torchscript", "dynamo")
+VOCAB_SIZE = 100
+HIDDEN_SIZE = 32
+NUM_LAYERS = 2
+NUM_HEADS = 4
+INTERMEDIATE_SIZE = 64
+MAX_POSITIONS = 64
+NUM_LABELS = 3  # bert sequence classification
+
+# (transformers module, config class, model class) per family. Classes are looked up at
+# call time from the module, so a module patched by LXT (which may replace classes, as
+# its BERT map does) is honoured as long as it is patched before build()/load().
+_FAMILY_CLASSES = {
+    "bert": ("transformers.models.bert.modeling_bert", "BertConfig", "BertForSequenceClassification"),
+    "gpt2": ("transformers.models.gpt2.modeling_gpt2", "GPT2Config", "GPT2LMHeadModel"),
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaConfig", "LlamaForCausalLM"),
+}
+
+
+def _config_kwargs(family: str) -> dict:
+    common = dict(vocab_size=VOCAB_SIZE, use_cache=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "bert":
+        return dict(
+            common, hidden_size=HIDDEN_SIZE, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
+            intermediate_size=INTERMEDIATE_SIZE, max_position_embeddings=MAX_POSITIONS,
+            num_labels=NUM_LABELS, hidden_act="gelu",
+        )
+    if family == "gpt2":
+        return dict(
+            common, n_embd=HIDDEN_SIZE, n_layer=NUM_LAYERS, n_head=NUM_HEADS, n_inner=INTERMEDIATE_SIZE,
+            n_positions=MAX_POSITIONS, activation_function="gelu_new",
+        )
+    if family == "llama":
+        return dict(
+            common, hidden_size=HIDDEN_SIZE, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
+            num_key_value_heads=2, intermediate_size=INTERMEDIATE_SIZE, max_position_embeddings=MAX_POSITIONS,
+            hidden_act="silu", tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def _family_classes(family: str):
+    if family not in _FAMILY_CLASSES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    module_name, config_name, model_name = _FAMILY_CLASSES[family]
+    module = importlib.import_module(module_name)
+    config_module = importlib.import_module(module_name.replace(".modeling_", ".configuration_"))
+    return getattr(config_module, config_name), getattr(module, model_name)
+
+
+def _randomize_weights(model: nn.Module, seed: int) -> None:
+    """Overwrite every parameter with deterministic, not-too-small random values.
+
+    Matrices (linear, conv1d, embedding) ~ N(0, 0.2); vectors named ``*weight`` (norm
+    scales) ~ 1 + N(0, 0.1); vectors named ``*bias`` ~ N(0, 0.1), so no bias is zero.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            if param.dim() >= 2:
+                param.copy_(0.2 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.1 * noise)
+            else:
+                param.copy_(1.0 + 0.1 * noise)
+
+
+def build(family: str, seed: int = 0) -> nn.Module:
+    """Return a tiny eval-mode fp32 model of ``family`` with eager attention and random weights.
+
+    bert: BertForSequenceClassification (3 labels, with pooler, GELU); gpt2: GPT2LMHeadModel
+    (gelu_new, tied embeddings); llama: LlamaForCausalLM (GQA with 2 key/value heads, RoPE,
+    SwiGLU, RMSNorm, untied head). All with ``use_cache=False``. Same seed, same weights.
+    """
+    config_class, model_class = _family_classes(family)
+    config = config_class(**_config_kwargs(family))
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config)
+    _randomize_weights(model, seed)
+    return model.float().eval()
+
+
+def save(model: nn.Module, directory: str | Path) -> None:
+    """Save config and weights (safetensors) so that ``load`` can rebuild the model elsewhere."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def load(family: str, directory: str | Path) -> nn.Module:
+    """Reload a model written by ``save`` as an eval-mode fp32 model with eager attention."""
+    _, model_class = _family_classes(family)
+    model = model_class.from_pretrained(str(directory), attn_implementation="eager", torch_dtype=torch.float32)
+    return model.eval()
+
+
+class LogitsOnly(nn.Module):
+    """Wrap a Hugging Face model so it maps (input_ids, attention_mask) to logits alone."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+def example_inputs(batch: int = 2, sequence: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids (never the pad id 0) and a mask whose row 1 (if any) is right-padded.
+
+    Row 1 loses its last two positions (one if ``sequence`` is 2; none if it is 1).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB_SIZE, (batch, sequence), generator=generator)
+    attention_mask = torch.ones(batch, sequence, dtype=torch.int64)
+    padding = min(2, sequence - 1)
+    if batch > 1 and padding > 0:
+        attention_mask[1, sequence - padding:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", opset: int | None = None) -> Path:
+    """Export ``model`` to a single self-contained ONNX file and return its path.
+
+    ``exporter="torchscript"`` uses ``torch.onnx.export(dynamo=False)``; opset 14-21 work
+    (default 17; from 17 on LayerNorm is one ``LayerNormalization`` node, below it is
+    written out). ``exporter="dynamo"`` uses ``torch.onnx.export(dynamo=True)``; opsets
+    18-21 work (default 18). Dynamo quietly exports opset 18 when asked for less than 17,
+    and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
+    emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = LogitsOnly(model).eval()
+    inputs = example_inputs()
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    input_names = ["input_ids", "attention_mask"]
+    with torch.no_grad(), warnings.catch_warnings():
+        # Known noise: the legacy-exporter deprecation notice, tracer warnings about
+        # shape-dependent Python branches in transformers' mask code (harmless: both
+        # axes stay dynamic, checked in the tests), and dynamo's axis-renaming notice.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", "# The axis name")
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        if exporter == "torchscript":
+            torch.onnx.export(
+                wrapped, args, str(path), dynamo=False, opset_version=opset or 17,
+                input_names=input_names, output_names=["logits"],
+                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in input_names},
+            )
+        else:
+            batch = torch.export.Dim("batch")
+            sequence = torch.export.Dim("sequence", max=MAX_POSITIONS)
+            program = torch.onnx.export(
+                wrapped, args, dynamo=True, opset_version=opset or 18, verbose=False,
+                input_names=input_names, output_names=["logits"],
+                dynamic_shapes={name: {0: batch, 1: sequence} for name in input_names},
+            )
+            program.save(str(path), external_data=False)
+    return path
+
+
+def onnx_logits(path: str | Path, inputs: dict) -> np.ndarray:
+    """Run the exported model in onnxruntime (CPU) and return its logits."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {name: torch.as_tensor(value).numpy() for name, value in inputs.items()}
+    return session.run(["logits"], feeds)[0]
+
+
+def verify_export(model: nn.Module, path: str | Path, inputs: dict | None = None, atol: float = 1e-4) -> float:
+    """Check that the ONNX file reproduces the PyTorch logits; return the max abs error.
+
+    Default inputs: batch 2, sequence 7 (not the export's 6), row 1 right-padded.
+    """
+    inputs = inputs if inputs is not None else example_inputs(batch=2, sequence=7, seed=1)
+    with torch.no_grad():
+        expected = LogitsOnly(model)(inputs["input_ids"], inputs["attention_mask"]).numpy()
+    error = float(np.abs(onnx_logits(path, inputs) - expected).max())
+    if not error < atol:
+        raise AssertionError(f"{path}: ONNX logits differ from PyTorch by {error:.3g} (atol {atol})")
+    return error
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript")
+    parser.add_argument("--opset", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="directory; receives hf/ and model.onnx")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    model = build(args.family, args.seed)
+    save(model, out / "hf")
+    path = export(model, out / "model.onnx", args.exporter, args.opset)
+    print(f"{path} (max abs error vs PyTorch {verify_export(model, path):.2g})")
+
+
+if __name__ == "__main__":
+    main()

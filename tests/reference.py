@@ -1,0 +1,214 @@
+"""Reference relevances computed in PyTorch (plain gradient, or LXT's AttnLRP / CP-LRP).
+
+LXT works by monkey-patching transformers classes process-wide, so every reference runs
+in a fresh subprocess:
+
+    python tests/reference.py --family llama --hf-dir DIR --mode attnlrp \\
+        --inputs in.npz --out out.npz
+
+``in.npz`` holds ``input_ids`` and ``attention_mask`` (int64 [B, S]), ``target`` (int64 [B];
+-1 means the argmax of the explained logits row; all -1 if absent) and, for the language
+model families, ``position`` (int64 [B]; negative counts from the end as in Python; all -1
+if absent).
+
+The explained scalar of row b is ``logits[b, position[b], target[b]]`` for gpt2/llama and
+``logits[b, target[b]]`` for bert. Their sum over rows is backpropagated to
+``inputs_embeds`` (the word-embedding output, fed to the model with the same attention
+mask), and relevance = inputs_embeds * inputs_embeds.grad.
+
+``out.npz`` holds ``relevance`` (float64 [B, S, H]), ``logits`` (float32, the model's
+output), ``explained`` (float32 [B]), and the resolved ``target`` and, for language models,
+``position`` (int64 [B], position in 0..S-1).
+
+Modes:
+
+* ``gradient``: plain autograd (gradient x input), nothing patched.
+* ``attnlrp``: LXT's ``attnLRP`` map for the family's transformers module.
+* ``cp-lrp``: LXT's ``cp_LRP`` map for gpt2 and llama. LXT has none for BERT; see
+  ``patch_bert_cp_lrp`` for the equivalent used here.
+
+From pytest use ``run_reference(family, hf_dir, mode, inputs, tmpdir)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+STUBS_DIR = TESTS_DIR / "stubs"  # stand-in torchvision, imported by lxt
+
+FAMILIES = ("bert", "gpt2", "llama")
+LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama")
+MODES = ("gradient", "attnlrp", "cp-lrp")
+TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}" for family in FAMILIES}
+
+
+def run_reference(
+    family: str, hf_dir: str | Path, mode: str, inputs: dict, tmpdir: str | Path
+) -> dict[str, np.ndarray]:
+    """Run this script in a subprocess and return the arrays of its ``out.npz``.
+
+    ``inputs`` maps ``input_ids``, ``attention_mask`` and optionally ``target`` and
+    ``position`` to arrays (or tensors); ``tmpdir`` receives the npz files.
+    """
+    tmpdir = Path(tmpdir)
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    inputs_path = tmpdir / f"reference_{family}_{mode}_in.npz"
+    out_path = tmpdir / f"reference_{family}_{mode}_out.npz"
+    np.savez(inputs_path, **{name: np.asarray(value, dtype=np.int64) for name, value in inputs.items()})
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--family", family, "--hf-dir", str(hf_dir),
+        "--mode", mode, "--inputs", str(inputs_path), "--out", str(out_path),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if completed.returncode != 0:
+        raise RuntimeError(f"reference.py failed ({completed.returncode}):\n{completed.stderr}")
+    with np.load(out_path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+# --------------------------------------------------------------------------- patching
+
+
+def patch_bert_cp_lrp() -> None:
+    """Patch transformers' BERT classes for CP-LRP, the way LXT patches other models.
+
+    LXT 2.1 ships no ``cp_LRP`` map for BERT, so this is its equivalent, built from LXT's
+    own parts and mirroring what LXT's BERT ``attnLRP`` does outside attention:
+
+    * ``torch.nn.LayerNorm.forward`` -> LXT's ``layer_norm_forward`` (identity rule: no
+      gradient through the standard deviation);
+    * ``torch.nn.Dropout.forward`` -> LXT's ``dropout_forward`` (a no-op in eval anyway);
+    * ``BertIntermediate`` GELU and ``BertPooler`` tanh wrapped in LXT's
+      ``identity_rule_implicit``;
+    * attention is the original ``BertSelfAttention`` with NO ``divide_gradient`` anywhere;
+      the gradient is stopped at query and key instead (``stop_bert_query_key_gradient``,
+      applied to the model instance after loading), so relevance flows through the values
+      only and the attention weights act as constants, as in LXT's ``cp_LRP`` for llama.
+    """
+    import torch
+    import transformers.models.bert.modeling_bert as modeling_bert
+    from lxt.efficient.patches import dropout_forward, layer_norm_forward, patch_method
+    from lxt.efficient.rules import identity_rule_implicit
+
+    def intermediate_forward(self, hidden_states):
+        return identity_rule_implicit(self.intermediate_act_fn, self.dense(hidden_states))
+
+    def pooler_forward(self, hidden_states):
+        return identity_rule_implicit(self.activation, self.dense(hidden_states[:, 0]))
+
+    for forward, target in [
+        (layer_norm_forward, torch.nn.LayerNorm),
+        (dropout_forward, torch.nn.Dropout),
+        (intermediate_forward, modeling_bert.BertIntermediate),
+        (pooler_forward, modeling_bert.BertPooler),
+    ]:
+        if not patch_method(forward, target):
+            raise RuntimeError(f"could not patch {target.__name__}")
+
+
+def stop_bert_query_key_gradient(model) -> None:
+    """Detach the outputs of every BertSelfAttention's ``query`` and ``key`` projections."""
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    def detach_output(module, inputs, output):
+        return output.detach()
+
+    for module in model.modules():
+        if isinstance(module, BertSelfAttention):
+            module.query.register_forward_hook(detach_output)
+            module.key.register_forward_hook(detach_output)
+
+
+def patch_classes(family: str, mode: str) -> None:
+    """Apply LXT's patches for ``mode`` to ``family``'s transformers module (before loading)."""
+    if mode == "gradient":
+        return
+    sys.path.insert(0, str(STUBS_DIR))
+    from lxt.efficient import monkey_patch
+
+    if family == "bert" and mode == "cp-lrp":
+        patch_bert_cp_lrp()
+        return
+    lxt_family = importlib.import_module(f"lxt.efficient.models.{family}")
+    patch_map = lxt_family.attnLRP if mode == "attnlrp" else lxt_family.cp_LRP
+    with warnings.catch_warnings():  # LXT only warns when a patch fails; make that fatal
+        warnings.filterwarnings("error", message="Failed to patch")
+        monkey_patch(importlib.import_module(TRANSFORMERS_MODULES[family]), patch_map)
+
+
+# --------------------------------------------------------------------------- relevance
+
+
+def compute_relevance(model, family: str, input_ids, attention_mask, target, position=None) -> dict[str, np.ndarray]:
+    """Backpropagate the summed explained logits to the word embeddings (gradient x input)."""
+    import torch
+
+    input_ids = torch.as_tensor(input_ids, dtype=torch.int64)
+    attention_mask = torch.as_tensor(attention_mask, dtype=torch.int64)
+    target = torch.as_tensor(target, dtype=torch.int64).clone()
+    rows = torch.arange(input_ids.shape[0])
+
+    inputs_embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
+    logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=False)[0]
+
+    result = {}
+    explained_rows = logits
+    if family in LANGUAGE_MODEL_FAMILIES:
+        position = torch.as_tensor(position, dtype=torch.int64) % input_ids.shape[1]
+        explained_rows = logits[rows, position]
+        result["position"] = position.numpy()
+    target = torch.where(target < 0, explained_rows.argmax(-1), target)
+    explained = explained_rows[rows, target]
+    explained.sum().backward()
+
+    relevance = inputs_embeds.detach().double() * inputs_embeds.grad.double()
+    result.update(
+        relevance=relevance.numpy(),
+        logits=logits.detach().numpy(),
+        explained=explained.detach().numpy(),
+        target=target.numpy(),
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Compute reference relevances in PyTorch.")
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--hf-dir", required=True, help="directory written by models.tiny.save")
+    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--inputs", required=True, help="npz with input_ids, attention_mask, target, position")
+    parser.add_argument("--out", required=True, help="npz to write")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(REPO_ROOT))
+    patch_classes(args.family, args.mode)  # must precede loading: LXT may replace classes
+    from models import tiny
+
+    model = tiny.load(args.family, args.hf_dir)
+    if args.family == "bert" and args.mode == "cp-lrp":
+        stop_bert_query_key_gradient(model)
+
+    with np.load(args.inputs) as inputs:
+        input_ids = inputs["input_ids"]
+        batch = input_ids.shape[0]
+        default = np.full(batch, -1, dtype=np.int64)
+        target = inputs["target"] if "target" in inputs.files else default
+        position = inputs["position"] if "position" in inputs.files else default
+        result = compute_relevance(model, args.family, input_ids, inputs["attention_mask"], target, position)
+    np.savez(args.out, **result)
+
+
+if __name__ == "__main__":
+    main()
