@@ -67,7 +67,7 @@ def relevance_path(view: GraphView, units: list[Unit], sources: list[str], targe
         if k in blocked:
             continue
         if any(t in forward for t in u.inputs if t):
-            forward.update(o for o in u.outputs if o and view.is_float(o))
+            forward.update(o for o in u.outputs if o and view.may_carry_relevance(o))
     backward = {target}
     for k in range(len(units) - 1, -1, -1):
         u = units[k]

@@ -112,6 +112,10 @@ class GraphView:
     def is_float(self, name: str) -> bool:
         return self.dtype(name) in FLOAT_TYPES
 
+    def may_carry_relevance(self, name: str) -> bool:
+        """Float, or of unknown type (an op shape inference does not know): never silently cut the path."""
+        return self.dtype(name) in FLOAT_TYPES or self.dtype(name) is None
+
     def is_constant(self, name: str) -> bool:
         """An initializer, a Constant node output, or anything computed only from those."""
         return name in self._constant_set()

@@ -7,8 +7,10 @@
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
+import shutil
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -259,13 +261,16 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
 
 
 def save_model(model: onnx.ModelProto, path, base_dir: str | None) -> None:
-    """Write atomically; external weights stay where they are, referenced relative to the new file."""
+    """Write atomically. External weights keep their file: in the source directory it is simply
+    referenced; elsewhere it is hard-linked (or, across file systems, copied once) beside the output,
+    because onnxruntime refuses external data outside the model's directory. Weights are never parsed."""
     path = os.path.abspath(os.fspath(path))
     out_dir = os.path.dirname(path)
     if not os.path.isdir(out_dir):
         raise LRPError(f"{path}: the output directory does not exist")
     if base_dir is not None and os.path.abspath(base_dir) != out_dir:
-        _rebase_external(model, base_dir, out_dir)
+        for location in _external_locations(model):
+            _place_external_file(os.path.join(base_dir, location), os.path.join(out_dir, location))
     fd, tmp = tempfile.mkstemp(prefix=".lrp-", suffix=".onnx", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -277,13 +282,31 @@ def save_model(model: onnx.ModelProto, path, base_dir: str | None) -> None:
         raise
 
 
-def _rebase_external(model: onnx.ModelProto, base_dir: str, out_dir: str) -> None:
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    locations = set()
     for tensor in _all_tensors(model):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = os.path.relpath(os.path.join(base_dir, entry.value), out_dir)
+        if tensor.data_location == TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return locations
+
+
+def _place_external_file(src: str, dst: str) -> None:
+    if not os.path.isfile(src):
+        raise LRPError(f"{src}: external weight file of the model is missing")
+    if os.path.exists(dst):
+        if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
+            return
+        raise LRPError(f"{dst} exists and differs from the model's weights {src}; "
+                       f"write the converted model to another directory")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".lrp-partial"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _all_tensors(model: onnx.ModelProto):

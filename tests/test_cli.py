@@ -1,0 +1,146 @@
+"""The command line: conversion and inspection work, bad input fails cleanly (exit 2, one line, nothing written)."""
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import lrp_onnx
+
+
+def lrp(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lrp_onnx", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def assert_clean_failure(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_convert_and_inspect_from_the_command_line(tiny_model, tmp_path):
+    _, path = tiny_model("llama")
+    before = digest(path)
+    out = tmp_path / "llama.lrp.onnx"
+    result = lrp("convert", path, "-o", out, "--rules", "cp-lrp")
+    assert result.returncode == 0, result.stderr
+    assert digest(path) == before  # the input model is never modified
+    meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["lrp_onnx"])
+    assert meta["rules"] == "cp-lrp" and meta["relevance_outputs"] == ["lrp_relevance"]
+    report = lrp("inspect", path)
+    assert report.returncode == 0
+    text = report.stdout
+    assert "SiLU" in text and "identity" in text and "uniform" in text and "RMSNorm rms" in text
+    assert "coverage: every unit on the relevance path has a rule" in text
+    # every node is accounted for: on the path with a rule, or off the path
+    summary = [line for line in text.splitlines() if "units on the relevance path" in line][0]
+    on_path = sum(len(u.nodes) for u in _units(path))
+    assert f"{_off_path(summary)} nodes off the path" in summary
+    assert on_path + _off_path(summary) == len(onnx.load(path).graph.node)
+
+
+def _units(path):
+    from lrp_onnx.analysis import make_units
+    from lrp_onnx.graph import GraphView
+    from lrp_onnx.pipeline import _infer_shapes, analyze, default_sources
+    model = onnx.load(path)
+    view = GraphView.build(model, _infer_shapes(model))
+    plan = analyze(view, "attnlrp", "logits", default_sources(view, "logits"))
+    blocked = [u for u in plan.units if u.rule == "constant" and any(t in plan.path for t in u.inputs)]
+    return plan.path_units + blocked
+
+
+def _off_path(summary):
+    return int(summary.split(";")[1].split()[0])
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(lrp("convert", tmp_path / "nope.onnx", "-o", out), "nope.onnx", "no such file")
+    assert not out.exists()
+
+
+def test_truncated_file(tiny_model, tmp_path):
+    _, path = tiny_model("gpt2")
+    broken = tmp_path / "truncated.onnx"
+    broken.write_bytes(open(path, "rb").read()[:5000])
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(lrp("convert", broken, "-o", out), "truncated.onnx", "not a readable ONNX model")
+    assert not out.exists()
+
+
+def test_non_onnx_file(tmp_path):
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n")
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(lrp("convert", text, "-o", out), "notes.onnx")
+    assert_clean_failure(lrp("inspect", text), "notes.onnx")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--source", "--output", "--latent"])
+def test_unknown_tensor_names(option, tiny_model, tmp_path):
+    _, path = tiny_model("bert")
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(lrp("convert", path, "-o", out, option, "no_such_tensor"), "no_such_tensor")
+    assert not out.exists()
+
+
+def test_unknown_rule_in_override(tiny_model, tmp_path):
+    _, path = tiny_model("bert")
+    assert_clean_failure(lrp("convert", path, "-o", tmp_path / "o.onnx", "--override", "Softmax=bogus"), "bogus")
+
+
+def _graph_with(op_type, domain=""):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node(op_type, ["h"], ["u"], name="strange", domain=domain),
+             helper.make_node("MatMul", ["u", "w"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              initializer=[onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_unsupported_op_on_the_path_is_named(tmp_path):
+    model = _graph_with("Hardmax")
+    path = tmp_path / "hardmax.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "o.onnx"
+    assert_clean_failure(lrp("convert", path, "-o", out), "'strange'", "Hardmax", "ai.onnx")
+    assert not out.exists()
+    report = lrp("inspect", path)
+    assert report.returncode == 1 and "UNSUPPORTED" in report.stdout and "'strange'" in report.stdout
+    with pytest.raises(lrp_onnx.UnsupportedOpsError) as info:
+        lrp_onnx.convert(model)
+    assert len(info.value.problems) == 1
+
+
+def test_every_unsupported_node_is_listed(tmp_path):
+    model = _graph_with("MyOp", domain="custom.domain")
+    model.graph.node.insert(2, helper.make_node("Hardmax", ["u"], ["u2"], name="second"))
+    model.graph.node[3].input[0] = "u2"
+    with pytest.raises(lrp_onnx.UnsupportedOpsError) as info:
+        lrp_onnx.convert(model)
+    text = str(info.value)
+    assert "'strange' (custom.domain::MyOp)" in text and "'second' (ai.onnx::Hardmax)" in text
+
+
+def test_unsupported_op_off_the_path_needs_no_rule():
+    model = _graph_with("Hardmax")
+    # the odd op now only feeds an extra output: it is not on the path to y
+    model.graph.node[2].input[0] = "h"
+    model.graph.output.append(helper.make_tensor_value_info("u", TensorProto.FLOAT, [2, 4]))
+    converted = lrp_onnx.convert(model, output="y")
+    assert any(o.name == "lrp_relevance" for o in converted.graph.output)
