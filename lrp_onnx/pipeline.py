@@ -42,6 +42,7 @@ class Plan:
     units: list
     path: set
     path_units: list = field(default_factory=list)
+    blocked_units: list = field(default_factory=list)  # rule "constant" units that would be on the path
     problems: list = field(default_factory=list)
 
 
@@ -120,6 +121,7 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
     blocked = {k for k, u in enumerate(units) if u.rule == "constant"}
     path = relevance_path(view, units, sources, output, blocked)
     plan = Plan(view, rules if isinstance(rules, str) else "custom", output, sources, units, path)
+    plan.blocked_units = [units[k] for k in sorted(blocked) if on_path(units[k], path0)]
     for k, u in enumerate(units):
         if k in blocked or not on_path(u, path):
             continue

@@ -59,9 +59,7 @@ def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides
     for u in plan.path_units:
         report.rows.append((u.describe(view), u.categories, u.rule))
         on_path_nodes.update(u.nodes)
-    blocked = [u for u in plan.units if u.rule == "constant" and u not in plan.path_units
-               and any(t in plan.path for t in u.inputs)]
-    for u in blocked:
+    for u in plan.blocked_units:
         report.rows.append((u.describe(view), u.categories, u.rule))
         on_path_nodes.update(u.nodes)
     report.off_path = len(view.nodes) - len(on_path_nodes)

@@ -57,8 +57,7 @@ def _units(path):
     model = onnx.load(path)
     view = GraphView.build(model, _infer_shapes(model))
     plan = analyze(view, "attnlrp", "logits", default_sources(view, "logits"))
-    blocked = [u for u in plan.units if u.rule == "constant" and any(t in plan.path for t in u.inputs)]
-    return plan.path_units + blocked
+    return plan.path_units + plan.blocked_units
 
 
 def _off_path(summary):
@@ -144,3 +143,19 @@ def test_unsupported_op_off_the_path_needs_no_rule():
     model.graph.output.append(helper.make_tensor_value_info("u", TensorProto.FLOAT, [2, 4]))
     converted = lrp_onnx.convert(model, output="y")
     assert any(o.name == "lrp_relevance" for o in converted.graph.output)
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_rule_map_file(fmt, tiny_model, tmp_path):
+    _, path = tiny_model("gpt2")
+    rule_map = tmp_path / f"rules.{fmt}"
+    rule_map.write_text('{"Softmax": "constant"}' if fmt == "json" else "Softmax: constant\n")
+    report = lrp("inspect", path, "--rule-map", rule_map)
+    assert report.returncode == 0
+    softmax_rules = {line.split()[0] for line in report.stdout.splitlines() if "::Softmax" in line}
+    assert softmax_rules == {"constant"}
+    plain = lrp("inspect", path)
+    assert {line.split()[0] for line in plain.stdout.splitlines() if "::Softmax" in line} == {"gradient"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert_clean_failure(lrp("inspect", path, "--rule-map", bad), "bad.json", "mapping")
