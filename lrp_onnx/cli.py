@@ -59,7 +59,8 @@ def cmd_convert(args) -> int:
     from .pipeline import convert
 
     convert(args.model, args.o, rules=args.rules, source=args.source, output=args.output,
-            latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args))
+            latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args),
+            relevance_only=args.relevance_only)
     print(f"wrote {args.o}")
     return 0
 
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", action="append", help="also output the relevance of this tensor; repeatable")
     p.add_argument("--seed-input", action="store_true",
                    help="replace lrp_target/lrp_position by a float input lrp_seed of the output's shape")
+    p.add_argument("--relevance-only", action="store_true",
+                   help="drop the original outputs; run the LM head at the explained position only (faster)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path")
     _add_analysis_options(p)

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from . import __version__
 from .analysis import Unit, classify, make_units, on_path, relevance_path
 from .builder import Builder
+from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
 from .graph import GraphView, node_label
 from .patterns import find_regions
@@ -187,8 +188,12 @@ def _sanitize(name: str) -> str:
 
 
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
-            latent=(), seed_input: bool = False, overrides: dict | None = None) -> onnx.ModelProto:
-    """Convert an ONNX model into one that also outputs relevance. See README for the contract."""
+            latent=(), seed_input: bool = False, overrides: dict | None = None,
+            relevance_only: bool = False) -> onnx.ModelProto:
+    """Convert an ONNX model into one that also outputs relevance. See README for the contract.
+
+    relevance_only: drop the original outputs and run the model's head (everything after the last
+    position-mixing op) at the explained position only."""
     if isinstance(rules, str) and rules not in RULE_SETS:
         raise LRPError(f"unknown rule set '{rules}'; choose one of: {', '.join(RULE_SETS)}")
     # load
@@ -209,6 +214,15 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
             raise LRPError(f"tensor '{s}' is not in the graph (no node produces it and no input has that name)")
     if not sources:
         sources = default_sources(view, output)
+    # canonicalize: in relevance-only mode, compute the head at the explained position only
+    explained = output
+    position_selected = False
+    if relevance_only and not seed_input:
+        selected = select_position_before_head(model, view, output)
+        if selected is not None:
+            explained, position_selected = selected, True
+            view = GraphView.build(model, _infer_shapes(model))
+    output = explained
     # analyze
     plan = analyze(view, rules, output, sources, overrides)
     if plan.problems:
@@ -223,7 +237,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     b = Builder(view)
     b.scope = "seed"
     try:
-        seed = build_seed(b, output, seed_input)
+        seed = build_seed(b, output, seed_input, position_selected)
     except ValueError as exc:
         raise LRPError(str(exc)) from None
     grads = emit_backward(plan, b, seed.gradient, list(sources) + list(latent))
@@ -251,12 +265,15 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     meta = {
         "version": __version__, "rules": plan.rules, "explained_output": output, "sources": sources,
         "latent": dict(zip(names[len(sources):], latent)), "relevance_outputs": names,
-        "seed_input": seed_input, "overrides": overrides or {},
+        "seed_input": seed_input, "overrides": overrides or {}, "relevance_only": relevance_only,
+        "head_at_position": position_selected,
     }
     for p in list(model.metadata_props):
         if p.key == "lrp_onnx":
             model.metadata_props.remove(p)
     model.metadata_props.add(key="lrp_onnx", value=json.dumps(meta))
+    if relevance_only:
+        drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model

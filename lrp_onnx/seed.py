@@ -33,7 +33,9 @@ class Seed:
     outputs: dict = field(default_factory=dict)    # output name -> (tensor, ValueInfoProto)
 
 
-def build_seed(b: Builder, output: str, seed_input: bool) -> Seed:
+def build_seed(b: Builder, output: str, seed_input: bool, position_selected: bool = False) -> Seed:
+    """`position_selected`: the output was already taken at lrp_position (relevance-only mode), so its
+    sequence axis has length 1 and lrp_position is an input of the graph already."""
     view = b.view
     dtype = view.dtype(output) or TensorProto.FLOAT
     shape = view.shape(output)
@@ -58,10 +60,13 @@ def build_seed(b: Builder, output: str, seed_input: bool) -> Seed:
     scores = output
     one_hot_values = b.const(np.array([0, 1], dtype=helper.tensor_dtype_to_np_dtype(dtype)))
     if rank == 3:
-        seed.inputs.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64, ["lrp_batch"]))
-        seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), POSITION_INPUT))
         length = b.op("Slice", [b.shape_of(output), b.ints([1]), b.ints([2])])
-        position = b.op("Expand", [POSITION_INPUT, batch])
+        if position_selected:
+            position = b.op("Expand", [b.ints([0]), batch])
+        else:
+            seed.inputs.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64, ["lrp_batch"]))
+            seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), POSITION_INPUT))
+            position = b.op("Expand", [POSITION_INPUT, batch])
         position = b.op("Where", [b.op("Less", [position, b.ints([0])]),
                                   b.op("Add", [position, length]), position])
         vocab = b.op("Slice", [b.shape_of(output), b.ints([2]), b.ints([3])])

@@ -152,6 +152,14 @@ def _gather(b, node, gy, wants):
     return [out, None]
 
 
+@register("GatherElements")
+def _gather_elements(b, node, gy, wants):
+    data, indices = node.input[0], node.input[1]
+    axis = attr(node, "axis", 0)
+    out = b.op("ScatterElements", [b.zeros_like(data), indices, _g(gy)], axis=axis, reduction="add", like=data)
+    return [out, None]
+
+
 @register("Where")
 def _where(b, node, gy, wants):
     cond, x, y = node.input

@@ -1,4 +1,5 @@
 """The Python API: rule overrides, latent relevance, seed inputs, external data, no torch at inference."""
+import json
 import os
 import shutil
 import subprocess
@@ -159,3 +160,32 @@ def test_output_not_written_when_conversion_fails(tmp_path, tiny_model):
     with pytest.raises(lrp_onnx.LRPError):
         lrp_onnx.convert(path, out, source="no_such_tensor")
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".lrp-")]
+
+
+@pytest.mark.parametrize("family,exporter", [("llama", "torchscript"), ("llama", "dynamo"), ("gpt2", "torchscript"),
+                                             ("bert", "torchscript")])
+def test_relevance_only_mode_equals_full_conversion(family, exporter, tiny_model, tmp_path):
+    _, path = tiny_model(family, exporter)
+    full = lrp_onnx.convert(path, rules="attnlrp")
+    lean = lrp_onnx.convert(path, rules="attnlrp", relevance_only=True)
+    meta = json.loads({p.key: p.value for p in lean.metadata_props}["lrp_onnx"])
+    assert meta["head_at_position"] == (family != "bert")  # classifiers have no sequence axis to select
+    expected = ["lrp_selected_target", "lrp_selected_logit", "lrp_relevance"]
+    if family != "bert":
+        expected.insert(0, "lrp_logits_at_position")  # [batch, 1, vocab]: the head's output at the position
+    assert [o.name for o in lean.graph.output] == expected
+    if family == "llama":  # the whole last MLP and the vocabulary head run at one position
+        ops = [n.op_type for n in lean.graph.node if n.name.startswith("lrp/at_position/")]
+        assert ops.count("MatMul") == 4  # gate, up, down projections and lm_head
+    kwargs = {"target": [7, 42], "position": [-1, 4]} if family != "bert" else {"target": [1, 2]}
+    a = explain(full, family, tmp_path, "full", **kwargs)
+    b = explain(lean, family, tmp_path, "lean", **kwargs)
+    np.testing.assert_allclose(b.relevance, a.relevance, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b.logit, a.logit, rtol=1e-5)
+    np.testing.assert_array_equal(b.target, a.target)
+    if family != "bert":
+        rows = np.arange(2), np.array([6, 4])
+        np.testing.assert_allclose(b.outputs["lrp_logits_at_position"][:, 0], a.outputs["logits"][rows], rtol=1e-5)
+    default = explain(lean, family, tmp_path, "lean_default")
+    reference = explain(full, family, tmp_path, "full_default")
+    np.testing.assert_array_equal(default.target, reference.target)
