@@ -90,7 +90,8 @@ def find_activation(view: GraphView, end: int, claimed: set) -> Region | None:
         frontier |= {i for i in view.nodes[p].input if i and not view.is_constant(i)}
 
 
-NORM_CONE_OPS = {"Cast", "Reciprocal", "Sqrt", "Add", "ReduceMean", "Pow", "Mul", "Div", "Identity"}
+NORM_CONE_OPS = {"Cast", "Reciprocal", "Sqrt", "Add", "ReduceMean", "ReduceSum", "Pow", "Mul", "Div", "Identity",
+                 "Max", "Clip"}
 
 
 def _strip_casts(view: GraphView, t: str) -> str:
@@ -117,12 +118,15 @@ def find_norm_scale(view: GraphView, end: int, claimed: set) -> Region | None:
         if cone is None:
             continue
         ops = {view.nodes[i].op_type for i in cone}
-        if "ReduceMean" not in ops or not ({"Sqrt", "Pow"} & ops):
+        if not ({"ReduceMean", "ReduceSum"} & ops) or not ({"Sqrt", "Pow"} & ops):
             continue
         if any(c not in cone and c != end for i in cone for o in view.nodes[i].output
                for c in view.consumers.get(o, []) if o != d):
             continue
-        pattern = "RMSNorm rms" if node.op_type == "Mul" else "LayerNorm std"
+        if "ReduceSum" in ops and "ReduceMean" not in ops:
+            pattern = "L2 norm"
+        else:
+            pattern = "RMSNorm rms" if node.op_type == "Mul" else "LayerNorm std"
         return Region("norm_scale", pattern, sorted(cone), a, d)
     return None
 
@@ -155,8 +159,8 @@ def _norm_cone(view: GraphView, d: str, leaf: str, claimed: set):
             saw_square = True
         if n.op_type == "Div" and not view.is_constant(n.input[0]):
             return None
-        if n.op_type == "Add" and not any(view.is_constant(i) for i in n.input):
-            return None
+        if n.op_type in ("Add", "Max") and not any(view.is_constant(i) for i in n.input):
+            return None  # only a constant epsilon may be added (or clamped to)
         cone.add(p)
         stack.extend(i for i in n.input if i)
         if len(cone) > MAX_REGION_NODES:

@@ -52,8 +52,11 @@ MODES = ("gradient", "attnlrp", "cp-lrp")
 TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}" for family in FAMILIES}
 
 
+LOADERS = ("tiny", "smollm2", "minilm")  # models.tiny, or the real pretrained recipes
+
+
 def run_reference(
-    family: str, hf_dir: str | Path, mode: str, inputs: dict, tmpdir: str | Path
+    family: str, hf_dir: str | Path, mode: str, inputs: dict, tmpdir: str | Path, loader: str = "tiny"
 ) -> dict[str, np.ndarray]:
     """Run this script in a subprocess and return the arrays of its ``out.npz``.
 
@@ -62,12 +65,12 @@ def run_reference(
     """
     tmpdir = Path(tmpdir)
     tmpdir.mkdir(parents=True, exist_ok=True)
-    inputs_path = tmpdir / f"reference_{family}_{mode}_in.npz"
-    out_path = tmpdir / f"reference_{family}_{mode}_out.npz"
+    inputs_path = tmpdir / f"reference_{loader}_{family}_{mode}_in.npz"
+    out_path = tmpdir / f"reference_{loader}_{family}_{mode}_out.npz"
     np.savez(inputs_path, **{name: np.asarray(value, dtype=np.int64) for name, value in inputs.items()})
     command = [
         sys.executable, str(Path(__file__).resolve()), "--family", family, "--hf-dir", str(hf_dir),
-        "--mode", mode, "--inputs", str(inputs_path), "--out", str(out_path),
+        "--mode", mode, "--inputs", str(inputs_path), "--out", str(out_path), "--loader", loader,
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -189,14 +192,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--inputs", required=True, help="npz with input_ids, attention_mask, target, position")
     parser.add_argument("--out", required=True, help="npz to write")
+    parser.add_argument("--loader", choices=LOADERS, default="tiny",
+                        help="tiny: models.tiny.load; smollm2 (llama family) / minilm (bert family, sentence "
+                             "embedding; its L2 norm is held constant under LRP rules, as AttnLRP treats norms)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO_ROOT))
     patch_classes(args.family, args.mode)  # must precede loading: LXT may replace classes
-    from models import tiny
+    if args.loader == "smollm2":
+        from models import smollm2
 
-    model = tiny.load(args.family, args.hf_dir)
+        model = smollm2.load(args.hf_dir)
+    elif args.loader == "minilm":
+        from models import minilm
+
+        model = minilm.load(args.hf_dir, detach_norm=args.mode != "gradient")
+    else:
+        from models import tiny
+
+        model = tiny.load(args.family, args.hf_dir)
     if args.family == "bert" and args.mode == "cp-lrp":
         stop_bert_query_key_gradient(model)
 
