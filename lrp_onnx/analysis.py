@@ -12,7 +12,8 @@ from .graph import GraphView
 from .patterns import ACTIVATION_OPS, Region
 
 PRODUCT_OPS = {"MatMul", "Mul", "Einsum", "Gemm"}
-NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization"}
+NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization"}
 ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                "Expand"}
 

@@ -21,13 +21,14 @@ from onnx import TensorProto, helper
 from . import __version__
 from .analysis import Unit, classify, make_units, on_path, relevance_path
 from .builder import Builder
+from .unfuse import unfuse_contrib_ops
 from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
 from .graph import GraphView, node_label
 from .patterns import find_regions
 from .rules import RULE_SETS, RULES, check_rule_name, resolve_rule
 from .seed import build_seed
-from .vjp import lookup
+from .vjp import NORM_VJPS, lookup
 
 RELEVANCE_OUTPUT = "lrp_relevance"
 MIN_OPSET = 13
@@ -67,7 +68,59 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     return loaded, os.path.dirname(os.path.abspath(path))
 
 
+# contrib ops whose first output has the shape and type of (input 0 op input 1): for shape inference
+SHAPE_PROXIES = {"BiasGelu": "Add", "FastGelu": "Identity", "Gelu": "Identity", "QuickGelu": "Identity",
+                 "SkipLayerNormalization": "Add", "SkipSimplifiedLayerNormalization": "Add",
+                 "SimplifiedLayerNormalization": "Identity", "FusedMatMul": "MatMul", "BiasAdd": "Add"}
+
+
+def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which onnxruntime's fused ops are replaced by standard ops of the same output
+    shape, so onnx's shape inference runs through them. Used for shapes only, never run."""
+    proxy = onnx.ModelProto()
+    proxy.CopyFrom(model)
+    for n in proxy.graph.node:
+        if _is_ort_fused(n):
+            op = SHAPE_PROXIES[n.op_type]
+            inputs = list(n.input[:2]) if op in ("Add", "MatMul") else [n.input[0]]
+            outputs = list(n.output)
+            if n.op_type.startswith("Skip") and len(outputs) > 3 and outputs[3]:
+                extra = helper.make_node("Add", inputs, [outputs[3]])
+                proxy.graph.node.append(extra)  # appended out of order: inference only needs types
+            n.CopyFrom(helper.make_node(op, inputs, [outputs[0]], name=n.name))
+    onnx_nodes = list(proxy.graph.node)
+    del proxy.graph.node[:]
+    proxy.graph.node.extend(_topological(onnx_nodes, proxy))
+    return proxy
+
+
+def _topological(nodes, model):
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    ordered, pending = [], list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all((not t) or t in available for t in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            ordered.extend(rest)
+            break
+        pending = rest
+    return ordered
+
+
+def _is_ort_fused(node) -> bool:
+    # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain, unknown to onnx itself
+    return node.op_type in SHAPE_PROXIES and (node.domain == "com.microsoft" or
+                                              node.op_type == "SimplifiedLayerNormalization")
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    if any(_is_ort_fused(n) for n in model.graph.node):
+        model = _shape_proxy(model)
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -144,8 +197,8 @@ def _rule_problem(view: GraphView, u: Unit) -> str | None:
         return f"{node_label(node)}: no gradient rule for this op"
     if u.rule == "identity" and len([t for t in u.inputs if t]) > 2:
         return f"{node_label(node)}: the identity rule needs an elementwise op of one input"
-    if u.rule == "constant_std" and node.op_type != "LayerNormalization":
-        return f"{node_label(node)}: rule constant_std applies to LayerNormalization only"
+    if u.rule == "constant_std" and node.op_type not in NORM_VJPS:
+        return f"{node_label(node)}: rule constant_std applies to normalization ops only"
     return None
 
 
@@ -202,6 +255,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     if opset < MIN_OPSET:
         raise LRPError(f"the model uses opset {opset}; lrp-onnx needs opset >= {MIN_OPSET}: re-export it "
                        f"(torch.onnx.export(..., opset_version=17))")
+    unfuse_contrib_ops(model)
     view = GraphView.build(model, _infer_shapes(model))
     # choose output and sources
     output = output or view.graph_outputs[0]

@@ -8,6 +8,7 @@ from .errors import LRPError
 from .graph import GraphView
 from .pipeline import _infer_shapes, analyze, default_sources, load_model
 from .rules import RULE_SETS
+from .unfuse import unfuse_contrib_ops
 
 
 @dataclass
@@ -44,6 +45,7 @@ def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides
     if isinstance(rules, str) and rules not in RULE_SETS:
         raise LRPError(f"unknown rule set '{rules}'; choose one of: {', '.join(RULE_SETS)}")
     model, _ = load_model(model)
+    unfuse_contrib_ops(model)
     view = GraphView.build(model, _infer_shapes(model))
     output = output or view.graph_outputs[0]
     if output not in view.graph_outputs:

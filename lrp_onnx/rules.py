@@ -17,7 +17,8 @@ import fnmatch
 
 from .analysis import Unit
 from .builder import Builder
-from .vjp import layer_norm_vjp, lookup
+from .vjp import NORM_VJPS, lookup
+from .vjp_contrib import activation_input
 
 RULE_SETS: dict[str, dict[str, str]] = {
     "gradient": {},
@@ -96,6 +97,8 @@ def uniform_rule(b: Builder, unit: Unit, gy: list, wants: list):
 @rule("identity")
 def identity_rule(b: Builder, unit: Unit, gy: list, wants: list):
     x, y = unit.inputs[0], unit.outputs[0]
+    if unit.region is None:  # a single op; fused forms apply f to x + bias
+        x = activation_input(b, b.view.nodes[unit.nodes[0]])
     ratio = b.op("Div", [y, b.add(x, b.scalar_like(IDENTITY_EPSILON, x))], like=x)
     grads = [None] * len(unit.inputs)
     grads[0] = b.mul(gy[0], ratio, like=x)
@@ -110,9 +113,9 @@ def constant_rule(b: Builder, unit: Unit, gy: list, wants: list):
 @rule("constant_std")
 def constant_std_rule(b: Builder, unit: Unit, gy: list, wants: list):
     node = b.view.nodes[unit.nodes[0]]
-    if node.op_type != "LayerNormalization":
+    if node.op_type not in NORM_VJPS:
         raise NotImplementedError(f"rule constant_std for op {node.op_type}")
-    return layer_norm_vjp(b, node, gy, wants, constant_std=True)
+    return NORM_VJPS[node.op_type](b, node, gy, wants, constant_std=True)
 
 
 def check_rule_name(name: str, where: str):

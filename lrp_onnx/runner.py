@@ -26,11 +26,11 @@ class Explanation:
 class Explainer:
     """Holds an onnxruntime session of a converted model."""
 
-    def __init__(self, model_path, providers=None, threads: int | None = None):
+    def __init__(self, model_path, providers=None, threads: int | None = None, _model_bytes: bytes | None = None):
         import onnxruntime as ort
 
         path = os.fspath(model_path)
-        if not os.path.isfile(path):
+        if _model_bytes is None and not os.path.isfile(path):
             raise LRPError(f"{path}: no such file")
         if providers is None:
             available = ort.get_available_providers()
@@ -40,7 +40,8 @@ class Explainer:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(path, options, providers=providers)
+            self.session = ort.InferenceSession(_model_bytes if _model_bytes is not None else path, options,
+                                                providers=providers)
         except Exception as exc:
             raise LRPError(f"{path}: onnxruntime cannot open it ({str(exc).splitlines()[0][:300]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map.get("lrp_onnx")
@@ -50,6 +51,11 @@ class Explainer:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_names += [i.name for i in self.session.get_overridable_initializers()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def from_model(cls, model, providers=None, threads: int | None = None) -> "Explainer":
+        """A session of an in-memory converted onnx.ModelProto (weights inline)."""
+        return cls("<in-memory model>", providers, threads, _model_bytes=model.SerializeToString())
 
     def run(self, target=None, position=None, seed=None, **inputs) -> Explanation:
         feed = {}

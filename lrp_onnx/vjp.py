@@ -7,6 +7,7 @@ and change only the local Jacobians that AttnLRP modifies.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -288,8 +289,12 @@ def _erf(b, node, gy, wants):
 
 @register("Gelu")
 def _gelu(b, node, gy, wants):
-    x = node.input[0]
-    if attr(node, "approximate", "none") in ("tanh", b"tanh"):
+    tanh_form = attr(node, "approximate", "none") in ("tanh", b"tanh")
+    return [b.mul(_g(gy), gelu_derivative(b, node.input[0], tanh_form))]
+
+
+def gelu_derivative(b: Builder, x: str, tanh_form: bool) -> str:
+    if tanh_form:
         # y = 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3)
         c = math.sqrt(2.0 / math.pi)
         x2 = b.mul(x, x)
@@ -305,7 +310,7 @@ def _gelu(b, node, gy, wants):
         pdf = b.mul(b.op("Exp", [b.mul(b.mul(x, x), b.scalar_like(-0.5, x))], like=x),
                     b.scalar_like(1 / math.sqrt(2 * math.pi), x))
         local = b.add(cdf, b.mul(x, pdf))
-    return [b.mul(_g(gy), local)]
+    return local
 
 
 # -- reductions and normalizations ----------------------------------------------------------------
@@ -365,42 +370,73 @@ def _log_softmax(b, node, gy, wants):
     return [b.op("Sub", [_g(gy), b.mul(b.op("Exp", [y], like=y), s)], like=y)]
 
 
-def layer_norm_vjp(b: Builder, node, gy, wants, constant_std: bool):
-    """LayerNormalization: y = (x - mean) * invstd * scale + bias over axes [axis, rank).
+def normalize_vjp(b: Builder, x: str, scale: str, g: str, axis: int, eps: float, rms: bool,
+                  constant_std: bool) -> str:
+    """Gradient at x of y = norm(x) * scale (+ bias), normalizing over axes [axis, rank).
 
-    With constant_std (AttnLRP's norm rule) invstd is held constant: only the centring is
-    differentiated."""
-    x, scale = node.input[0], node.input[1]
-    g = _g(gy)
+    LayerNorm: norm(x) = (x - mean) * invstd; RMSNorm: norm(x) = x * invrms. With constant_std
+    (AttnLRP's norm rule) invstd / invrms is held constant: only the centring is differentiated."""
     r = b.view.rank(x)
-    axis = attr(node, "axis", -1) % r
-    axes = list(range(axis, r))
-    eps = attr(node, "epsilon", 1e-5)
-    if b.view.dtype(x) != onnx.TensorProto.FLOAT:
-        raise NotImplementedError("LayerNormalization backward in non-fp32")
-    gs = b.unbroadcast(b.mul(g, scale, like=g), x) if b.view.rank(scale) else b.mul(g, scale, like=g)
-    mean = b.op("ReduceMean", [x, b.ints(axes)] if b.opset >= 18 else [x], keepdims=1,
-                **({} if b.opset >= 18 else {"axes": axes}))
-    centred = b.op("Sub", [x, mean], like=x)
-    var = b.op("ReduceMean", [b.mul(centred, centred)] + ([b.ints(axes)] if b.opset >= 18 else []), keepdims=1,
-               **({} if b.opset >= 18 else {"axes": axes}))
-    invstd = b.op("Reciprocal", [b.op("Sqrt", [b.add(var, b.scalar_like(eps, x))])])
+    axes = list(range(axis % r, r))
 
     def mean_over(t):
-        return b.op("ReduceMean", [t] + ([b.ints(axes)] if b.opset >= 18 else []), keepdims=1,
-                    **({} if b.opset >= 18 else {"axes": axes}))
+        if b.opset >= 18:
+            return b.op("ReduceMean", [t, b.ints(axes)], keepdims=1, like=t)
+        return b.op("ReduceMean", [t], keepdims=1, axes=axes, like=t)
 
-    inner = b.op("Sub", [gs, mean_over(gs)], like=x)
+    gs = b.unbroadcast(b.mul(g, scale, like=g), x) if b.view.rank(scale) == r else b.mul(g, scale, like=g)
+    centred = x if rms else b.op("Sub", [x, mean_over(x)], like=x)
+    var = mean_over(b.mul(centred, centred))
+    inv = b.op("Reciprocal", [b.op("Sqrt", [b.add(var, b.scalar_like(eps, x))], like=var)], like=var)
+    inner = gs if rms else b.op("Sub", [gs, mean_over(gs)], like=x)
     if not constant_std:
-        xhat = b.mul(centred, invstd, like=x)
+        xhat = b.mul(centred, inv, like=x)
         inner = b.op("Sub", [inner, b.mul(xhat, mean_over(b.mul(gs, xhat, like=x)))], like=x)
-    out = [b.mul(inner, invstd, like=x)] + [None] * (len(node.input) - 1)
+    return b.mul(inner, inv, like=x)
+
+
+NORM_VJPS: dict = {}  # op type -> fn(b, node, gy, wants, constant_std)
+
+
+def register_norm(*op_types: str):
+    """Register a norm's VJP both as its exact gradient and for the constant_std rule."""
+    def deco(fn):
+        for op in op_types:
+            NORM_VJPS[op] = fn
+            for domain in ("", "com.microsoft"):  # onnxruntime registers some of these in both
+                VJPS[(domain, op)] = functools.partial(fn, constant_std=False)
+        return fn
+    return deco
+
+
+@register_norm("LayerNormalization", "SimplifiedLayerNormalization")
+def _norm(b, node, gy, wants, constant_std):
+    x, scale = node.input[0], node.input[1]
+    rms = node.op_type == "SimplifiedLayerNormalization"
+    gx = normalize_vjp(b, x, scale, gy[0], attr(node, "axis", -1), attr(node, "epsilon", 1e-5), rms, constant_std)
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+@register_norm("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+def _skip_norm(b, node, gy, wants, constant_std):
+    """y = norm(input + skip (+ bias)); output 3, if used, is that sum."""
+    x, skip = node.input[0], node.input[1]
+    rms = node.op_type == "SkipSimplifiedLayerNormalization"
+    bias_index = 3 if rms else 4
+    total = b.add(x, skip, like=x) if b.view.rank(x) >= b.view.rank(skip) else b.add(skip, x, like=skip)
+    if len(node.input) > bias_index and node.input[bias_index]:
+        total = b.add(total, node.input[bias_index], like=total)
+    terms = []
+    if gy[0] is not None:
+        terms.append(normalize_vjp(b, total, node.input[2], gy[0], -1, attr(node, "epsilon", 1e-5), rms,
+                                   constant_std))
+    if len(gy) > 3 and gy[3] is not None:
+        terms.append(gy[3])
+    g = b.sum(terms)
+    out = [None] * len(node.input)
+    out[0] = b.unbroadcast(g, x) if wants[0] else None
+    out[1] = b.unbroadcast(g, skip) if wants[1] else None
     return out
-
-
-@register("LayerNormalization")
-def _layer_norm(b, node, gy, wants):
-    return layer_norm_vjp(b, node, gy, wants, constant_std=False)
 
 
 # -- linear algebra -----------------------------------------------------------------------------

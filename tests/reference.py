@@ -11,8 +11,8 @@ in a fresh subprocess:
 model families, ``position`` (int64 [B]; negative counts from the end as in Python; all -1
 if absent).
 
-The explained scalar of row b is ``logits[b, position[b], target[b]]`` for gpt2/llama and
-``logits[b, target[b]]`` for bert. Their sum over rows is backpropagated to
+The explained scalar of row b is ``logits[b, position[b], target[b]]`` for the language
+models (gpt2, llama, qwen2, qwen3, gemma3) and ``logits[b, target[b]]`` for bert. Their sum over rows is backpropagated to
 ``inputs_embeds`` (the word-embedding output, fed to the model with the same attention
 mask), and relevance = inputs_embeds * inputs_embeds.grad.
 
@@ -24,8 +24,23 @@ Modes:
 
 * ``gradient``: plain autograd (gradient x input), nothing patched.
 * ``attnlrp``: LXT's ``attnLRP`` map for the family's transformers module.
-* ``cp-lrp``: LXT's ``cp_LRP`` map for gpt2 and llama. LXT has none for BERT; see
-  ``patch_bert_cp_lrp`` for the equivalent used here.
+* ``cp-lrp``: LXT's ``cp_LRP`` map for gpt2, llama, qwen2, qwen3 and gemma3. LXT has none
+  for BERT; see ``patch_bert_cp_lrp`` for the equivalent used here.
+
+LXT 2.1 ships both maps (``lxt.efficient.models.<family>.attnLRP`` / ``.cp_LRP``) for qwen2,
+qwen3 and gemma3. What they patch (and, by omission, leave to the plain gradient):
+
+* qwen2 / qwen3: exactly llama's map (RMSNorm incl. Qwen3's per-head q_norm/k_norm -> rms held
+  constant; gated MLP -> identity on the SiLU and 1/2 on the product, or for cp_LRP the gate
+  branch detached; attention -> q, k gradients /4 and v /2, or q, k detached).
+* gemma3: the same MLP and attention patches; ``Gemma3RMSNorm._norm`` -> ``x * stop_gradient(
+  rsqrt(mean(x^2) + eps))`` (the ``(1 + weight)`` scale stays a plain linear factor). NOT patched,
+  hence plain gradient: the embedding scale sqrt(hidden) (linear), the query_pre_attn_scalar
+  scaling (linear) and the final-logit softcapping ``c * tanh(logits / c)`` in
+  ``Gemma3ForCausalLM.forward`` (a Tanh that lrp-onnx's rule sets treat as an activation).
+  ``inputs_embeds`` here is the output of ``Gemma3TextScaledWordEmbedding``, i.e. already
+  multiplied by sqrt(hidden); relevance (x * dy/dx) is invariant under that constant scale, so it
+  equals the relevance at the ONNX graph's unscaled word-embedding Gather.
 
 From pytest use ``run_reference(family, hf_dir, mode, inputs, tmpdir)``.
 """
@@ -46,8 +61,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 STUBS_DIR = TESTS_DIR / "stubs"  # stand-in torchvision, imported by lxt
 
-FAMILIES = ("bert", "gpt2", "llama")
-LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
+LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3")
 MODES = ("gradient", "attnlrp", "cp-lrp")
 TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}" for family in FAMILIES}
 

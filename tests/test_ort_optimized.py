@@ -1,0 +1,59 @@
+"""onnxruntime-optimized graphs (onnxruntime.transformers.optimizer): fused contrib ops
+(EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu, FastGelu, QuickGelu,
+SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization) give the relevance of the unfused graph."""
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+import lrp_onnx
+from tests.conftest import explain_inputs
+
+CASES = [  # family, optimizer model_type, opt_level, fused ops that must be present
+    ("bert", "bert", 1, {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}),
+    ("gpt2", "gpt2", 1, {"SkipLayerNormalization", "FastGelu"}),
+    ("llama", "gpt2", 1, {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}),
+    ("llama", "gpt2", 2, {"SimplifiedLayerNormalization", "QuickGelu"}),
+]
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_model, workdir):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    cache = {}
+
+    def get(family, model_type, level):
+        key = (family, model_type, level)
+        if key not in cache:
+            _, path = tiny_model(family)
+            out = workdir / f"{family}-torchscript" / f"ort-opt{level}.onnx"
+            optimize_model(str(path), model_type=model_type, num_heads=4, hidden_size=32,
+                           opt_level=level).save_model_to_file(str(out))
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def relevance(path, family, rules):
+    inputs = explain_inputs(family)
+    feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    model = lrp_onnx.convert(path, rules=rules)
+    explainer = lrp_onnx.Explainer.from_model(model, providers=["CPUExecutionProvider"])
+    return explainer.run(target=inputs["target"], position=inputs.get("position"), **feed)
+
+
+@pytest.mark.parametrize("rules", ["gradient", "attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("family,model_type,level,fused", CASES)
+def test_optimized_graph_gives_unfused_relevance(family, model_type, level, fused, rules, optimized, tiny_model):
+    path = optimized(family, model_type, level)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    assert fused <= set(ops), f"the optimizer did not fuse {fused - set(ops)}"
+    assert lrp_onnx.inspect_model(path, rules=rules).supported
+    expected = relevance(tiny_model(family)[1], family, rules)
+    got = relevance(path, family, rules)
+    err = np.linalg.norm(got.relevance - expected.relevance) / np.linalg.norm(expected.relevance)
+    assert err <= 1e-4
+    np.testing.assert_allclose(got.logit, expected.logit, rtol=1e-5, atol=1e-5)
