@@ -97,7 +97,9 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
                 cats.insert(0, "gate")
         else:
             op = u.op_type
-            if op in ACTIVATION_OPS:
+            if op == "Tanh" and _is_softcap(view, u.nodes[0]):
+                cats = ["softcap"]  # c * tanh(x / c): a bound on logits, not an activation
+            elif op in ACTIVATION_OPS:
                 cats = ["activation"]
                 if _feeds_gate(view, u.outputs[0], path):
                     cats.insert(0, "gate")
@@ -111,14 +113,40 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
         u.categories = cats
 
 
+def _scalar_operand(view: GraphView, node, other_than: str):
+    """The value of a scalar constant operand of a binary node, or None."""
+    for t in node.input:
+        if t != other_than and view.is_constant(t):
+            s = view.shape(t)
+            if s is not None and all(d == 1 for d in s):
+                return view.scalar(t) if view.value(t) is not None else 1.0
+    return None
+
+
+def _is_softcap(view: GraphView, k: int) -> bool:
+    """Tanh fed by x / c (or x * 1/c) and read as tanh * c: logit soft-capping."""
+    node = view.nodes[k]
+    p = view.producer.get(node.input[0])
+    if p is None or view.nodes[p].op_type not in ("Div", "Mul") \
+            or _scalar_operand(view, view.nodes[p], view.nodes[p].input[0]) is None:
+        return False
+    consumers = view.consumers.get(node.output[0], [])
+    return len(consumers) == 1 and view.nodes[consumers[0]].op_type == "Mul" \
+        and _scalar_operand(view, view.nodes[consumers[0]], node.output[0]) is not None
+
+
 def _consumers_through(view: GraphView, t: str, depth: int = 6):
-    """Consumers of t, looking through routing ops (casts, reshapes, masks)."""
+    """Consumers of t, looking through routing ops (casts, reshapes, masks) and scalings by a
+    scalar constant (exporters may write gelu's 0.5 after the rest)."""
     out, frontier = [], [(t, 0)]
     while frontier:
         name, d = frontier.pop()
         for c in view.consumers.get(name, []):
             n = view.nodes[c]
-            if n.op_type in ROUTING_OPS and d < depth and n.output and n.input and n.input[0] == name \
+            scaled = n.op_type == "Mul" or (n.op_type == "Div" and n.input[0] == name)
+            if scaled and d < depth and _scalar_operand(view, n, name) is not None:
+                frontier.append((n.output[0], d + 1))
+            elif n.op_type in ROUTING_OPS and d < depth and n.output and n.input and n.input[0] == name \
                     or n.op_type == "Where" and d < depth and name in n.input[1:]:
                 frontier.append((n.output[0], d + 1))
             else:
@@ -135,7 +163,7 @@ def _feeds_attention(view: GraphView, probs: str, path: set[str]) -> bool:
 
 
 def _feeds_gate(view: GraphView, act: str, path: set[str]) -> bool:
-    for c, via in _consumers_through(view, act, depth=2):
+    for c, via in _consumers_through(view, act, depth=3):
         n = view.nodes[c]
         if n.op_type == "Mul" and any(i in path and i != via for i in n.input):
             return True

@@ -9,6 +9,7 @@ Zennit composites map layer types to rules. Categories come from analysis.classi
   norm_scale      the std/rms factor of a written-out LayerNorm/RMSNorm
   attention_probs a Softmax whose output weights a relevance-carrying value tensor
   softmax         any other Softmax
+  softcap         c*tanh(x/c) logit soft-capping (Gemma): plain gradient, as LXT leaves it
 Unlisted categories get "gradient".
 """
 from __future__ import annotations
@@ -59,9 +60,10 @@ def resolve_rule(unit: Unit, rule_set: dict[str, str], overrides: dict[str, str]
     for key, rule in overrides.items():
         if any(ch in key for ch in "*?[") and fnmatch.fnmatchcase(unit.name or "", key) or key == unit.name:
             return rule
-    for cat in unit.categories:
+    for cat in unit.categories:  # a user's override of any category or op type wins over the rule set
         if cat in overrides:
             return overrides[cat]
+    for cat in unit.categories:
         if cat in rule_set:
             return rule_set[cat]
     return "gradient"

@@ -14,9 +14,10 @@ CLI: ``python -m models.tiny --family llama --exporter torchscript --out DIR`` w
 
 The ONNX graph has inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence],
 both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
-[batch, sequence, vocab] for gpt2 and llama. Initializers that survive constant folding
-are named ``"model." + <Hugging Face parameter name>`` (the export wraps the model in
-``LogitsOnly``); folded ones (e.g. transposed linear weights) get generated names.
+[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3).
+Initializers that survive constant folding are named ``"model." + <Hugging Face parameter
+name>`` (the export wraps the model in ``LogitsOnly``); folded ones (e.g. transposed linear
+weights) get generated names.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-FAMILIES = ("bert", "gpt2", "llama")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
 EXPORTERS = ("torchscript", "dynamo")
 VOCAB_SIZE = 100
 HIDDEN_SIZE = 32
@@ -47,7 +48,14 @@ _FAMILY_CLASSES = {
     "bert": ("transformers.models.bert.modeling_bert", "BertConfig", "BertForSequenceClassification"),
     "gpt2": ("transformers.models.gpt2.modeling_gpt2", "GPT2Config", "GPT2LMHeadModel"),
     "llama": ("transformers.models.llama.modeling_llama", "LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
+HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
+GEMMA3_SLIDING_WINDOW = 4
+GEMMA3_FINAL_LOGIT_SOFTCAPPING = 30.0
+GEMMA3_QUERY_PRE_ATTN_SCALAR = 16  # != HEAD_DIM, so the scaling differs from 1/sqrt(head_dim)
 
 
 def _config_kwargs(family: str) -> dict:
@@ -68,6 +76,26 @@ def _config_kwargs(family: str) -> dict:
             common, hidden_size=HIDDEN_SIZE, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
             num_key_value_heads=2, intermediate_size=INTERMEDIATE_SIZE, max_position_embeddings=MAX_POSITIONS,
             hidden_act="silu", tie_word_embeddings=False,
+        )
+    decoder = dict(
+        common, hidden_size=HIDDEN_SIZE, num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS,
+        num_key_value_heads=2, intermediate_size=INTERMEDIATE_SIZE, max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2":  # q/k/v projections always have biases in Qwen2
+        return dict(decoder, hidden_act="silu", use_sliding_window=False, sliding_window=None)
+    if family == "qwen3":  # RMSNorm on each query/key head (qk-norm); head_dim must be set (default 128)
+        return dict(decoder, hidden_act="silu", head_dim=HEAD_DIM, use_sliding_window=False, sliding_window=None)
+    if family == "gemma3":
+        # Layer 0 is sliding-window (window 4 < the tests' sequence 7), layer 1 global:
+        # is_sliding = (layer_idx + 1) % sliding_window_pattern. attn_logit_softcapping stays None:
+        # transformers 4.52's Gemma3Attention never passes it to the attention function.
+        return dict(
+            decoder, head_dim=HEAD_DIM, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+            query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR, sliding_window=GEMMA3_SLIDING_WINDOW,
+            sliding_window_pattern=2, final_logit_softcapping=GEMMA3_FINAL_LOGIT_SOFTCAPPING,
+            attn_logit_softcapping=None, rope_theta=10_000.0, rope_local_base_freq=1_000.0,
+            cache_implementation=None,  # "hybrid" only matters with a cache, and warns on every load
         )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -104,7 +132,14 @@ def build(family: str, seed: int = 0) -> nn.Module:
 
     bert: BertForSequenceClassification (3 labels, with pooler, GELU); gpt2: GPT2LMHeadModel
     (gelu_new, tied embeddings); llama: LlamaForCausalLM (GQA with 2 key/value heads, RoPE,
-    SwiGLU, RMSNorm, untied head). All with ``use_cache=False``. Same seed, same weights.
+    SwiGLU, RMSNorm, untied head); qwen2: Qwen2ForCausalLM (llama-like, with q/k/v biases);
+    qwen3: Qwen3ForCausalLM (llama-like, no biases, RMSNorm on every query/key head);
+    gemma3: text-only Gemma3ForCausalLM (Gemma3TextConfig: embeddings scaled by sqrt(hidden),
+    RMSNorm with (1 + weight) before and after attention and MLP, qk-norm, gelu_pytorch_tanh
+    gated MLP, attention scale query_pre_attn_scalar**-0.5 = 1/4 instead of 1/sqrt(8), layer 0
+    sliding-window (window 4) and layer 1 global with their own RoPE bases, tied head, final
+    logits softcapped as 30 * tanh(logits / 30)). All with GQA (2 key/value heads) except bert
+    and gpt2, and ``use_cache=False``. Same seed, same weights.
     """
     config_class, model_class = _family_classes(family)
     config = config_class(**_config_kwargs(family))

@@ -12,9 +12,9 @@ model families, ``position`` (int64 [B]; negative counts from the end as in Pyth
 if absent).
 
 The explained scalar of row b is ``logits[b, position[b], target[b]]`` for the language
-models (gpt2, llama, qwen2, qwen3, gemma3) and ``logits[b, target[b]]`` for bert. Their sum over rows is backpropagated to
-``inputs_embeds`` (the word-embedding output, fed to the model with the same attention
-mask), and relevance = inputs_embeds * inputs_embeds.grad.
+models (gpt2, llama, qwen2, qwen3, gemma3) and ``logits[b, target[b]]`` for bert. Their
+sum over rows is backpropagated to ``inputs_embeds`` (the word-embedding output, fed to the
+model with the same attention mask), and relevance = inputs_embeds * inputs_embeds.grad.
 
 ``out.npz`` holds ``relevance`` (float64 [B, S, H]), ``logits`` (float32, the model's
 output), ``explained`` (float32 [B]), and the resolved ``target`` and, for language models,

@@ -1,7 +1,6 @@
 """The Python API: rule overrides, latent relevance, seed inputs, external data, no torch at inference."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -51,7 +51,6 @@ def test_convert_and_inspect_from_the_command_line(tiny_model, tmp_path):
 
 
 def _units(path):
-    from lrp_onnx.analysis import make_units
     from lrp_onnx.graph import GraphView
     from lrp_onnx.pipeline import _infer_shapes, analyze, default_sources
     model = onnx.load(path)
