@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from . import __version__
 from .analysis import Unit, classify, make_units, on_path, relevance_path
 from .builder import Builder
+from .precision import HALF, is_half, promote_backward_to_fp32
 from .unfuse import unfuse_contrib_ops
 from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
@@ -306,6 +307,12 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
             b.nodes.append(helper.make_node("Mul", [t, g], [name], name=f"lrp/{name}"))
         relevance_outputs.append(helper.make_tensor_value_info(name, view.dtype(t) or TensorProto.FLOAT,
                                                                view.shape(t)))
+    # half-precision models: the backward (seed included) runs in fp32, relevance comes out in fp32
+    if any(is_half(view, t) for t in [output] + list(sources)):
+        promote_backward_to_fp32(b, b.nodes)
+        for vi in relevance_outputs + [vi for _, vi in seed.outputs.values()]:
+            if vi.type.tensor_type.elem_type in HALF:
+                vi.type.tensor_type.elem_type = TensorProto.FLOAT
     # assemble
     g = model.graph
     g.node.extend(b.nodes)
