@@ -92,7 +92,7 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
     for u in units:
         cats = []
         if u.region is not None:
-            cats = ["activation"] if u.region.kind == "activation" else ["norm_scale"]
+            cats = [u.region.kind]
             if u.region.kind == "activation" and _feeds_gate(view, u.outputs[0], path):
                 cats.insert(0, "gate")
         else:

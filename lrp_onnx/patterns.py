@@ -24,7 +24,8 @@ MAX_REGION_NODES = 24
 
 @dataclass
 class Region:
-    kind: str            # "activation" (identity rule) or "norm_scale" (std/rms treated as constant)
+    kind: str            # "activation" (identity rule), "norm_scale" (std/rms treated as constant),
+                         # "fake_quantization" (straight through)
     pattern: str         # what was recognised, for reports
     nodes: list          # node indices, ascending
     input: str           # the tensor the function is applied to
@@ -168,13 +169,28 @@ def _norm_cone(view: GraphView, d: str, leaf: str, claimed: set):
     return cone if saw_square else None
 
 
+def find_fake_quantization(view: GraphView, end: int, claimed: set) -> Region | None:
+    """DequantizeLinear(QuantizeLinear(x)) on activations (QDQ models): a rounding of x, whose
+    relevance passes straight through (dequantization is linear, rounding has no useful gradient)."""
+    node = view.nodes[end]
+    if node.op_type != "DequantizeLinear" or end in claimed:
+        return None
+    q = view.producer.get(node.input[0])
+    if q is None or view.nodes[q].op_type != "QuantizeLinear":
+        return None
+    x = view.nodes[q].input[0]
+    if view.is_constant(x) or not view.may_carry_relevance(x):
+        return None
+    return Region("fake_quantization", "QuantizeLinear->DequantizeLinear", [end], x, node.output[0])
+
+
 def find_regions(view: GraphView, enabled: bool = True) -> list[Region]:
     """All activation and norm regions of the graph, found from the outputs backward."""
     if not enabled:
         return []
     regions, claimed = [], set()
     for i in range(len(view.nodes) - 1, -1, -1):
-        for finder in (find_norm_scale, find_activation):
+        for finder in (find_norm_scale, find_activation, find_fake_quantization):
             r = finder(view, i, claimed)
             if r is not None:
                 regions.append(r)

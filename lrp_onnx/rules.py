@@ -9,6 +9,7 @@ Zennit composites map layer types to rules. Categories come from analysis.classi
   norm_scale      the std/rms factor of a written-out LayerNorm/RMSNorm
   attention_probs a Softmax whose output weights a relevance-carrying value tensor
   softmax         any other Softmax
+  fake_quantization  QuantizeLinear->DequantizeLinear on activations (QDQ models)
   softcap         c*tanh(x/c) logit soft-capping (Gemma): plain gradient, as LXT leaves it
 Unlisted categories get "gradient".
 """
@@ -22,14 +23,16 @@ from .vjp import NORM_VJPS, lookup
 from .vjp_contrib import activation_input
 
 RULE_SETS: dict[str, dict[str, str]] = {
-    "gradient": {},
+    "gradient": {"fake_quantization": "straight_through"},
     "attnlrp": {
+        "fake_quantization": "straight_through",
         "activation": "identity",
         "product": "uniform",
         "norm": "constant_std",
         "norm_scale": "constant",
     },
     "cp-lrp": {
+        "fake_quantization": "straight_through",
         "gate": "constant",
         "activation": "identity",
         "product": "uniform",
@@ -44,6 +47,7 @@ RULE_DOCS = {
     "identity": "local Jacobian f(x)/(x+1e-10): relevance passes through unchanged",
     "uniform": "gradient divided by the number N of relevance-carrying operands (each gets 1/N)",
     "constant": "no relevance flows into the unit's input (its output is a constant)",
+    "straight_through": "gradient passed unchanged (rounding of quantize-dequantize pairs)",
     "constant_std": "normalization with std/rms held constant: only the centring is differentiated",
 }
 
@@ -105,6 +109,11 @@ def identity_rule(b: Builder, unit: Unit, gy: list, wants: list):
     grads = [None] * len(unit.inputs)
     grads[0] = b.mul(gy[0], ratio, like=x)
     return grads
+
+
+@rule("straight_through")
+def straight_through_rule(b: Builder, unit: Unit, gy: list, wants: list):
+    return [b.cast_like(gy[0], unit.inputs[0])]
 
 
 @rule("constant")
