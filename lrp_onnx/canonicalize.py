@@ -136,6 +136,7 @@ def select_position_before_head(model: onnx.ModelProto, view: GraphView, output:
         vi = helper.make_tensor_value_info(SELECTED_OUTPUT, out_vi.type.tensor_type.elem_type,
                                            [_dim(shape_dims[0]), 1, _dim(shape_dims[2])])
     g.output.append(vi)
+    g.output.remove(out_vi)  # no node computes the full output any more
     return SELECTED_OUTPUT
 
 

@@ -15,6 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -119,7 +120,37 @@ def _is_ort_fused(node) -> bool:
                                               node.op_type == "SimplifiedLayerNormalization")
 
 
+def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers are typed graph inputs instead: shape inference needs their
+    type and dims only, and serializing hundreds of MB of weights for it dominated conversion time."""
+    graph = model.graph
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.name = graph.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light.graph, field).extend(getattr(graph, field))
+    input_names = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= 64 and init.data_location != TensorProto.EXTERNAL:
+            light.graph.initializer.append(init)
+        elif init.name not in input_names:
+            light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Shapes and types of every tensor. onnxruntime's symbolic inference first: it resolves the
+    symbolic dims through Reshape/Expand (heads, batch, sequence), so un-broadcasting is decided
+    at conversion time instead of by shape arithmetic at run time; onnx's inference as fallback."""
+    model = _without_weight_data(model)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        if inferred is not None:
+            return inferred
+    except Exception:
+        pass
     if any(_is_ort_fused(n) for n in model.graph.node):
         model = _shape_proxy(model)
     try:

@@ -113,6 +113,9 @@ def _slice(b, node, gy, wants):
         if axes_v is None:
             raise NotImplementedError("Slice with runtime axes")
     axes_v = [int(a) % r for a in np.asarray(axes_v).reshape(-1)]
+    static = _static_slice_pads(b, x, starts, ends, axes_v)
+    if static is not None:
+        return [b.op("Pad", [_g(gy), b.ints(static)], like=x)] + [None] * (len(node.input) - 1)
     shape = b.shape_of(x)
     dims = b.op("Gather", [shape, b.ints(axes_v)], axis=0)
     zero = b.ints([0])
@@ -129,6 +132,20 @@ def _slice(b, node, gy, wants):
     after = b.op("ScatterElements", [b.ints([0] * r), b.ints(axes_v), b.op("Sub", [dims, e])], axis=0)
     pads = b.op("Concat", [before, after], axis=0)
     return [b.op("Pad", [_g(gy), pads], like=x)] + [None] * (len(node.input) - 1)
+
+
+def _static_slice_pads(b, x, starts, ends, axes):
+    """Pads known at conversion time: constant starts/ends on axes of static size."""
+    sv, ev, shape = b.view.value(starts), b.view.value(ends), b.view.shape(x)
+    if sv is None or ev is None or shape is None or any(not isinstance(shape[a], int) for a in axes):
+        return None
+    before, after = [0] * len(shape), [0] * len(shape)
+    for a, s0, e0 in zip(axes, np.asarray(sv).reshape(-1), np.asarray(ev).reshape(-1)):
+        dim = shape[a]
+        s1, e1 = (int(v) + dim if v < 0 else int(v) for v in (s0, e0))
+        s1, e1 = min(max(s1, 0), dim), min(max(e1, 0), dim)
+        before[a], after[a] = s1, dim - max(e1, s1)
+    return before + after
 
 
 @register("Gather")
