@@ -149,6 +149,18 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_bench(bench_args: list[str]) -> int:
+    """Forward to tools/bench.py, which lives in the source checkout (it needs torch, LXT, models/)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "tools", "bench.py")):
+        raise LRPError("`lrp-onnx bench` runs from a source checkout (tools/bench.py), with the test "
+                       "requirements installed; see README.md")
+    sys.path.insert(0, root)
+    from tools import bench
+
+    return bench.main(bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrp-onnx", description="AttnLRP attributions inside ONNX graphs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,10 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-token", help="vocabulary token to explain, e.g. 'ĠParis'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_explain)
+    sub.add_parser("bench", help="time explain vs forward vs LXT (source checkout only; see its --help)")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options are tools/bench.py's own
+        try:
+            return cmd_bench(argv[1:])
+        except LRPError as exc:
+            print(f"lrp-onnx: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -67,8 +67,10 @@ def find_activation(view: GraphView, end: int, claimed: set) -> Region | None:
             x = next(iter(frontier))
             if not view.is_float(x):
                 return None
+            y = node.output[0]
+            y = _absorb_scalings(view, region, y, claimed)
             nodes = sorted(region)
-            return Region("activation", _pattern_name(view, nodes), nodes, x, node.output[0])
+            return Region("activation", _pattern_name(view, nodes), nodes, x, y)
         if not frontier or len(region) >= MAX_REGION_NODES:
             return None
         t = max(frontier, key=lambda name: view.producer.get(name, -1))
@@ -89,6 +91,24 @@ def find_activation(view: GraphView, end: int, claimed: set) -> Region | None:
         region.add(p)
         frontier.discard(t)
         frontier |= {i for i in view.nodes[p].input if i and not view.is_constant(i)}
+
+
+def _absorb_scalings(view: GraphView, region: set, y: str, claimed: set) -> str:
+    """Extend the region over trailing multiplications by a scalar constant (GELU's 0.5 written
+    last), so the backward reads the activation's final output and onnxruntime can still fuse
+    the whole activation in the forward."""
+    while True:
+        consumers = view.consumers.get(y, [])
+        if len(consumers) != 1 or consumers[0] in claimed or y in view.graph_outputs:
+            return y
+        n = view.nodes[consumers[0]]
+        if n.op_type not in ("Mul", "Div") or (n.op_type == "Div" and n.input[0] != y):
+            return y
+        other = [t for t in n.input if t != y]
+        if len(other) != 1 or not _is_scalar_const(view, other[0]):
+            return y
+        region.add(consumers[0])
+        y = n.output[0]
 
 
 NORM_CONE_OPS = {"Cast", "Reciprocal", "Sqrt", "Add", "ReduceMean", "ReduceSum", "Pow", "Mul", "Div", "Identity",
