@@ -128,8 +128,8 @@ def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
     light.graph.name = graph.name
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(light.graph, field).extend(getattr(graph, field))
+    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light.graph, part).extend(getattr(graph, part))
     input_names = {i.name for i in graph.input}
     for init in graph.initializer:
         if int(np.prod(init.dims, dtype=np.int64)) <= 64 and init.data_location != TensorProto.EXTERNAL:

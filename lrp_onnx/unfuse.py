@@ -20,8 +20,9 @@ MS = "com.microsoft"
 
 
 class _Emitter:
-    def __init__(self, model: onnx.ModelProto, prefix: str):
+    def __init__(self, model: onnx.ModelProto, prefix: str, known_ranks: dict):
         self.model, self.prefix, self.nodes, self.k = model, prefix, [], 0
+        self.known_ranks = known_ranks  # outputs of ops unfused earlier in the pass, rank fixed by their spec
 
     def name(self, hint):
         self.k += 1
@@ -62,7 +63,7 @@ def _embed_layer_norm(model, node, e: _Emitter):
     outputs = list(node.output) + [""] * (3 - len(node.output))
     e.op("LayerNormalization", [total, gamma, beta], out=outputs[0], axis=-1, epsilon=attr(node, "epsilon", 1e-12))
     if outputs[1]:
-        KNOWN_RANKS[outputs[1]] = 1  # mask_index: valid length per row
+        e.known_ranks[outputs[1]] = 1  # mask_index: valid length per row
         if not mask:
             raise LRPError(f"{node_label(node)}: a mask_index output without a mask input is not supported")
         e.op("Cast", [e.op("ReduceSum", [mask, e.const([1], np.int64)], keepdims=0)], out=outputs[1],
@@ -118,7 +119,7 @@ def _attention(model, node, e: _Emitter):
 
 def _additive_mask(model, node, e, mask_index, k, filter_value, zero):
     """0 where a key may be attended, mask_filter_value elsewhere, broadcastable to the scores."""
-    rank = _rank_of(model, mask_index)
+    rank = e.known_ranks.get(mask_index) or _rank_of(model, mask_index)
     if rank == 1:  # end position (valid length) per row, right padding
         length = e.op("Gather", [e.op("Shape", [k]), e.const(3, np.int64)], axis=0)
         positions = e.op("Range", [e.const(0, np.int64), length, e.const(1, np.int64)])
@@ -139,12 +140,7 @@ def _value_info(model):
     return infos
 
 
-KNOWN_RANKS: dict = {}  # outputs of ops unfused in this pass, whose rank the op's spec fixes
-
-
 def _rank_of(model, name):
-    if name in KNOWN_RANKS:
-        return KNOWN_RANKS[name]
     vi = _value_info(model).get(name)
     if vi is not None and vi.type.tensor_type.HasField("shape"):
         return len(vi.type.tensor_type.shape.dim)
@@ -172,10 +168,10 @@ def unfuse_contrib_ops(model: onnx.ModelProto) -> int:
     """Rewrite the fused ops in place (the model is the pipeline's private copy); return how many."""
     if not any(n.domain == MS and n.op_type in UNFUSERS for n in model.graph.node):
         return 0
-    rewritten, count = [], 0
+    rewritten, count, known_ranks = [], 0, {}
     for i, node in enumerate(model.graph.node):
         if node.domain == MS and node.op_type in UNFUSERS:
-            e = _Emitter(model, f"lrp/unfused/{node.name or node.op_type + str(i)}")
+            e = _Emitter(model, f"lrp/unfused/{node.name or node.op_type + str(i)}", known_ranks)
             UNFUSERS[node.op_type](model, node, e)
             rewritten.extend(e.nodes)
             count += 1

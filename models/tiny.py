@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -197,38 +196,10 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
     """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = LogitsOnly(model).eval()
-    inputs = example_inputs()
-    args = (inputs["input_ids"], inputs["attention_mask"])
-    input_names = ["input_ids", "attention_mask"]
-    with torch.no_grad(), warnings.catch_warnings():
-        # Known noise: the legacy-exporter deprecation notice, tracer warnings about
-        # shape-dependent Python branches in transformers' mask code (harmless: both
-        # axes stay dynamic, checked in the tests), and dynamo's axis-renaming notice.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export")
-        warnings.filterwarnings("ignore", "# The axis name")
-        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        if exporter == "torchscript":
-            torch.onnx.export(
-                wrapped, args, str(path), dynamo=False, opset_version=opset or 17,
-                input_names=input_names, output_names=["logits"],
-                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in input_names},
-            )
-        else:
-            batch = torch.export.Dim("batch")
-            sequence = torch.export.Dim("sequence", max=MAX_POSITIONS)
-            program = torch.onnx.export(
-                wrapped, args, dynamo=True, opset_version=opset or 18, verbose=False,
-                input_names=input_names, output_names=["logits"],
-                dynamic_shapes={name: {0: batch, 1: sequence} for name in input_names},
-            )
-            program.save(str(path), external_data=False)
-    return path
+    from models._common import export_onnx
+
+    return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
+                       opset=opset, max_sequence=MAX_POSITIONS)
 
 
 def onnx_logits(path: str | Path, inputs: dict) -> np.ndarray:

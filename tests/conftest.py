@@ -43,6 +43,39 @@ def tiny_model(workdir):
     return get
 
 
+TOLERANCE = {"gradient": 1e-4, "attnlrp": 1e-3, "cp-lrp": 1e-3}  # relative L2 error vs the reference
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="session")
+def converted(tiny_model, workdir):
+    """converted(family, exporter, rules) -> Explainer of the converted tiny model, once per session."""
+    import lrp_onnx
+
+    cache = {}
+
+    def get(family, exporter, rules):
+        key = (family, exporter, rules)
+        if key not in cache:
+            _, path = tiny_model(family, exporter)
+            out = workdir / f"{family}-{exporter}" / f"model.{rules}.onnx"
+            lrp_onnx.convert(path, out, rules=rules)
+            cache[key] = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"])
+        return cache[key]
+
+    return get
+
+
+def run_explainer(explainer, family):
+    """Explain explain_inputs(family) with its targets (and positions)."""
+    inputs = explain_inputs(family)
+    feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    return explainer.run(target=inputs["target"], position=inputs.get("position"), **feed)
+
+
 def explain_inputs(family):
     """Batch of 2, row 1 right-padded, a different target (and position) per row."""
     from models import tiny

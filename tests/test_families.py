@@ -14,39 +14,12 @@ import numpy as np
 import pytest
 
 import lrp_onnx
-from tests.conftest import CONSERVATION, explain_inputs
+from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, rel_l2
+from tests.conftest import run_explainer as run
 
 FAMILIES = ["qwen2", "qwen3", "gemma3"]
 EXPORTERS = ["torchscript", "dynamo"]
 RULES = ["gradient", "attnlrp", "cp-lrp"]
-TOLERANCE = {"gradient": 1e-4, "attnlrp": 1e-3, "cp-lrp": 1e-3}
-
-def rel_l2(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_model, workdir):
-    """converted(family, exporter, rules, overrides=None) -> Explainer, converted once per module."""
-    cache = {}
-
-    def get(family, exporter, rules, overrides=None):
-        key = (family, exporter, rules, tuple(sorted((overrides or {}).items())))
-        if key not in cache:
-            _, path = tiny_model(family, exporter)
-            suffix = ".lxt" if overrides else ""
-            out = workdir / f"{family}-{exporter}" / f"model.{rules}{suffix}.onnx"
-            lrp_onnx.convert(path, out, rules=rules, overrides=overrides)
-            cache[key] = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"])
-        return cache[key]
-
-    return get
-
-
-def run(explainer, family):
-    inputs = explain_inputs(family)
-    feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-    return explainer.run(target=inputs["target"], position=inputs["position"], **feed)
 
 
 def check_outputs(result, ref, family):

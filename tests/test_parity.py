@@ -2,39 +2,11 @@
 import numpy as np
 import pytest
 
-import lrp_onnx
-from tests.conftest import CONSERVATION, explain_inputs
+from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, rel_l2
+from tests.conftest import run_explainer as run
 
 FAMILIES = ["bert", "gpt2", "llama"]
 EXPORTERS = ["torchscript", "dynamo"]
-TOLERANCE = {"gradient": 1e-4, "attnlrp": 1e-3, "cp-lrp": 1e-3}
-
-
-def rel_l2(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_model, workdir):
-    cache = {}
-
-    def get(family, exporter, rules):
-        key = (family, exporter, rules)
-        if key not in cache:
-            _, path = tiny_model(family, exporter)
-            out = workdir / f"{family}-{exporter}" / f"model.{rules}.onnx"
-            lrp_onnx.convert(path, out, rules=rules)
-            cache[key] = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"])
-        return cache[key]
-
-    return get
-
-
-def run(explainer, family):
-    inputs = explain_inputs(family)
-    feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-    return explainer.run(target=inputs["target"], position=inputs.get("position"), **feed)
-
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,14 +5,10 @@ import numpy as np
 import pytest
 
 import lrp_onnx
+from tests.conftest import TOLERANCE, rel_l2
 from tests.reference import run_reference
 
 TEXTS = ["The capital of France is Paris, a city on the Seine.", "Cats sleep a lot."]
-TOLERANCE = {"gradient": 1e-4, "attnlrp": 1e-3, "cp-lrp": 1e-3}
-
-
-def rel_l2(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
 def encode(tokenizer_path):
