@@ -199,6 +199,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # e.g. `lrp-onnx explain ... | head`
+        sys.stderr.close()
+        return 0
     except LRPError as exc:
         print(f"lrp-onnx: error: {exc}", file=sys.stderr)
         return 2
