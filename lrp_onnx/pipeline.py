@@ -15,13 +15,13 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from . import __version__
 from .analysis import Unit, classify, make_units, on_path, relevance_path
 from .builder import Builder
+from .shapes import infer_shapes
 from .precision import HALF, is_half, promote_backward_to_fp32
 from .unfuse import unfuse_contrib_ops
 from .canonicalize import drop_outputs, select_position_before_head
@@ -68,98 +68,6 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     if not loaded.graph.node:
         raise LRPError(f"{path}: the file holds no ONNX graph (empty or not an ONNX model)")
     return loaded, os.path.dirname(os.path.abspath(path))
-
-
-# contrib ops whose first output has the shape and type of (input 0 op input 1): for shape inference
-SHAPE_PROXIES = {"BiasGelu": "Add", "FastGelu": "Identity", "Gelu": "Identity", "QuickGelu": "Identity",
-                 "SkipLayerNormalization": "Add", "SkipSimplifiedLayerNormalization": "Add",
-                 "SimplifiedLayerNormalization": "Identity", "FusedMatMul": "MatMul", "BiasAdd": "Add"}
-
-
-def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which onnxruntime's fused ops are replaced by standard ops of the same output
-    shape, so onnx's shape inference runs through them. Used for shapes only, never run."""
-    proxy = onnx.ModelProto()
-    proxy.CopyFrom(model)
-    for n in proxy.graph.node:
-        if _is_ort_fused(n):
-            op = SHAPE_PROXIES[n.op_type]
-            inputs = list(n.input[:2]) if op in ("Add", "MatMul") else [n.input[0]]
-            outputs = list(n.output)
-            if n.op_type.startswith("Skip") and len(outputs) > 3 and outputs[3]:
-                extra = helper.make_node("Add", inputs, [outputs[3]])
-                proxy.graph.node.append(extra)  # appended out of order: inference only needs types
-            n.CopyFrom(helper.make_node(op, inputs, [outputs[0]], name=n.name))
-    onnx_nodes = list(proxy.graph.node)
-    del proxy.graph.node[:]
-    proxy.graph.node.extend(_topological(onnx_nodes, proxy))
-    return proxy
-
-
-def _topological(nodes, model):
-    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    ordered, pending = [], list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all((not t) or t in available for t in n.input):
-                ordered.append(n)
-                available.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            ordered.extend(rest)
-            break
-        pending = rest
-    return ordered
-
-
-def _is_ort_fused(node) -> bool:
-    # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain, unknown to onnx itself
-    return node.op_type in SHAPE_PROXIES and (node.domain == "com.microsoft" or
-                                              node.op_type == "SimplifiedLayerNormalization")
-
-
-def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose large initializers are typed graph inputs instead: shape inference needs their
-    type and dims only, and serializing hundreds of MB of weights for it dominated conversion time."""
-    graph = model.graph
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    light.graph.name = graph.name
-    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(light.graph, part).extend(getattr(graph, part))
-    input_names = {i.name for i in graph.input}
-    for init in graph.initializer:
-        if int(np.prod(init.dims, dtype=np.int64)) <= 64 and init.data_location != TensorProto.EXTERNAL:
-            light.graph.initializer.append(init)
-        elif init.name not in input_names:
-            light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return light
-
-
-def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """Shapes and types of every tensor. onnxruntime's symbolic inference first: it resolves the
-    symbolic dims through Reshape/Expand (heads, batch, sequence), so un-broadcasting is decided
-    at conversion time instead of by shape arithmetic at run time; onnx's inference as fallback."""
-    model = _without_weight_data(model)
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-        if inferred is not None:
-            return inferred
-    except Exception:
-        pass
-    if any(_is_ort_fused(n) for n in model.graph.node):
-        model = _shape_proxy(model)
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        try:
-            return onnx.shape_inference.infer_shapes(model)
-        except Exception:
-            return None
 
 
 # -- analyze -------------------------------------------------------------------------------------
@@ -288,7 +196,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         raise LRPError(f"the model uses opset {opset}; lrp-onnx needs opset >= {MIN_OPSET}: re-export it "
                        f"(torch.onnx.export(..., opset_version=17))")
     unfuse_contrib_ops(model)
-    view = GraphView.build(model, _infer_shapes(model))
+    view = GraphView.build(model, infer_shapes(model))
     # choose output and sources
     output = output or view.graph_outputs[0]
     if output not in view.graph_outputs:
@@ -307,7 +215,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         selected = select_position_before_head(model, view, output)
         if selected is not None:
             explained, position_selected = selected, True
-            view = GraphView.build(model, _infer_shapes(model))
+            view = GraphView.build(model, infer_shapes(model))
     output = explained
     # analyze
     plan = analyze(view, rules, output, sources, overrides)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from .errors import LRPError
 from .graph import GraphView
-from .pipeline import _infer_shapes, analyze, default_sources, load_model
+from .pipeline import analyze, default_sources, load_model
+from .shapes import infer_shapes
 from .rules import RULE_SETS
 from .unfuse import unfuse_contrib_ops
 
@@ -46,7 +47,7 @@ def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides
         raise LRPError(f"unknown rule set '{rules}'; choose one of: {', '.join(RULE_SETS)}")
     model, _ = load_model(model)
     unfuse_contrib_ops(model)
-    view = GraphView.build(model, _infer_shapes(model))
+    view = GraphView.build(model, infer_shapes(model))
     output = output or view.graph_outputs[0]
     if output not in view.graph_outputs:
         raise LRPError(f"--output '{output}' is not a graph output; outputs are: {', '.join(view.graph_outputs)}")

@@ -52,9 +52,10 @@ def test_convert_and_inspect_from_the_command_line(tiny_model, tmp_path):
 
 def _units(path):
     from lrp_onnx.graph import GraphView
-    from lrp_onnx.pipeline import _infer_shapes, analyze, default_sources
+    from lrp_onnx.pipeline import analyze, default_sources
+    from lrp_onnx.shapes import infer_shapes
     model = onnx.load(path)
-    view = GraphView.build(model, _infer_shapes(model))
+    view = GraphView.build(model, infer_shapes(model))
     plan = analyze(view, "attnlrp", "logits", default_sources(view, "logits"))
     return plan.path_units + plan.blocked_units
 

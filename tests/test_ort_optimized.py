@@ -1,5 +1,5 @@
 """onnxruntime-optimized graphs (onnxruntime.transformers.optimizer): fused contrib ops
-(EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu, FastGelu, QuickGelu,
+(EmbedLayerNormalization, Attention, MultiHeadAttention, SkipLayerNormalization, BiasGelu, FastGelu, QuickGelu,
 SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization) give the relevance of the unfused graph."""
 import collections
 
@@ -12,6 +12,7 @@ from tests.conftest import explain_inputs
 
 CASES = [  # family, optimizer model_type, opt_level, fused ops that must be present
     ("bert", "bert", 1, {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}),
+    ("bert", "bert-mha", 1, {"EmbedLayerNormalization", "MultiHeadAttention", "SkipLayerNormalization"}),
     ("gpt2", "gpt2", 1, {"SkipLayerNormalization", "FastGelu"}),
     ("llama", "gpt2", 1, {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}),
     ("llama", "gpt2", 2, {"SimplifiedLayerNormalization", "QuickGelu"}),
@@ -20,6 +21,7 @@ CASES = [  # family, optimizer model_type, opt_level, fused ops that must be pre
 
 @pytest.fixture(scope="module")
 def optimized(tiny_model, workdir):
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     cache = {}
@@ -28,9 +30,11 @@ def optimized(tiny_model, workdir):
         key = (family, model_type, level)
         if key not in cache:
             _, path = tiny_model(family)
-            out = workdir / f"{family}-torchscript" / f"ort-opt{level}.onnx"
-            optimize_model(str(path), model_type=model_type, num_heads=4, hidden_size=32,
-                           opt_level=level).save_model_to_file(str(out))
+            out = workdir / f"{family}-torchscript" / f"ort-{model_type}-opt{level}.onnx"
+            options = FusionOptions(model_type.split("-")[0])
+            options.use_multi_head_attention = model_type.endswith("-mha")  # MultiHeadAttention, not Attention
+            optimize_model(str(path), model_type=model_type.split("-")[0], num_heads=4, hidden_size=32,
+                           opt_level=level, optimization_options=options).save_model_to_file(str(out))
             cache[key] = out
         return cache[key]
 

@@ -1,0 +1,102 @@
+"""Shapes and types of every tensor, for the analysis and the rewrites.
+
+onnxruntime's symbolic shape inference first (it knows contrib ops and resolves symbolic dims
+through Reshape/Expand), onnx's inference as fallback, always on a weight-free copy of the graph.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+
+# contrib ops whose first output has the shape and type of (input 0 op input 1): for shape inference
+SHAPE_PROXIES = {"BiasGelu": "Add", "FastGelu": "Identity", "Gelu": "Identity", "QuickGelu": "Identity",
+                 "SkipLayerNormalization": "Add", "SkipSimplifiedLayerNormalization": "Add",
+                 "SimplifiedLayerNormalization": "Identity", "FusedMatMul": "MatMul", "BiasAdd": "Add"}
+
+
+def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which onnxruntime's fused ops are replaced by standard ops of the same output
+    shape, so onnx's shape inference runs through them. Used for shapes only, never run."""
+    proxy = onnx.ModelProto()
+    proxy.CopyFrom(model)
+    for n in proxy.graph.node:
+        if _is_ort_fused(n):
+            op = SHAPE_PROXIES[n.op_type]
+            inputs = list(n.input[:2]) if op in ("Add", "MatMul") else [n.input[0]]
+            outputs = list(n.output)
+            if n.op_type.startswith("Skip") and len(outputs) > 3 and outputs[3]:
+                extra = helper.make_node("Add", inputs, [outputs[3]])
+                proxy.graph.node.append(extra)  # appended out of order: inference only needs types
+            n.CopyFrom(helper.make_node(op, inputs, [outputs[0]], name=n.name))
+    onnx_nodes = list(proxy.graph.node)
+    del proxy.graph.node[:]
+    proxy.graph.node.extend(_topological(onnx_nodes, proxy))
+    return proxy
+
+
+def _topological(nodes, model):
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    ordered, pending = [], list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all((not t) or t in available for t in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            ordered.extend(rest)
+            break
+        pending = rest
+    return ordered
+
+
+def _is_ort_fused(node) -> bool:
+    # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain, unknown to onnx itself
+    return node.op_type in SHAPE_PROXIES and (node.domain == "com.microsoft" or
+                                              node.op_type == "SimplifiedLayerNormalization")
+
+
+def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers are typed graph inputs instead: shape inference needs their
+    type and dims only, and serializing hundreds of MB of weights for it dominated conversion time."""
+    graph = model.graph
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light.graph.name = graph.name
+    for part in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light.graph, part).extend(getattr(graph, part))
+    input_names = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= 64 and init.data_location != TensorProto.EXTERNAL:
+            light.graph.initializer.append(init)
+        elif init.name not in input_names:
+            light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Shapes and types of every tensor. onnxruntime's symbolic inference first: it resolves the
+    symbolic dims through Reshape/Expand (heads, batch, sequence), so un-broadcasting is decided
+    at conversion time instead of by shape arithmetic at run time; onnx's inference as fallback."""
+    model = _without_weight_data(model)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        if inferred is not None:
+            return inferred
+    except Exception:
+        pass
+    if any(_is_ort_fused(n) for n in model.graph.node):
+        model = _shape_proxy(model)
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        try:
+            return onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return None
