@@ -62,6 +62,17 @@ def encode_batch(tokenizer, texts: Sequence[str], pad_id: int) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class LogitsOnly(nn.Module):
+    """Wrap a Hugging Face model so it maps (input_ids, attention_mask) to its logits alone."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
 def export_onnx(
     wrapper: nn.Module,
     path: str | Path,

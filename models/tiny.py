@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models._common import LogitsOnly, export_onnx
+
 FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
 EXPORTERS = ("torchscript", "dynamo")
 VOCAB_SIZE = 100
@@ -161,15 +163,6 @@ def load(family: str, directory: str | Path) -> nn.Module:
     return model.eval()
 
 
-class LogitsOnly(nn.Module):
-    """Wrap a Hugging Face model so it maps (input_ids, attention_mask) to logits alone."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
 
 
 def example_inputs(batch: int = 2, sequence: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -196,8 +189,6 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
     """
-    from models._common import export_onnx
-
     return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
                        opset=opset, max_sequence=MAX_POSITIONS)
 
