@@ -160,20 +160,22 @@ def _norm_cone(view: GraphView, d: str, leaf: str, claimed: set):
         t = stack.pop()
         if view.is_constant(t):
             continue
-        if _strip_casts(view, t) == leaf and t not in (d,):
-            if view.producer.get(t) is not None and view.nodes[view.producer[t]].op_type == "Cast":
-                pass
-            continue
+        if t != d and _strip_casts(view, t) == leaf:
+            continue  # reached the normalized tensor (or a cast of it): the cone's input
         p = view.producer.get(t)
         if p is None or p in claimed:
             return None
         n = view.nodes[p]
         if n.op_type not in NORM_CONE_OPS or n.domain not in ("", "ai.onnx"):
             return None
-        if n.op_type == "Pow":
-            if view.scalar(n.input[1]) not in (2, 2.0, -0.5) and _strip_casts(view, n.input[0]) == leaf:
+        if n.op_type == "Pow":  # leaf ** 2, or a (reciprocal) square root of the variance
+            exponent = view.scalar(n.input[1])
+            if _strip_casts(view, n.input[0]) == leaf:
+                if exponent != 2:
+                    return None
+                saw_square = True
+            elif exponent not in (0.5, -0.5):
                 return None
-            saw_square |= _strip_casts(view, n.input[0]) == leaf
         if n.op_type == "Mul" and not any(view.is_constant(i) for i in n.input):
             if not (n.input[0] == n.input[1] and _strip_casts(view, n.input[0]) == leaf):
                 return None
