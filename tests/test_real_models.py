@@ -67,3 +67,25 @@ def test_smollm2_next_token(rules, smollm2, workdir):
     np.testing.assert_array_equal(result.target, ref["target"])
     assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE[rules]
     assert rel_l2(result.relevance.sum(-1), ref["relevance"].sum(-1)) <= TOLERANCE[rules]
+
+
+def test_explain_command_on_minilm(minilm, workdir):
+    """`lrp-onnx explain --text` tokenizes, feeds, and reports per-token relevance equal to the API's."""
+    import json
+    import subprocess
+    import sys
+
+    out = workdir / "minilm" / "model.cli.onnx"
+    lrp_onnx.convert(minilm["onnx"], out)
+    done = subprocess.run([sys.executable, "-m", "lrp_onnx", "explain", str(out), "--tokenizer",
+                           str(minilm["tokenizer"]), "--text", TEXTS[0], "--text", TEXTS[1], "--target", "5",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    ids, mask = encode(minilm["tokenizer"])
+    api = lrp_onnx.Explainer(out).run(input_ids=ids, attention_mask=mask, target=[5, 5])
+    for row, entry in enumerate(report):
+        values = np.array([t["relevance"] for t in entry["tokens"]])
+        assert entry["tokens"][0]["token"] == "[CLS]" and len(values) == mask[row].sum()
+        np.testing.assert_allclose(values, api.token_relevance()[row, :len(values)], rtol=1e-4, atol=1e-6)
+        assert entry["target"] == 5 and abs(entry["logit"] - api.logit[row]) < 1e-5
