@@ -20,7 +20,7 @@ SELECTED_OUTPUT = "lrp_logits_at_position"
 # over the last axis (and reductions run over the last axis)
 POSITIONWISE = {"MatMul", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Cast", "Identity",
                 "Sigmoid", "Tanh", "Erf", "Gelu", "Relu", "Neg", "Exp", "ReduceMean", "LayerNormalization",
-                "Softplus"}
+                "RMSNormalization", "Softplus"}
 MAX_CHAIN = 400
 
 
@@ -35,7 +35,7 @@ def _positionwise(view: GraphView, node) -> bool:
         r = view.rank(node.input[0])
         return axes is not None and r is not None and [a % r for a in axes] == [r - 1] \
             and attr(node, "keepdims", 1) == 1
-    if node.op_type == "LayerNormalization":
+    if node.op_type in ("LayerNormalization", "RMSNormalization"):
         r = view.rank(node.input[0])
         return r is not None and attr(node, "axis", -1) % r == r - 1
     if node.op_type == "MatMul":

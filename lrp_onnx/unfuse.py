@@ -23,6 +23,7 @@ class _Emitter:
     def __init__(self, model: onnx.ModelProto, prefix: str, known_ranks: dict, shapes: dict):
         self.model, self.prefix, self.nodes, self.k = model, prefix, [], 0
         self.known_ranks = known_ranks  # outputs of ops unfused earlier in the pass, rank fixed by their spec
+        self.known_dims = {}  # tensors written in this pass -> their static last dim
         self.shapes = shapes  # tensor -> ValueInfoProto, inferred once on the model before the pass
 
     def name(self, hint):
@@ -100,9 +101,13 @@ def _multi_head_attention(model, node, e: _Emitter):
     if past_key or past_value or any(node.output[1:]):
         raise LRPError(f"{node_label(node)}: MultiHeadAttention with a KV cache is not supported for "
                        f"attribution; export without past key/values")
+    if not k and not v and _rank_of(e, q) == 5:  # packed QKV [batch, seq, heads, 3, head_size]
+        q, k, v = _unpack(e, q, 3)
+    elif k and not v and _rank_of(e, k) == 5:  # packed KV [batch, kv_seq, heads, 2, head_size]
+        k, v = _unpack(e, k, 2)
     if not k or not v or _rank_of(e, k) != 3:
-        raise LRPError(f"{node_label(node)}: only unpacked [batch, sequence, hidden] query/key/value are "
-                       f"supported")
+        raise LRPError(f"{node_label(node)}: only [batch, sequence, hidden] query/key/value, packed QKV "
+                       f"[batch, sequence, heads, 3, head_size] or packed KV are supported")
     sizes = [_last_dim(e, t) for t in (q, k, v)]
     if bias:
         offsets = np.cumsum([0] + sizes)
@@ -112,6 +117,20 @@ def _multi_head_attention(model, node, e: _Emitter):
             parts.append(e.op("Add", [t, piece]))
         q, k, v = parts
     _scaled_dot_product(model, node, e, q, k, v, sizes, key_padding_mask, attention_bias)
+
+
+def _unpack(e: _Emitter, packed, n):
+    """[batch, seq, heads, n, head_size] -> n tensors [batch, seq, heads * head_size]."""
+    parts = [e.name("unpacked") for _ in range(n)]
+    e.nodes.append(helper.make_node("Split", [packed, e.const([1] * n, np.int64)], parts, axis=3,
+                                    name=e.name("Split_node")))
+    flat = [e.op("Reshape", [p, e.const([0, 0, -1], np.int64)]) for p in parts]
+    heads, size = _static_dim(e, packed, 2), _static_dim(e, packed, 4)
+    if heads is not None and size is not None:
+        e.known_dims.update({f: heads * size for f in flat})
+    for f in flat:
+        e.known_ranks[f] = 3
+    return flat
 
 
 def _scaled_dot_product(model, node, e: _Emitter, q, k, v, sizes, mask_index, attention_bias):
@@ -166,6 +185,9 @@ def _additive_mask(model, node, e, mask_index, k, filter_value, zero):
 def _rank_of(e: _Emitter, name: str) -> int:
     if name in e.known_ranks:
         return e.known_ranks[name]
+    dims = _dims(e.model, name)
+    if dims is not None:
+        return len(dims)
     vi = e.shapes.get(name)
     if vi is not None and vi.type.tensor_type.HasField("shape"):
         return len(vi.type.tensor_type.shape.dim)
@@ -173,6 +195,8 @@ def _rank_of(e: _Emitter, name: str) -> int:
 
 
 def _last_dim(e: _Emitter, name: str) -> int:
+    if name in e.known_dims:
+        return e.known_dims[name]
     dims = _dims(e.model, name)
     if dims is None:
         vi = e.shapes.get(name)
@@ -186,16 +210,366 @@ def _last_dim(e: _Emitter, name: str) -> int:
 def _np_dtype(e: _Emitter, name: str):
     vi = e.shapes.get(name)
     elem = vi.type.tensor_type.elem_type if vi is not None else TensorProto.INT32
+    for t in e.model.graph.initializer:
+        if t.name == name:
+            elem = t.data_type
     return helper.tensor_dtype_to_np_dtype(elem)
 
 
-UNFUSERS = {"EmbedLayerNormalization": _embed_layer_norm, "Attention": _attention,
-            "MultiHeadAttention": _multi_head_attention}
+# -- ONNX opset-23 Attention, RotaryEmbedding; onnxruntime GroupQueryAttention, RotaryEmbedding ----
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _float_np(e: _Emitter, name: str):
+    vi = e.shapes.get(name)
+    elem = vi.type.tensor_type.elem_type if vi is not None and vi.type.tensor_type.elem_type else None
+    if elem is None:
+        for t in e.model.graph.initializer:
+            if t.name == name:
+                elem = t.data_type
+    return helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32
+
+
+def _static_dim(e: _Emitter, name: str, axis: int):
+    """A static size of `name` along `axis`, or None."""
+    dims = _dims(e.model, name)
+    if dims is not None:
+        return dims[axis]
+    vi = e.shapes.get(name)
+    if vi is None or not vi.type.tensor_type.HasField("shape"):
+        return None
+    dim = vi.type.tensor_type.shape.dim
+    if not dim:
+        return None
+    d = dim[axis]
+    return d.dim_value if d.HasField("dim_value") else None
+
+
+def _present(inputs, k):
+    return len(inputs) > k and bool(inputs[k])
+
+
+def _split_heads(e: _Emitter, t, heads):
+    """[batch, seq, heads*size] -> [batch, heads, seq, size]."""
+    shaped = e.op("Reshape", [t, e.const([0, 0, heads, -1], np.int64)])
+    return e.op("Transpose", [shaped], perm=[0, 2, 1, 3])
+
+
+def _merge_heads(e: _Emitter, t, out=None):
+    """[batch, heads, seq, size] -> [batch, seq, heads*size]."""
+    return e.op("Reshape", [e.op("Transpose", [t], perm=[0, 2, 1, 3]), e.const([0, 0, -1], np.int64)], out=out)
+
+
+def _repeat_heads(e: _Emitter, t, groups):
+    """[b, h, s, d] -> [b, h*groups, s, d], each head repeated `groups` times in a row (GQA)."""
+    if groups == 1:
+        return t
+    shape = e.op("Shape", [t])
+    lead = e.op("Slice", [shape, e.const([0], np.int64), e.const([2], np.int64)])
+    tail = e.op("Slice", [shape, e.const([2], np.int64), e.const([4], np.int64)])
+    wide = e.op("Expand", [e.op("Unsqueeze", [t, e.const([2], np.int64)]),
+                           e.op("Concat", [lead, e.const([groups], np.int64), tail], axis=0)])
+    batch = e.op("Slice", [shape, e.const([0], np.int64), e.const([1], np.int64)])
+    return e.op("Reshape", [wide, e.op("Concat", [batch, e.const([-1], np.int64), tail], axis=0)])
+
+
+def _causal_valid(e: _Emitter, scores, window: int = -1):
+    """bool [q, kv]: key j <= query i (top-left aligned), and i - j <= window if window >= 0."""
+    shape = e.op("Shape", [scores])
+    q_len = e.op("Gather", [shape, e.const(2, np.int64)], axis=0)
+    kv_len = e.op("Gather", [shape, e.const(3, np.int64)], axis=0)
+    zero, one = e.const(0, np.int64), e.const(1, np.int64)
+    i = e.op("Unsqueeze", [e.op("Range", [zero, q_len, one]), e.const([1], np.int64)])
+    j = e.op("Unsqueeze", [e.op("Range", [zero, kv_len, one]), e.const([0], np.int64)])
+    valid = e.op("LessOrEqual", [j, i])
+    if window >= 0:
+        valid = e.op("And", [valid, e.op("LessOrEqual", [e.op("Sub", [i, j]), e.const(window, np.int64)])])
+    return valid
+
+
+def _attend(e: _Emitter, q, k, v, scale, softcap, masks, dtype, groups=1):
+    """softmax(mask(softcap(q kᵀ * scale))) v on heads-first [b, h, s, d] tensors, written out.
+
+    `masks`: callables scores -> (bool "may attend" tensor or float additive bias, is_bool)."""
+    k, v = _repeat_heads(e, k, groups), _repeat_heads(e, v, groups)
+    scores = e.op("MatMul", [q, e.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    scores = e.op("Mul", [scores, e.const(np.asarray(scale, dtype))])
+    if softcap and softcap > 0:  # c * tanh(s / c), before masking (the softcap unit of the analysis)
+        c = e.const(np.asarray(softcap, dtype))
+        scores = e.op("Mul", [e.op("Tanh", [e.op("Div", [scores, c])]), c])
+    for make in masks:
+        mask, is_bool = make(scores)
+        if is_bool:  # may attend -> 0, else the lowest float (finite: a fully masked row stays finite)
+            mask = e.op("Where", [mask, e.const(np.asarray(0, dtype)), e.const(np.asarray(np.finfo(dtype).min, dtype))])
+        scores = e.op("Add", [scores, mask])
+    probs = e.op("Softmax", [scores], axis=-1)
+    return e.op("MatMul", [probs, v])
+
+
+def _onnx_attention(model, node, e: _Emitter):
+    """ai.onnx Attention (opset 23): 3D or 4D q/k/v, GQA, causal, bool or float mask, softcap."""
+    inputs = list(node.input)
+    q, k, v = inputs[:3]
+    mask = inputs[3] if _present(inputs, 3) else ""
+    if _present(inputs, 4) or _present(inputs, 5) or _present(inputs, 6):
+        raise LRPError(f"{node_label(node)}: Attention with past_key/past_value (a KV cache) or nonpad_kv_seqlen "
+                       f"is not supported for attribution; export without a cache")
+    if len(node.output) > 3 and node.output[3]:
+        raise LRPError(f"{node_label(node)}: the qk_matmul_output output (qk_matmul_output_mode="
+                       f"{attr(node, 'qk_matmul_output_mode', 0)}) is not supported")
+    if attr(node, "left_window_size", -1) != -1 or attr(node, "right_window_size", -1) != -1:
+        raise LRPError(f"{node_label(node)}: Attention with a sliding window is not supported")
+    dtype = _float_np(e, q)
+    rank = _rank_of(e, q)
+    if rank == 3:
+        q_heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+        if not q_heads or not kv_heads:
+            raise LRPError(f"{node_label(node)}: 3D Attention needs the q_num_heads and kv_num_heads attributes")
+        q4, k4, v4 = _split_heads(e, q, q_heads), _split_heads(e, k, kv_heads), _split_heads(e, v, kv_heads)
+        head_size = _static_dim(e, q, 2) and _static_dim(e, q, 2) // q_heads
+    elif rank == 4:
+        q_heads, kv_heads = _static_dim(e, q, 1), _static_dim(e, k, 1)
+        q_heads, kv_heads = attr(node, "q_num_heads") or q_heads, attr(node, "kv_num_heads") or kv_heads
+        if q_heads is None or kv_heads is None:
+            raise LRPError(f"{node_label(node)}: the number of query and key/value heads must be static")
+        q4, k4, v4 = q, k, v
+        head_size = _static_dim(e, q, 3)
+    else:
+        raise LRPError(f"{node_label(node)}: Attention inputs of rank {rank} are not supported")
+    if q_heads % kv_heads:
+        raise LRPError(f"{node_label(node)}: {q_heads} query heads are not a multiple of {kv_heads} key/value heads")
+    scale = attr(node, "scale")
+    if scale is None:
+        if not head_size:
+            raise LRPError(f"{node_label(node)}: without a scale attribute the head size must be static")
+        scale = 1.0 / np.sqrt(head_size)
+    masks = []
+    if mask:
+        is_bool = _np_dtype(e, mask) == np.bool_
+        mask_len, kv_len = _static_dim(e, mask, -1), _static_dim(e, k, 1 if rank == 3 else 2)
+        if mask_len is not None and kv_len is not None and mask_len != kv_len:
+            raise LRPError(f"{node_label(node)}: an attn_mask shorter than the key sequence is not supported")
+        masks.append(lambda scores: (mask, is_bool))
+    if attr(node, "is_causal", 0):
+        masks.append(lambda scores: (_causal_valid(e, scores), True))
+    context = _attend(e, q4, k4, v4, scale, attr(node, "softcap", 0.0), masks, dtype, q_heads // kv_heads)
+    if rank == 3:
+        _merge_heads(e, context, out=node.output[0])
+    else:
+        e.op("Identity", [context], out=node.output[0])
+    for t, out in zip((k, v), node.output[1:3]):  # present key/value = key/value without a cache
+        if out:
+            e.op("Identity", [t], out=out)
+
+
+def _rotate(e: _Emitter, x, cos, sin, interleaved, rotary_dim, half):
+    """RoPE on the last axis of x; cos/sin broadcast against x[..., :rotary_dim/2] (half = rotary_dim/2).
+    rotary_dim None: the whole last axis rotates."""
+    def piece(t, start, end):
+        return e.op("Slice", [t, e.const([start], np.int64), e.const([end], np.int64), e.const([-1], np.int64)])
+
+    rot = x if rotary_dim is None else piece(x, 0, rotary_dim)
+    if interleaved:  # pairs (x[2i], x[2i+1])
+        pairs = e.op("Reshape", [rot, e.const([0, 0, 0, -1, 2], np.int64)])
+        x1, x2 = piece(pairs, 0, 1), piece(pairs, 1, 2)
+        cos = e.op("Unsqueeze", [cos, e.const([-1], np.int64)])
+        sin = e.op("Unsqueeze", [sin, e.const([-1], np.int64)])
+    else:  # halves (x[i], x[i + d/2])
+        x1, x2 = piece(rot, 0, half), piece(rot, half, 2 * half)
+    real = e.op("Sub", [e.op("Mul", [x1, cos]), e.op("Mul", [x2, sin])])
+    imag = e.op("Add", [e.op("Mul", [x1, sin]), e.op("Mul", [x2, cos])])
+    out = e.op("Concat", [real, imag], axis=-1)
+    if interleaved:
+        out = e.op("Reshape", [out, e.const([0, 0, 0, -1], np.int64)])
+    if rotary_dim is not None:
+        out = e.op("Concat", [out, piece(x, rotary_dim, INT64_MAX)], axis=-1)
+    return out
+
+
+def _rotary_dims(node, e: _Emitter, cos, head_size):
+    """(rotary_dim or None for the whole head, half): from the attribute or the cache's last axis."""
+    attr_dim = attr(node, "rotary_embedding_dim", 0)
+    half = _static_dim(e, cos, -1)
+    if half is None:
+        raise LRPError(f"{node_label(node)}: the last axis of the cos/sin caches must be static")
+    rotary_dim = attr_dim or 2 * half
+    if attr_dim and attr_dim != 2 * half:
+        raise LRPError(f"{node_label(node)}: rotary_embedding_dim {attr_dim} does not match the caches "
+                       f"(last axis {half})")
+    if head_size is not None and rotary_dim == head_size:
+        return None, half
+    if head_size is None and not attr_dim:
+        return None, half  # the whole head rotates (the spec's default)
+    return rotary_dim, half
+
+
+def _onnx_rotary_embedding(model, node, e: _Emitter):
+    """ai.onnx RotaryEmbedding (opset 23): x [b, heads, s, d] or [b, s, hidden]; caches [b, s, r/2], or
+    [max_pos, r/2] indexed by position_ids [b, s]."""
+    inputs = list(node.input) + [""] * (4 - len(node.input))
+    x, cos, sin, position_ids = inputs[:4]
+    if position_ids:
+        cos = e.op("Gather", [cos, position_ids], axis=0)
+        sin = e.op("Gather", [sin, position_ids], axis=0)
+    rank = _rank_of(e, x)
+    if rank == 4:  # [b, heads, s, d]: the caches broadcast over heads
+        cos4 = e.op("Unsqueeze", [cos, e.const([1], np.int64)])
+        sin4 = e.op("Unsqueeze", [sin, e.const([1], np.int64)])
+        rotary_dim, half = _rotary_dims(node, e, cos if not position_ids else inputs[1], _static_dim(e, x, 3))
+        e.op("Identity", [_rotate(e, x, cos4, sin4, attr(node, "interleaved", 0), rotary_dim, half)],
+             out=node.output[0])
+    elif rank == 3:
+        heads = attr(node, "num_heads")
+        if not heads:
+            raise LRPError(f"{node_label(node)}: RotaryEmbedding on a 3D input needs the num_heads attribute")
+        hidden = _static_dim(e, x, 2)
+        xh = e.op("Reshape", [x, e.const([0, 0, heads, -1], np.int64)])
+        cos4 = e.op("Unsqueeze", [cos, e.const([2], np.int64)])
+        sin4 = e.op("Unsqueeze", [sin, e.const([2], np.int64)])
+        rotary_dim, half = _rotary_dims(node, e, cos if not position_ids else inputs[1],
+                                        hidden // heads if hidden else None)
+        out = _rotate(e, xh, cos4, sin4, attr(node, "interleaved", 0), rotary_dim, half)
+        e.op("Reshape", [out, e.const([0, 0, -1], np.int64)], out=node.output[0])
+    else:
+        raise LRPError(f"{node_label(node)}: RotaryEmbedding on a rank-{rank} input is not supported")
+
+
+def _positions(e: _Emitter, length, offset=None):
+    """[1, seq] int64 positions offset + 0..seq-1."""
+    zero, one = e.const(0, np.int64), e.const(1, np.int64)
+    pos = e.op("Range", [zero, length, one])
+    if offset is not None:
+        pos = e.op("Add", [pos, offset])
+    return e.op("Unsqueeze", [pos, e.const([0], np.int64)])
+
+
+def _ms_rotary_embedding(model, node, e: _Emitter):
+    """com.microsoft RotaryEmbedding: x [b, s, hidden] or [b, heads, s, d]; position_ids [b, s], or one
+    offset; caches [max_pos, r/2]."""
+    x, position_ids, cos_cache, sin_cache = list(node.input)[:4]
+    if attr(node, "is_packed_batching", 0):
+        raise LRPError(f"{node_label(node)}: RotaryEmbedding with is_packed_batching is not supported")
+    rank = _rank_of(e, x)
+    if rank not in (3, 4):
+        raise LRPError(f"{node_label(node)}: RotaryEmbedding on a rank-{rank} input is not supported")
+    seq_axis = 1 if rank == 3 else 2
+    if _rank_of(e, position_ids) == 1:  # an offset: positions offset, offset+1, ...
+        length = e.op("Gather", [e.op("Shape", [x]), e.const(seq_axis, np.int64)], axis=0)
+        offset = e.op("Cast", [e.op("Squeeze", [position_ids, e.const([0], np.int64)])], to=TensorProto.INT64)
+        position_ids = _positions(e, length, offset)
+    cos = e.op("Gather", [cos_cache, position_ids], axis=0)  # [b or 1, s, r/2]
+    sin = e.op("Gather", [sin_cache, position_ids], axis=0)
+    heads = attr(node, "num_heads", 0)
+    if rank == 3:
+        hidden = _static_dim(e, x, 2)
+        if not heads:  # onnxruntime's default: the head size is the caches' rotary width
+            half = _static_dim(e, cos_cache, -1)
+            if attr(node, "rotary_embedding_dim", 0) or not hidden or not half:
+                raise LRPError(f"{node_label(node)}: num_heads is needed to rotate this 3D input")
+            heads = hidden // (2 * half)
+        xh = e.op("Reshape", [x, e.const([0, 0, heads, -1], np.int64)])
+        head_size = hidden // heads if hidden else None
+        axis = 2
+    else:
+        xh, head_size, axis = x, _static_dim(e, x, 3), 1
+    cos = e.op("Unsqueeze", [cos, e.const([axis], np.int64)])
+    sin = e.op("Unsqueeze", [sin, e.const([axis], np.int64)])
+    rotary_dim, half = _rotary_dims(node, e, cos_cache, head_size)
+    out = _rotate(e, xh, cos, sin, attr(node, "interleaved", 0), rotary_dim, half)
+    if rank == 3:
+        e.op("Reshape", [out, e.const([0, 0, -1], np.int64)], out=node.output[0])
+    else:
+        e.op("Identity", [out], out=node.output[0])
+
+
+def _group_query_attention(model, node, e: _Emitter):
+    """com.microsoft GroupQueryAttention without a KV cache: causal attention over the valid keys
+    (j <= seqlens_k[b]), optional rotary on q and k, optional packed QKV."""
+    inputs = list(node.input) + [""] * (12 - len(node.input))
+    query, key, value, past_key, past_value, seqlens_k, total_len, cos_cache, sin_cache = inputs[:9]
+    position_ids, attention_bias, head_sink = inputs[9:12]
+    label = node_label(node)
+    if past_key or past_value:
+        raise LRPError(f"{label}: GroupQueryAttention with past_key/past_value (a KV cache) is not supported "
+                       f"for attribution; export without a cache")
+    for name in ("smooth_softmax", "qk_output"):
+        if attr(node, name, 0):
+            raise LRPError(f"{label}: GroupQueryAttention with {name}={attr(node, name)} is not supported")
+    if head_sink:
+        raise LRPError(f"{label}: GroupQueryAttention with a head_sink input is not supported")
+    heads, kv_heads = attr(node, "num_heads"), attr(node, "kv_num_heads")
+    dtype = _float_np(e, query)
+    if bool(key) != bool(value):
+        raise LRPError(f"{label}: key and value must both be given, or both absent (packed QKV)")
+    if not key:  # packed [b, s, (heads + 2 kv_heads) * d]
+        width = _static_dim(e, query, 2)
+        if width is None:
+            raise LRPError(f"{label}: packed QKV needs a static hidden size")
+        d = width // (heads + 2 * kv_heads)
+        query, key, value = (e.name("q"), e.name("k"), e.name("v"))
+        e.nodes.append(helper.make_node("Split", [inputs[0], e.const([heads * d, kv_heads * d, kv_heads * d],
+                                                                     np.int64)],
+                                        [query, key, value], axis=-1, name=e.name("Split_node")))
+    else:
+        width = _static_dim(e, query, 2)
+        d = width // heads if width else None
+    qh = e.op("Reshape", [query, e.const([0, 0, heads, -1], np.int64)])  # [b, s, heads, d]
+    kh = e.op("Reshape", [key, e.const([0, 0, kv_heads, -1], np.int64)])
+    vh = e.op("Reshape", [value, e.const([0, 0, kv_heads, -1], np.int64)])
+    if attr(node, "do_rotary", 0):
+        if position_ids:
+            pos = position_ids
+        else:  # a prompt without cache: positions 0..s-1
+            pos = _positions(e, e.op("Gather", [e.op("Shape", [query]), e.const(1, np.int64)], axis=0))
+        cos = e.op("Unsqueeze", [e.op("Gather", [cos_cache, pos], axis=0), e.const([2], np.int64)])
+        sin = e.op("Unsqueeze", [e.op("Gather", [sin_cache, pos], axis=0), e.const([2], np.int64)])
+        half = _static_dim(e, cos_cache, -1)
+        if half is None:
+            raise LRPError(f"{label}: the last axis of the cos/sin caches must be static")
+        rotary_dim = None if d is not None and 2 * half == d else 2 * half
+        interleaved = attr(node, "rotary_interleaved", 0)
+        qh = _rotate(e, qh, cos, sin, interleaved, rotary_dim, half)
+        kh = _rotate(e, kh, cos, sin, interleaved, rotary_dim, half)
+    q4, k4, v4 = (e.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in (qh, kh, vh))
+    scale = attr(node, "scale", 0.0)
+    if not scale:
+        if not d:
+            raise LRPError(f"{label}: without a scale attribute the head size must be static")
+        scale = 1.0 / np.sqrt(d)
+
+    def key_padding(scores):  # key j is valid for row b iff j <= seqlens_k[b]
+        kv_len = e.op("Gather", [e.op("Shape", [scores]), e.const(3, np.int64)], axis=0)
+        j = e.op("Range", [e.const(0, np.int64), kv_len, e.const(1, np.int64)])
+        last = e.op("Reshape", [e.op("Cast", [seqlens_k], to=TensorProto.INT64), e.const([-1, 1, 1, 1], np.int64)])
+        return e.op("LessOrEqual", [j, last]), True
+
+    masks = [lambda scores: (_causal_valid(e, scores, attr(node, "local_window_size", -1)), True), key_padding]
+    if attention_bias:
+        masks.append(lambda scores: (attention_bias, False))
+    context = _attend(e, q4, k4, v4, scale, attr(node, "softcap", 0.0), masks, dtype, heads // kv_heads)
+    _merge_heads(e, context, out=node.output[0])
+    for t, out in zip((k4, v4), node.output[1:3]):  # present key/value [b, kv_heads, s, d]
+        if out and _is_used(model, out):
+            e.op("Identity", [t], out=out)
+
+
+def _is_used(model, name):
+    return any(name in n.input for n in model.graph.node) or any(o.name == name for o in model.graph.output)
+
+
+UNFUSERS = {(MS, "EmbedLayerNormalization"): _embed_layer_norm, (MS, "Attention"): _attention,
+            (MS, "MultiHeadAttention"): _multi_head_attention, (MS, "GroupQueryAttention"): _group_query_attention,
+            (MS, "RotaryEmbedding"): _ms_rotary_embedding,
+            ("", "Attention"): _onnx_attention, ("", "RotaryEmbedding"): _onnx_rotary_embedding}
+
+
+def _unfuser(node):
+    return UNFUSERS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
 
 
 def unfuse_contrib_ops(model: onnx.ModelProto) -> int:
     """Rewrite the fused ops in place (the model is the pipeline's private copy); return how many."""
-    if not any(n.domain == MS and n.op_type in UNFUSERS for n in model.graph.node):
+    if not any(_unfuser(n) for n in model.graph.node):
         return 0
     from .shapes import infer_shapes
 
@@ -204,9 +578,10 @@ def unfuse_contrib_ops(model: onnx.ModelProto) -> int:
                                      if inferred is not None else [])}
     rewritten, count, known_ranks = [], 0, {}
     for i, node in enumerate(model.graph.node):
-        if node.domain == MS and node.op_type in UNFUSERS:
+        unfuse = _unfuser(node)
+        if unfuse is not None:
             e = _Emitter(model, f"lrp/unfused/{node.name or node.op_type + str(i)}", known_ranks, shapes)
-            UNFUSERS[node.op_type](model, node, e)
+            unfuse(model, node, e)
             rewritten.extend(e.nodes)
             count += 1
         else:

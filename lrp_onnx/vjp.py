@@ -426,10 +426,12 @@ def register_norm(*op_types: str):
     return deco
 
 
-@register_norm("LayerNormalization", "SimplifiedLayerNormalization")
+@register_norm("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
 def _norm(b, node, gy, wants, constant_std):
+    """LayerNormalization; RMSNormalization (opset 23) and onnxruntime's SimplifiedLayerNormalization
+    (both x / rms(x) * scale, over the axes from `axis` on)."""
     x, scale = node.input[0], node.input[1]
-    rms = node.op_type == "SimplifiedLayerNormalization"
+    rms = node.op_type in ("SimplifiedLayerNormalization", "RMSNormalization")
     gx = normalize_vjp(b, x, scale, gy[0], attr(node, "axis", -1), attr(node, "epsilon", 1e-5), rms, constant_std)
     return [gx] + [None] * (len(node.input) - 1)
 
