@@ -274,7 +274,8 @@ def _repeat_heads(e: _Emitter, t, groups):
 
 
 def _causal_valid(e: _Emitter, scores, window: int = -1):
-    """bool [q, kv]: key j <= query i (top-left aligned), and i - j <= window if window >= 0."""
+    """bool [q, kv]: key j <= query i (top-left aligned), and i - j < window if window >= 0 (onnxruntime's
+    local_window_size: the query and the window - 1 keys before it, as its kernel computes)."""
     shape = e.op("Shape", [scores])
     q_len = e.op("Gather", [shape, e.const(2, np.int64)], axis=0)
     kv_len = e.op("Gather", [shape, e.const(3, np.int64)], axis=0)
@@ -283,7 +284,7 @@ def _causal_valid(e: _Emitter, scores, window: int = -1):
     j = e.op("Unsqueeze", [e.op("Range", [zero, kv_len, one]), e.const([0], np.int64)])
     valid = e.op("LessOrEqual", [j, i])
     if window >= 0:
-        valid = e.op("And", [valid, e.op("LessOrEqual", [e.op("Sub", [i, j]), e.const(window, np.int64)])])
+        valid = e.op("And", [valid, e.op("Less", [e.op("Sub", [i, j]), e.const(window, np.int64)])])
     return valid
 
 
