@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .graph import GraphView
 from .patterns import ACTIVATION_OPS, Region
 
-PRODUCT_OPS = {"MatMul", "Mul", "Einsum", "Gemm"}
+PRODUCT_OPS = {"MatMul", "Mul", "Einsum", "Gemm", "FusedMatMul"}
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization"}
 ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
@@ -157,7 +157,7 @@ def _consumers_through(view: GraphView, t: str, depth: int = 6):
 def _feeds_attention(view: GraphView, probs: str, path: set[str]) -> bool:
     for c, via in _consumers_through(view, probs):
         n = view.nodes[c]
-        if n.op_type in ("MatMul", "Einsum") and any(i in path and i != via for i in n.input):
+        if n.op_type in ("MatMul", "Einsum", "FusedMatMul") and any(i in path and i != via for i in n.input):
             return True
     return False
 

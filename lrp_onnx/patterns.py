@@ -25,7 +25,7 @@ MAX_REGION_NODES = 24
 @dataclass
 class Region:
     kind: str            # "activation" (identity rule), "norm_scale" (std/rms treated as constant),
-                         # "fake_quantization" (straight through)
+                         # "fake_quantization" (straight through), "quantized_matmul" (dequantized weight)
     pattern: str         # what was recognised, for reports
     nodes: list          # node indices, ascending
     input: str           # the tensor the function is applied to
@@ -206,13 +206,47 @@ def find_fake_quantization(view: GraphView, end: int, claimed: set) -> Region | 
     return Region("fake_quantization", "QuantizeLinear->DequantizeLinear", [end], x, node.output[0])
 
 
+def find_quantized_matmul(view: GraphView, end: int, claimed: set) -> Region | None:
+    """A dynamically quantized MatMul of a float activation x (onnxruntime.quantization.quantize_dynamic):
+    DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul(scale), or DynamicQuantizeLinear(x) ->
+    MatMulIntegerToFloat. The region maps x to the float result; its backward is the float gradient
+    with the dequantized weight (the activation's rounding passes straight through). The
+    DynamicQuantizeLinear node stays outside: several MatMuls may share it."""
+    node = view.nodes[end]
+    if end in claimed:
+        return None
+    if node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft":
+        nodes, matmul = [end], node
+    elif node.op_type == "Mul" and len(node.input) == 2:
+        for t in node.input:
+            c = view.producer.get(t)
+            if c is not None and view.nodes[c].op_type == "Cast" and c not in claimed:
+                m = view.producer.get(view.nodes[c].input[0])
+                if m is not None and view.nodes[m].op_type == "MatMulInteger" and m not in claimed \
+                        and view.consumers.get(t) == [end] \
+                        and view.consumers.get(view.nodes[m].output[0]) == [c]:
+                    nodes, matmul = [m, c, end], view.nodes[m]
+                    break
+        else:
+            return None
+    else:
+        return None
+    q = view.producer.get(matmul.input[0])
+    if q is None or view.nodes[q].op_type != "DynamicQuantizeLinear" or not view.is_constant(matmul.input[1]):
+        return None
+    x = view.nodes[q].input[0]
+    if view.is_constant(x) or not view.may_carry_relevance(x):
+        return None
+    return Region("quantized_matmul", f"DynamicQuantizeLinear->{matmul.op_type}", nodes, x, node.output[0])
+
+
 def find_regions(view: GraphView, enabled: bool = True) -> list[Region]:
     """All activation and norm regions of the graph, found from the outputs backward."""
     if not enabled:
         return []
     regions, claimed = [], set()
     for i in range(len(view.nodes) - 1, -1, -1):
-        for finder in (find_norm_scale, find_activation, find_fake_quantization):
+        for finder in (find_quantized_matmul, find_norm_scale, find_activation, find_fake_quantization):
             r = finder(view, i, claimed)
             if r is not None:
                 regions.append(r)

@@ -73,7 +73,8 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
 # -- analyze -------------------------------------------------------------------------------------
 def default_sources(view: GraphView, output: str) -> list[str]:
     """The word-embedding lookup(s): Gathers on the largest float table fed by an integer graph
-    input. Without one, the float graph inputs (pixels, features)."""
+    input (or on a quantized table, then dequantized: quantize_dynamic). Without one, the float graph
+    inputs (pixels, features)."""
     int_inputs = {i for i in view.graph_inputs if not view.is_float(i)}
     derived = set(int_inputs)
     for n in view.nodes:
@@ -83,9 +84,15 @@ def default_sources(view: GraphView, output: str) -> list[str]:
     lookups = []
     for n in view.nodes:
         if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in derived \
-                and view.is_constant(n.input[0]) and view.is_float(n.input[0]):
+                and view.is_constant(n.input[0]):
             rows = (view.shape(n.input[0]) or [0])[0]
-            lookups.append((rows if isinstance(rows, int) else 0, n.input[0], n.output[0]))
+            out = n.output[0]
+            if not view.is_float(n.input[0]):  # a quantized table: the source is the dequantized lookup
+                deq = [view.nodes[c] for c in view.consumers.get(out, [])]
+                if len(deq) != 1 or deq[0].op_type != "DequantizeLinear" or deq[0].input[0] != out:
+                    continue
+                out = deq[0].output[0]
+            lookups.append((rows if isinstance(rows, int) else 0, n.input[0], out))
     if lookups:
         biggest = max(lookups)[1]
         return [out for _, table, out in lookups if table == biggest]

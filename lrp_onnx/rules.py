@@ -11,6 +11,8 @@ Zennit composites map layer types to rules. Categories come from analysis.classi
   softmax         any other Softmax
   fake_quantization  QuantizeLinear->DequantizeLinear on activations (QDQ models)
   softcap         c*tanh(x/c) logit soft-capping (Gemma): plain gradient, as LXT leaves it
+  quantized_matmul  DynamicQuantizeLinear -> MatMulInteger (-> Cast -> Mul) / MatMulIntegerToFloat:
+                  the float gradient with the dequantized weight (the rounding passes straight through)
 Unlisted categories get "gradient".
 """
 from __future__ import annotations
@@ -20,12 +22,13 @@ import fnmatch
 from .analysis import Unit
 from .builder import Builder
 from .vjp import NORM_VJPS, lookup
-from .vjp_contrib import activation_input
+from .vjp_contrib import activation_input, dequantized_input_gradient
 
 RULE_SETS: dict[str, dict[str, str]] = {
-    "gradient": {"fake_quantization": "straight_through"},
+    "gradient": {"fake_quantization": "straight_through", "quantized_matmul": "dequantized"},
     "attnlrp": {
         "fake_quantization": "straight_through",
+        "quantized_matmul": "dequantized",
         "activation": "identity",
         "product": "uniform",
         "norm": "constant_std",
@@ -33,6 +36,7 @@ RULE_SETS: dict[str, dict[str, str]] = {
     },
     "cp-lrp": {
         "fake_quantization": "straight_through",
+        "quantized_matmul": "dequantized",
         "gate": "constant",
         "activation": "identity",
         "product": "uniform",
@@ -48,6 +52,7 @@ RULE_DOCS = {
     "uniform": "gradient divided by the number N of relevance-carrying operands (each gets 1/N)",
     "constant": "no relevance flows into the unit's input (its output is a constant)",
     "straight_through": "gradient passed unchanged (rounding of quantize-dequantize pairs)",
+    "dequantized": "gradient of a quantized MatMul in float, with the dequantized weight",
     "constant_std": "normalization with std/rms held constant: only the centring is differentiated",
 }
 
@@ -114,6 +119,31 @@ def identity_rule(b: Builder, unit: Unit, gy: list, wants: list):
 @rule("straight_through")
 def straight_through_rule(b: Builder, unit: Unit, gy: list, wants: list):
     return [b.cast_like(gy[0], unit.inputs[0])]
+
+
+@rule("dequantized")
+def dequantized_rule(b: Builder, unit: Unit, gy: list, wants: list):
+    """A quantized MatMul region (patterns.find_quantized_matmul): x -> y, linear in x up to rounding."""
+    view = b.view
+    matmul = view.nodes[unit.nodes[0]]
+    quantize = view.nodes[view.producer[matmul.input[0]]]
+    a_scale = quantize.output[1]
+    if matmul.op_type == "MatMulIntegerToFloat":
+        inputs = list(matmul.input) + [""] * (6 - len(matmul.input))
+        weight, b_scale, b_zero = inputs[1], inputs[3], inputs[5]
+        g = gy[0]
+    else:  # MatMulInteger -> Cast -> Mul(cast, a_scale * b_scale)
+        weight = matmul.input[1]
+        b_zero = matmul.input[3] if len(matmul.input) > 3 else ""
+        final = view.nodes[unit.nodes[-1]]
+        scale = next(t for t in final.input if t != view.nodes[unit.nodes[1]].output[0])
+        p = view.producer.get(scale)
+        pair = view.nodes[p] if p is not None else None
+        if pair is not None and pair.op_type == "Mul" and a_scale in pair.input:
+            b_scale, g = next(t for t in pair.input if t != a_scale), gy[0]
+        else:  # the product of the scales, divided by the activation's
+            b_scale, g = None, b.op("Div", [b.mul(gy[0], scale), a_scale], like=gy[0])
+    return [dequantized_input_gradient(b, g, weight, b_scale, b_zero, like=unit.inputs[0])]
 
 
 @rule("constant")

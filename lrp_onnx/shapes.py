@@ -79,11 +79,34 @@ def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+def _quantized_matmul_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Standard ops of the same output type and shape for onnxruntime's quantized MatMuls, whose float
+    output the symbolic inference types as its integer operand (and propagates that type on)."""
+    nodes = []
+    for n in model.graph.node:
+        if n.domain == "com.microsoft" and n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+            cast = [f"{n.output[0]}/lrp_proxy_{i}" for i in range(2)]
+            to = helper.make_node("Cast", [n.input[0]], [cast[0]], to=TensorProto.FLOAT)  # scales: float32
+            tw = helper.make_node("Cast", [n.input[1]], [cast[1]], to=TensorProto.FLOAT)
+            nodes += [to, tw, helper.make_node("MatMul", cast, [n.output[0]], name=n.name)]
+        else:
+            nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """Shapes and types of every tensor. onnxruntime's symbolic inference first: it resolves the
     symbolic dims through Reshape/Expand (heads, batch, sequence), so un-broadcasting is decided
     at conversion time instead of by shape arithmetic at run time; onnx's inference as fallback."""
     model = _without_weight_data(model)
+    if any(n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul") for n in model.graph.node):
+        model = _quantized_matmul_proxy(model)
+    return _infer_shapes(model)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)

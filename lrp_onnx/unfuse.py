@@ -558,7 +558,19 @@ def _is_used(model, name):
     return any(name in n.input for n in model.graph.node) or any(o.name == name for o in model.graph.output)
 
 
-UNFUSERS = {(MS, "EmbedLayerNormalization"): _embed_layer_norm, (MS, "Attention"): _attention,
+def _fused_gemm(model, node, e: _Emitter):
+    """com.microsoft FusedGemm (onnxruntime's session optimizer): activation(Gemm(...)), written as the two
+    ops so the activation gets its own rule."""
+    activation = attr(node, "activation", b"")
+    activation = activation.decode() if isinstance(activation, bytes) else activation
+    gemm_attrs = {k: attr(node, k) for k in ("alpha", "beta", "transA", "transB") if attr(node, k) is not None}
+    if activation not in ("Relu", "Tanh", "Sigmoid"):
+        raise LRPError(f"{node_label(node)}: FusedGemm with activation '{activation}' is not supported")
+    y = e.op("Gemm", list(node.input), **gemm_attrs)
+    e.op(activation, [y], out=node.output[0])
+
+
+UNFUSERS = {(MS, "FusedGemm"): _fused_gemm, (MS, "EmbedLayerNormalization"): _embed_layer_norm, (MS, "Attention"): _attention,
             (MS, "MultiHeadAttention"): _multi_head_attention, (MS, "GroupQueryAttention"): _group_query_attention,
             (MS, "RotaryEmbedding"): _ms_rotary_embedding,
             ("", "Attention"): _onnx_attention, ("", "RotaryEmbedding"): _onnx_rotary_embedding}

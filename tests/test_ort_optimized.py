@@ -61,3 +61,22 @@ def test_optimized_graph_gives_unfused_relevance(family, model_type, level, fuse
     err = np.linalg.norm(got.relevance - expected.relevance) / np.linalg.norm(expected.relevance)
     assert err <= 1e-4
     np.testing.assert_allclose(got.logit, expected.logit, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rules", ["gradient", "attnlrp", "cp-lrp"])
+def test_session_optimized_graph_gives_unfused_relevance(rules, tiny_model, workdir):
+    """onnxruntime's own session optimizations (saved with optimized_model_filepath) write Q·Kᵀ as a
+    FusedMatMul: a product of two relevance-carrying operands like the MatMul it replaces."""
+    import onnxruntime
+
+    out = workdir / "bert-torchscript" / "ort-session-extended.onnx"
+    if not out.exists():
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(out)
+        onnxruntime.InferenceSession(str(tiny_model("bert")[1]), options, providers=["CPUExecutionProvider"])
+    assert "FusedMatMul" in {n.op_type for n in onnx.load(out).graph.node}
+    expected = relevance(tiny_model("bert")[1], "bert", rules)
+    got = relevance(out, "bert", rules)
+    err = np.linalg.norm(got.relevance - expected.relevance) / np.linalg.norm(expected.relevance)
+    assert err <= 1e-4
