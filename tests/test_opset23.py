@@ -49,6 +49,11 @@ def test_llama_opset23_relevance_equals_opset18(rules, llama23, converted, refer
     if rules == "gradient":
         ref = reference("llama", "gradient")
         assert rel_l2(got.relevance, ref["relevance"]) <= 1e-4
+    if rules == "attnlrp":  # relevance-only mode gathers the position before the RMSNormalization head
+        only = lrp_onnx.convert(path, rules=rules, relevance_only=True)
+        assert any(n.op_type == "RMSNormalization" and n.input[0].startswith("lrp/") for n in only.graph.node)
+        fast = lrp_onnx.Explainer.from_model(only, providers=["CPUExecutionProvider"])
+        assert rel_l2(run_explainer(fast, "llama").relevance, got.relevance) <= 1e-5
     # the converted graph runs the unfused RotaryEmbedding; its logits are PyTorch's
     feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
     logits = hb.ort_run(lrp_onnx.convert(path, rules=rules), feed)
