@@ -1,10 +1,14 @@
-"""Unfusing: rewrite onnxruntime's fused transformer ops into standard ONNX ops before analysis.
+"""Unfusing: rewrite fused attention-type ops into standard ONNX ops before analysis.
 
-`EmbedLayerNormalization` hides the word-embedding lookup (the relevance source) and
-`Attention` / `MultiHeadAttention` hide Q·Kᵀ, the softmax and A·V (where AttnLRP's uniform rule and CP-LRP's constant
-probabilities apply). Written out, every rule applies as it does to the exporter's own graph, and
-the relevance equals the unfused model's. Other fused ops (SkipLayerNormalization, BiasGelu,
-FastGelu, QuickGelu, FusedMatMul, SimplifiedLayerNormalization) keep their fused forward and have
+onnxruntime's `EmbedLayerNormalization` hides the word-embedding lookup (the relevance source);
+`Attention`, `MultiHeadAttention` (also packed QKV / KV), `GroupQueryAttention` (no KV cache) and
+ONNX's opset-23 `Attention` hide Q·Kᵀ, the softmax and A·V (where AttnLRP's uniform rule and
+CP-LRP's constant probabilities apply); `RotaryEmbedding` (ONNX opset 23 and com.microsoft) becomes
+Slice/Mul/Sub/Add/Concat on the cos/sin caches (which also makes opset-23 llama exports run in
+onnxruntime 1.32, whose RotaryEmbedding kernel refuses them); `FusedGemm` becomes Gemm + activation.
+Written out, every rule applies as it does to the exporter's own graph, and the relevance equals the
+unfused model's. Other fused ops (SkipLayerNormalization, BiasGelu, FastGelu, QuickGelu, FusedMatMul,
+SimplifiedLayerNormalization, RMSNormalization, quantized MatMuls) keep their fused forward and have
 their own VJPs.
 """
 from __future__ import annotations
