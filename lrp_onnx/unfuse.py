@@ -362,7 +362,7 @@ def _onnx_attention(model, node, e: _Emitter):
         _merge_heads(e, context, out=node.output[0])
     else:
         e.op("Identity", [context], out=node.output[0])
-    for t, out in zip((k, v), node.output[1:3]):  # present key/value = key/value without a cache
+    for t, out in zip((k4, v4), node.output[1:3]):  # present key/value [b, kv_heads, s, d] without a cache
         if out:
             e.op("Identity", [t], out=out)
 
