@@ -420,7 +420,7 @@ def _onnx_rotary_embedding(model, node, e: _Emitter):
     if rank == 4:  # [b, heads, s, d]: the caches broadcast over heads
         cos4 = e.op("Unsqueeze", [cos, e.const([1], np.int64)])
         sin4 = e.op("Unsqueeze", [sin, e.const([1], np.int64)])
-        rotary_dim, half = _rotary_dims(node, e, cos if not position_ids else inputs[1], _static_dim(e, x, 3))
+        rotary_dim, half = _rotary_dims(node, e, inputs[1], _static_dim(e, x, 3))
         e.op("Identity", [_rotate(e, x, cos4, sin4, attr(node, "interleaved", 0), rotary_dim, half)],
              out=node.output[0])
     elif rank == 3:
@@ -431,7 +431,7 @@ def _onnx_rotary_embedding(model, node, e: _Emitter):
         xh = e.op("Reshape", [x, e.const([0, 0, heads, -1], np.int64)])
         cos4 = e.op("Unsqueeze", [cos, e.const([2], np.int64)])
         sin4 = e.op("Unsqueeze", [sin, e.const([2], np.int64)])
-        rotary_dim, half = _rotary_dims(node, e, cos if not position_ids else inputs[1],
+        rotary_dim, half = _rotary_dims(node, e, inputs[1],
                                         hidden // heads if hidden else None)
         out = _rotate(e, xh, cos4, sin4, attr(node, "interleaved", 0), rotary_dim, half)
         e.op("Reshape", [out, e.const([0, 0, -1], np.int64)], out=node.output[0])
