@@ -1,4 +1,4 @@
-"""The `lrp-onnx` command: convert, inspect, explain."""
+"""The `lrp-onnx` command: convert, inspect, explain, evaluate, bench."""
 from __future__ import annotations
 
 import argparse
@@ -74,11 +74,12 @@ def cmd_inspect(args) -> int:
     return 0 if report.supported else 1
 
 
-def _tokenize(tokenizer_path: str, texts: list[str]):
+def load_tokenizer(tokenizer_path: str):
+    """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise LRPError("explain --text needs the 'tokenizers' package: pip install tokenizers") from None
+        raise LRPError("reading text needs the 'tokenizers' package: pip install tokenizers") from None
     if not os.path.isfile(tokenizer_path):
         raise LRPError(f"{tokenizer_path}: no such tokenizer file")
     try:
@@ -86,6 +87,11 @@ def _tokenize(tokenizer_path: str, texts: list[str]):
     except Exception as exc:
         raise LRPError(f"{tokenizer_path}: not a tokenizers JSON file ({exc.__class__.__name__})") from None
     tok.no_truncation()
+    return tok
+
+
+def _tokenize(tokenizer_path: str, texts: list[str]):
+    tok = load_tokenizer(tokenizer_path)
     encodings = [tok.encode(t) for t in texts]
     length = max(len(e.ids) for e in encodings)
     ids = np.zeros((len(texts), length), dtype=np.int64)
@@ -149,6 +155,22 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import METHODS, evaluate
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,
+                      workdir=args.workdir, output=args.output, source=args.source, limit=args.limit,
+                      ig_steps=args.ig_steps, batch_size=args.batch_size, progress=not args.quiet)
+    written = result.write(args.out, title=args.title)
+    print(f"{'method':<10} {'ABPC':>9} {'std':>8} {'sem':>8}   n={len(result.examples)} ({args.task})")
+    for m, r in result.methods.items():
+        s = r.summary()
+        print(f"{m:<10} {s['abpc_mean']:>9.4f} {s['abpc_std']:>8.4f} {s['abpc_sem']:>8.4f}")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
 def cmd_bench(bench_args: list[str]) -> int:
     """Forward to tools/bench.py, which lives in the source checkout (it needs torch, LXT, models/)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-token", help="vocabulary token to explain, e.g. 'ĠParis'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("evaluate", help="faithfulness: MoRF/LeRF perturbation curves and ABPC per method")
+    p.add_argument("model", help="the exported ONNX model (not converted: each method is converted here)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (Hugging Face tokenizers format)")
+    p.add_argument("--texts", required=True, help="text file: one text per line, or text<TAB>reference")
+    p.add_argument("--task", choices=["next-token", "similarity"], default="next-token",
+                   help="next-token: the LM's argmax next token after the text minus its last word; "
+                        "similarity: the embedding's dot product with the reference's (default next-token)")
+    p.add_argument("--methods", help="comma-separated subset of attnlrp,cp-lrp,gradient,ig,random (default all)")
+    p.add_argument("--limit", type=int, help="use the first N texts")
+    p.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps (default 16)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per perturbed forward run (default 64)")
+    p.add_argument("--output", help="graph output to explain (default: the first)")
+    p.add_argument("--source", help="tensor whose tokens are removed (default: the word-embedding lookup)")
+    p.add_argument("--workdir", help="keep the generated graphs here (default: a temporary directory)")
+    p.add_argument("--out", required=True, help="directory for results.json, abpc.csv, curves.csv, curves.png")
+    p.add_argument("--title", help="title of the plot")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
     sub.add_parser("bench", help="time explain vs forward vs LXT (source checkout only; see its --help)")
     return parser
 
