@@ -59,6 +59,10 @@ def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
     return units
 
 
+# inputs read only for their type (or shape): their values never reach the output
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+
+
 def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str,
                    blocked: set[int] | None = None) -> set[str]:
     """Float tensors reachable from `sources` and reaching `target`, skipping blocked units."""
@@ -67,7 +71,7 @@ def relevance_path(view: GraphView, units: list[Unit], sources: list[str], targe
     for k, u in enumerate(units):
         if k in blocked:
             continue
-        if any(t in forward for t in u.inputs if t):
+        if any(t in forward for i, t in enumerate(u.inputs) if t and (u.op_type, i) not in TYPE_ONLY_INPUTS):
             forward.update(o for o in u.outputs if o and view.may_carry_relevance(o))
     backward = {target}
     for k in range(len(units) - 1, -1, -1):

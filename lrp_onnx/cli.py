@@ -76,6 +76,7 @@ def cmd_inspect(args) -> int:
 
 def load_tokenizer(tokenizer_path: str):
     """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation."""
+    tokenizer_path = os.fspath(tokenizer_path)
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -102,10 +103,47 @@ def _tokenize(tokenizer_path: str, texts: list[str]):
     return tok, encodings, ids, mask
 
 
+def _image_feed(explainer, args):
+    """pixel_values [1, C, H, W] from an image file: RGB, resized to the model's input size, scaled to
+    0..1 and normalized by --mean/--std."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LRPError("explain --image needs Pillow: pip install pillow") from None
+    floats = [i for i in explainer.session.get_inputs() if i.type in ("tensor(float)", "tensor(float16)")
+              and not i.name.startswith("lrp_")]
+    if len(floats) != 1 or len(floats[0].shape) != 4:
+        raise LRPError(f"{args.model}: --image needs a model with one float input [batch, channels, height, "
+                       f"width]; its inputs are {', '.join(i.name for i in explainer.session.get_inputs())}")
+    pixel_input = floats[0]
+    _, channels, height, width = pixel_input.shape
+    if args.image_size:
+        height = width = args.image_size
+    if not all(isinstance(d, int) for d in (channels, height, width)):
+        raise LRPError(f"{args.model}: input '{pixel_input.name}' has dynamic size; give --image-size")
+    if not os.path.isfile(args.image):
+        raise LRPError(f"{args.image}: no such image file")
+    try:
+        image = Image.open(args.image).convert("RGB" if channels == 3 else "L").resize((width, height))
+    except Exception as exc:
+        raise LRPError(f"{args.image}: not a readable image ({exc.__class__.__name__})") from None
+    pixels = np.asarray(image, np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
+    mean = np.asarray([float(v) for v in args.mean.split(",")], np.float32).reshape(-1, 1, 1)
+    std = np.asarray([float(v) for v in args.std.split(",")], np.float32).reshape(-1, 1, 1)
+    dtype = np.float16 if pixel_input.type == "tensor(float16)" else np.float32
+    return {pixel_input.name: ((pixels - mean) / std)[None].astype(dtype)}
+
+
 def cmd_explain(args) -> int:
     from .runner import Explainer
 
+    if (args.image is None) == (args.text is None):
+        raise LRPError("explain needs either --text (with --tokenizer) or --image")
+    if args.text is not None and args.tokenizer is None:
+        raise LRPError("explain --text needs --tokenizer tokenizer.json")
     explainer = Explainer(args.model)
+    if args.image is not None:
+        return _explain_image(explainer, args)
     tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
     feed = {}
     for name in explainer.input_names:
@@ -141,6 +179,17 @@ def cmd_explain(args) -> int:
                        "logit": float(result.logit[row]) if result.logit is not None else None,
                        "relevance_sum": float(values.sum()),
                        "tokens": [{"token": t, "relevance": float(v)} for t, v in zip(tokens, values)]})
+    if args.html or args.png:
+        from .heatmap import token_pieces, write_tokens_html, write_tokens_png
+
+        rows = [{"pieces": token_pieces(text, e.offsets, e.tokens), "relevance": per_token[k, :len(e.tokens)],
+                 "title": f"explained: {r['target_label']!r} (logit {r['logit']:.3f}), "
+                          f"sum of relevance {r['relevance_sum']:.3f}"}
+                for k, (text, e, r) in enumerate(zip(args.text, encodings, report))]
+        if args.html:
+            write_tokens_html(rows, args.html)
+        if args.png:
+            write_tokens_png(rows, args.png)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -168,6 +217,26 @@ def cmd_evaluate(args) -> int:
         s = r.summary()
         print(f"{m:<10} {s['abpc_mean']:>9.4f} {s['abpc_std']:>8.4f} {s['abpc_sem']:>8.4f}")
     print("wrote " + ", ".join(written))
+    return 0
+
+
+def _explain_image(explainer, args) -> int:
+    feed = _image_feed(explainer, args)
+    result = explainer.run(target=[args.target] if args.target is not None else None, **feed)
+    pixels = next(iter(feed.values()))[0]
+    relevance = result.relevance[0]
+    if args.png:
+        from .heatmap import write_image_overlay_png
+
+        write_image_overlay_png(pixels, relevance, args.png)
+    summary = {"image": args.image, "target": int(result.target[0]) if result.target is not None else None,
+               "logit": float(result.logit[0]) if result.logit is not None else None,
+               "relevance_sum": float(relevance.sum())}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"image: {args.image}\nexplained: target {summary['target']}, logit {summary['logit']:.4f}, "
+              f"sum of relevance {summary['relevance_sum']:.4f}" + (f"\nwrote {args.png}" if args.png else ""))
     return 0
 
 
@@ -200,8 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("explain", help="relevance per token of a text, from a converted model")
     p.add_argument("model", help="a model written by `lrp-onnx convert`")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (Hugging Face tokenizers format)")
-    p.add_argument("--text", required=True, action="append", help="text to explain; repeat for a batch")
+    p.add_argument("--tokenizer", help="tokenizer.json (Hugging Face tokenizers format), for --text")
+    p.add_argument("--text", action="append", help="text to explain; repeat for a batch")
+    p.add_argument("--image", help="image file to explain (a model with a pixel input [1, C, H, W])")
+    p.add_argument("--image-size", type=int, help="resize the image to this square size (default: the "
+                   "model's input size)")
+    p.add_argument("--mean", default="0.5,0.5,0.5", help="per-channel mean for --image (default 0.5,0.5,0.5)")
+    p.add_argument("--std", default="0.5,0.5,0.5", help="per-channel std for --image (default 0.5,0.5,0.5)")
+    p.add_argument("--html", metavar="FILE", help="write a token heatmap as HTML (red +, blue -)")
+    p.add_argument("--png", metavar="FILE", help="write the heatmap as PNG (tokens, or an image overlay)")
     p.add_argument("--target", type=int, help="class / vocabulary index to explain (default: the argmax)")
     p.add_argument("--target-token", help="vocabulary token to explain, e.g. 'ĠParis'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

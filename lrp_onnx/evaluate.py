@@ -58,7 +58,7 @@ def add_source_scale(model: onnx.ModelProto, source: str) -> None:
     nodes = [
         helper.make_node("Unsqueeze", [SCALE_INPUT, "lrp/scale/last_axis"], ["lrp/scale/column"],
                          name="lrp/scale/unsqueeze"),
-        helper.make_node("CastLike", ["lrp/scale/column", source], ["lrp/scale/typed"], name="lrp/scale/cast"),
+        helper.make_node("CastLike", ["lrp/scale/column", source], ["lrp/scale/typed"], name="lrp/scale/cast"),  # type only
         helper.make_node("Mul", [source, "lrp/scale/typed"], [scaled], name="lrp/scale/mul"),
     ]
     producer = next((k for k, n in enumerate(g.node) if source in n.output), None)
