@@ -15,6 +15,9 @@ CLI: ``python -m models.tiny --family llama --exporter torchscript --out DIR`` w
 The ONNX graph has inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence],
 both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
 [batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3).
+The encoder-decoder t5 has a third input ``decoder_input_ids`` (int64 [batch,
+decoder_sequence], its own dynamic length; no KV cache) and ``logits`` [batch,
+decoder_sequence, vocab].
 Initializers that survive constant folding are named ``"model." + <Hugging Face parameter
 name>`` (the export wraps the model in ``LogitsOnly``); folded ones (e.g. transposed linear
 weights) get generated names.
@@ -30,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models._common import LogitsOnly, export_onnx
+from models._common import LogitsOnly, Seq2SeqLogitsOnly, export_onnx
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5")
+ENCODER_DECODER_FAMILIES = ("t5",)
 EXPORTERS = ("torchscript", "dynamo")
 VOCAB_SIZE = 100
 HIDDEN_SIZE = 32
@@ -41,6 +45,7 @@ NUM_HEADS = 4
 INTERMEDIATE_SIZE = 64
 MAX_POSITIONS = 64
 NUM_LABELS = 3  # bert sequence classification
+SEQ2SEQ_INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids")
 
 # (transformers module, config class, model class) per family. Classes are looked up at
 # call time from the module, so a module patched by LXT (which may replace classes, as
@@ -52,11 +57,15 @@ _FAMILY_CLASSES = {
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
     "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "t5": ("transformers.models.t5.modeling_t5", "T5Config", "T5ForConditionalGeneration"),
 }
 HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
 GEMMA3_SLIDING_WINDOW = 4
 GEMMA3_FINAL_LOGIT_SOFTCAPPING = 30.0
 GEMMA3_QUERY_PRE_ATTN_SCALAR = 16  # != HEAD_DIM, so the scaling differs from 1/sqrt(head_dim)
+T5_RELATIVE_BUCKETS = 8   # relative-position buckets (4 exact, 4 logarithmic up to the max distance)
+T5_RELATIVE_MAX_DISTANCE = 16
+DECODER_SEQUENCE = 5      # decoder length of the t5 export's example inputs (!= the encoder's 6)
 
 
 def _config_kwargs(family: str) -> dict:
@@ -97,6 +106,15 @@ def _config_kwargs(family: str) -> dict:
             sliding_window_pattern=2, final_logit_softcapping=GEMMA3_FINAL_LOGIT_SOFTCAPPING,
             attn_logit_softcapping=None, rope_theta=10_000.0, rope_local_base_freq=1_000.0,
             cache_implementation=None,  # "hybrid" only matters with a cache, and warns on every load
+        )
+    if family == "t5":
+        # Flan-T5 settings: gated GELU (gelu_new, tanh form) MLP, untied LM head (so no d_model**-0.5
+        # rescaling of the decoder output), RMS-style T5LayerNorm, relative position bias in layer 0.
+        return dict(
+            common, d_model=HIDDEN_SIZE, d_kv=HEAD_DIM, d_ff=INTERMEDIATE_SIZE, num_layers=NUM_LAYERS,
+            num_decoder_layers=NUM_LAYERS, num_heads=NUM_HEADS, relative_attention_num_buckets=T5_RELATIVE_BUCKETS,
+            relative_attention_max_distance=T5_RELATIVE_MAX_DISTANCE, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
         )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -139,8 +157,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
     RMSNorm with (1 + weight) before and after attention and MLP, qk-norm, gelu_pytorch_tanh
     gated MLP, attention scale query_pre_attn_scalar**-0.5 = 1/4 instead of 1/sqrt(8), layer 0
     sliding-window (window 4) and layer 1 global with their own RoPE bases, tied head, final
-    logits softcapped as 30 * tanh(logits / 30)). All with GQA (2 key/value heads) except bert
-    and gpt2, and ``use_cache=False``. Same seed, same weights.
+    logits softcapped as 30 * tanh(logits / 30)); t5: T5ForConditionalGeneration with Flan-T5
+    settings (2 encoder + 2 decoder layers, gated gelu_new MLP, untied head, 8 relative-position
+    buckets; one embedding table ``shared`` looked up by encoder and decoder). All with GQA (2
+    key/value heads) except bert, gpt2 and t5, and ``use_cache=False``. Same seed, same weights.
     """
     config_class, model_class = _family_classes(family)
     config = config_class(**_config_kwargs(family))
@@ -165,10 +185,13 @@ def load(family: str, directory: str | Path) -> nn.Module:
 
 
 
-def example_inputs(batch: int = 2, sequence: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+def example_inputs(batch: int = 2, sequence: int = 6, seed: int = 0,
+                   decoder_sequence: int | None = None) -> dict[str, torch.Tensor]:
     """Random token ids (never the pad id 0) and a mask whose row 1 (if any) is right-padded.
 
-    Row 1 loses its last two positions (one if ``sequence`` is 2; none if it is 1).
+    Row 1 loses its last two positions (one if ``sequence`` is 2; none if it is 1). With
+    ``decoder_sequence`` (encoder-decoder models) also ``decoder_input_ids``: the decoder start
+    token 0, then random ids; the decoder is not padded (causal, no decoder mask).
     """
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, VOCAB_SIZE, (batch, sequence), generator=generator)
@@ -176,7 +199,16 @@ def example_inputs(batch: int = 2, sequence: int = 6, seed: int = 0) -> dict[str
     padding = min(2, sequence - 1)
     if batch > 1 and padding > 0:
         attention_mask[1, sequence - padding:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if decoder_sequence is not None:
+        decoder_input_ids = torch.randint(1, VOCAB_SIZE, (batch, decoder_sequence), generator=generator)
+        decoder_input_ids[:, 0] = 0
+        inputs["decoder_input_ids"] = decoder_input_ids
+    return inputs
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", opset: int | None = None) -> Path:
@@ -189,6 +221,11 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
     """
+    if _is_encoder_decoder(model):
+        return export_onnx(Seq2SeqLogitsOnly(model).eval(), path, example_inputs(decoder_sequence=DECODER_SEQUENCE),
+                           ["logits"], exporter=exporter, opset=opset, max_sequence=MAX_POSITIONS,
+                           input_names=SEQ2SEQ_INPUT_NAMES, sequence_axes={"decoder_input_ids": "decoder_sequence"},
+                           output_axes={"logits": {0: "batch", 1: "decoder_sequence"}})
     return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
                        opset=opset, max_sequence=MAX_POSITIONS)
 
@@ -205,11 +242,17 @@ def onnx_logits(path: str | Path, inputs: dict) -> np.ndarray:
 def verify_export(model: nn.Module, path: str | Path, inputs: dict | None = None, atol: float = 1e-4) -> float:
     """Check that the ONNX file reproduces the PyTorch logits; return the max abs error.
 
-    Default inputs: batch 2, sequence 7 (not the export's 6), row 1 right-padded.
+    Default inputs: batch 2, sequence 7 (not the export's 6), row 1 right-padded; for t5 a
+    decoder sequence of 4 (not the export's 5).
     """
-    inputs = inputs if inputs is not None else example_inputs(batch=2, sequence=7, seed=1)
+    seq2seq = _is_encoder_decoder(model)
+    if inputs is None:
+        inputs = example_inputs(batch=2, sequence=7, seed=1, decoder_sequence=4 if seq2seq else None)
     with torch.no_grad():
-        expected = LogitsOnly(model)(inputs["input_ids"], inputs["attention_mask"]).numpy()
+        if seq2seq:
+            expected = Seq2SeqLogitsOnly(model)(*(inputs[name] for name in SEQ2SEQ_INPUT_NAMES)).numpy()
+        else:
+            expected = LogitsOnly(model)(inputs["input_ids"], inputs["attention_mask"]).numpy()
     error = float(np.abs(onnx_logits(path, inputs) - expected).max())
     if not error < atol:
         raise AssertionError(f"{path}: ONNX logits differ from PyTorch by {error:.3g} (atol {atol})")

@@ -12,13 +12,18 @@ model families, ``position`` (int64 [B]; negative counts from the end as in Pyth
 if absent).
 
 The explained scalar of row b is ``logits[b, position[b], target[b]]`` for the language
-models (gpt2, llama, qwen2, qwen3, gemma3) and ``logits[b, target[b]]`` for bert. Their
+models (gpt2, llama, qwen2, qwen3, gemma3, t5) and ``logits[b, target[b]]`` for bert. Their
 sum over rows is backpropagated to ``inputs_embeds`` (the word-embedding output, fed to the
 model with the same attention mask), and relevance = inputs_embeds * inputs_embeds.grad.
 
+The encoder-decoder t5 also needs ``decoder_input_ids`` (int64 [B, T]) in ``in.npz``;
+``position`` indexes the decoder sequence. The shared embedding table is looked up twice, and
+the sum is backpropagated to both ``inputs_embeds`` (encoder) and ``decoder_inputs_embeds``.
+
 ``out.npz`` holds ``relevance`` (float64 [B, S, H]), ``logits`` (float32, the model's
 output), ``explained`` (float32 [B]), and the resolved ``target`` and, for language models,
-``position`` (int64 [B], position in 0..S-1).
+``position`` (int64 [B], position in 0..S-1, or 0..T-1 for t5); for t5 also
+``decoder_relevance`` (float64 [B, T, H]).
 
 Modes:
 
@@ -42,6 +47,14 @@ qwen3 and gemma3. What they patch (and, by omission, leave to the plain gradient
   multiplied by sqrt(hidden); relevance (x * dy/dx) is invariant under that constant scale, so it
   equals the relevance at the ONNX graph's unscaled word-embedding Gather.
 
+* t5: LXT 2.1 has no T5 map; ``patch_t5`` applies the same rules the LXT way from LXT's own
+  parts (T5LayerNorm -> LXT's ``rms_norm_forward``: rms held constant; the gated-GELU MLP ->
+  identity rule on the GELU and 1/2 on the product, or for cp-lrp the gate branch detached; no
+  LXT attention function exists to wrap, so ``divide_t5_attention_gradients`` hooks the q, k, v
+  projections of every T5Attention (self- and cross-attention) after loading: q, k gradients /4
+  and v /2, or q, k detached). NOT patched, hence plain gradient: the relative position bias
+  (a lookup by integer positions, it carries no relevance) and the untied LM head.
+
 From pytest use ``run_reference(family, hf_dir, mode, inputs, tmpdir)``.
 """
 
@@ -61,8 +74,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 STUBS_DIR = TESTS_DIR / "stubs"  # stand-in torchvision, imported by lxt
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
-LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5")
+LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5")
+ENCODER_DECODER_FAMILIES = ("t5",)
 MODES = ("gradient", "attnlrp", "cp-lrp")
 TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}" for family in FAMILIES}
 
@@ -148,6 +162,62 @@ def stop_bert_query_key_gradient(model) -> None:
             module.key.register_forward_hook(detach_output)
 
 
+def patch_t5(mode: str) -> None:
+    """Patch transformers' T5 classes for AttnLRP / CP-LRP the way LXT patches llama, from LXT's parts.
+
+    * ``T5LayerNorm.forward`` -> LXT's ``rms_norm_forward`` (T5LayerNorm is an RMSNorm with the
+      same ``weight`` and ``variance_epsilon`` attributes): the rms is held constant;
+    * ``T5DenseGatedActDense.forward``: GELU under ``identity_rule_implicit`` and the product
+      ``act(wi_0 x) * wi_1 x`` under ``divide_gradient(., 2)`` (as LXT's ``gated_mlp_forward``);
+      for cp-lrp ``stop_gradient(wi_0 x)`` instead (as LXT's ``cp_gated_mlp_forward``);
+    * ``torch.nn.Dropout.forward`` -> LXT's ``dropout_forward``.
+    Attention is handled per instance by ``divide_t5_attention_gradients``.
+    """
+    import torch
+    import transformers.models.t5.modeling_t5 as modeling_t5
+    from lxt.efficient.patches import dropout_forward, patch_method, rms_norm_forward
+    from lxt.efficient.rules import divide_gradient, identity_rule_implicit, stop_gradient
+
+    def gated_act_dense_forward(self, hidden_states):
+        gate = identity_rule_implicit(self.act, self.wi_0(hidden_states))
+        return self.wo(divide_gradient(gate * self.wi_1(hidden_states), 2))
+
+    def cp_gated_act_dense_forward(self, hidden_states):
+        gate = self.act(stop_gradient(self.wi_0(hidden_states)))
+        return self.wo(gate * self.wi_1(hidden_states))
+
+    mlp_forward = gated_act_dense_forward if mode == "attnlrp" else cp_gated_act_dense_forward
+    for forward, target in [
+        (rms_norm_forward, modeling_t5.T5LayerNorm),
+        (mlp_forward, modeling_t5.T5DenseGatedActDense),
+        (dropout_forward, torch.nn.Dropout),
+    ]:
+        if not patch_method(forward, target):
+            raise RuntimeError(f"could not patch {target.__name__}")
+
+
+def divide_t5_attention_gradients(model, mode: str) -> None:
+    """The attention part of ``patch_t5``, on the loaded model: the outputs of every T5Attention's
+    q, k, v projections pass LXT's ``divide_gradient`` (q, k by 4: 1/2 at Q.K^T times 1/2 at A.V;
+    v by 2), or for cp-lrp q and k are detached (attention weights constant). In cross-attention
+    k and v are projections of the encoder output, so they carry encoder relevance."""
+    from lxt.efficient.rules import divide_gradient, stop_gradient
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    def hook(rule):
+        return lambda module, inputs, output: rule(output)
+
+    if mode == "attnlrp":
+        rules = {"q": lambda t: divide_gradient(t, 4), "k": lambda t: divide_gradient(t, 4),
+                 "v": lambda t: divide_gradient(t, 2)}
+    else:
+        rules = {"q": stop_gradient, "k": stop_gradient}
+    for module in model.modules():
+        if isinstance(module, T5Attention):
+            for projection, rule in rules.items():
+                getattr(module, projection).register_forward_hook(hook(rule))
+
+
 def patch_classes(family: str, mode: str) -> None:
     """Apply LXT's patches for ``mode`` to ``family``'s transformers module (before loading)."""
     if mode == "gradient":
@@ -157,6 +227,9 @@ def patch_classes(family: str, mode: str) -> None:
 
     if family == "bert" and mode == "cp-lrp":
         patch_bert_cp_lrp()
+        return
+    if family == "t5":
+        patch_t5(mode)
         return
     lxt_family = importlib.import_module(f"lxt.efficient.models.{family}")
     patch_map = lxt_family.attnLRP if mode == "attnlrp" else lxt_family.cp_LRP
@@ -200,6 +273,35 @@ def compute_relevance(model, family: str, input_ids, attention_mask, target, pos
     return result
 
 
+def compute_seq2seq_relevance(model, input_ids, attention_mask, decoder_input_ids, target,
+                              position) -> dict[str, np.ndarray]:
+    """Backpropagate the summed explained decoder logits to both embedding lookups of the shared
+    table: ``inputs_embeds`` (encoder, ``relevance``) and ``decoder_inputs_embeds`` (``decoder_relevance``)."""
+    import torch
+
+    input_ids = torch.as_tensor(input_ids, dtype=torch.int64)
+    decoder_input_ids = torch.as_tensor(decoder_input_ids, dtype=torch.int64)
+    target = torch.as_tensor(target, dtype=torch.int64).clone()
+    rows = torch.arange(input_ids.shape[0])
+    embedding = model.get_input_embeddings()
+    inputs_embeds = embedding(input_ids).detach().requires_grad_()
+    decoder_inputs_embeds = embedding(decoder_input_ids).detach().requires_grad_()
+    logits = model(inputs_embeds=inputs_embeds, attention_mask=torch.as_tensor(attention_mask, dtype=torch.int64),
+                   decoder_inputs_embeds=decoder_inputs_embeds, use_cache=False, return_dict=False)[0]
+
+    position = torch.as_tensor(position, dtype=torch.int64) % decoder_input_ids.shape[1]
+    explained_rows = logits[rows, position]
+    target = torch.where(target < 0, explained_rows.argmax(-1), target)
+    explained = explained_rows[rows, target]
+    explained.sum().backward()
+    return dict(
+        relevance=(inputs_embeds.detach().double() * inputs_embeds.grad.double()).numpy(),
+        decoder_relevance=(decoder_inputs_embeds.detach().double() * decoder_inputs_embeds.grad.double()).numpy(),
+        logits=logits.detach().numpy(), explained=explained.detach().numpy(), target=target.numpy(),
+        position=position.numpy(),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Compute reference relevances in PyTorch.")
     parser.add_argument("--family", choices=FAMILIES, required=True)
@@ -229,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         model = tiny.load(args.family, args.hf_dir)
     if args.family == "bert" and args.mode == "cp-lrp":
         stop_bert_query_key_gradient(model)
+    if args.family == "t5" and args.mode != "gradient":
+        divide_t5_attention_gradients(model, args.mode)
 
     with np.load(args.inputs) as inputs:
         input_ids = inputs["input_ids"]
@@ -236,7 +340,11 @@ def main(argv: list[str] | None = None) -> None:
         default = np.full(batch, -1, dtype=np.int64)
         target = inputs["target"] if "target" in inputs.files else default
         position = inputs["position"] if "position" in inputs.files else default
-        result = compute_relevance(model, args.family, input_ids, inputs["attention_mask"], target, position)
+        if args.family in ENCODER_DECODER_FAMILIES:
+            result = compute_seq2seq_relevance(model, input_ids, inputs["attention_mask"],
+                                               inputs["decoder_input_ids"], target, position)
+        else:
+            result = compute_relevance(model, args.family, input_ids, inputs["attention_mask"], target, position)
     np.savez(args.out, **result)
 
 
