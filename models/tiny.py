@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from torch import nn
 
 from models._common import LogitsOnly, export_onnx
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral")
 EXPORTERS = ("torchscript", "dynamo")
 VOCAB_SIZE = 100
 HIDDEN_SIZE = 32
@@ -41,6 +43,8 @@ NUM_HEADS = 4
 INTERMEDIATE_SIZE = 64
 MAX_POSITIONS = 64
 NUM_LABELS = 3  # bert sequence classification
+MIXTRAL_NUM_EXPERTS = 4
+MIXTRAL_TOP_K = 2
 
 # (transformers module, config class, model class) per family. Classes are looked up at
 # call time from the module, so a module patched by LXT (which may replace classes, as
@@ -52,6 +56,7 @@ _FAMILY_CLASSES = {
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
     "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralConfig", "MixtralForCausalLM"),
 }
 HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
 GEMMA3_SLIDING_WINDOW = 4
@@ -97,6 +102,11 @@ def _config_kwargs(family: str) -> dict:
             sliding_window_pattern=2, final_logit_softcapping=GEMMA3_FINAL_LOGIT_SOFTCAPPING,
             attn_logit_softcapping=None, rope_theta=10_000.0, rope_local_base_freq=1_000.0,
             cache_implementation=None,  # "hybrid" only matters with a cache, and warns on every load
+        )
+    if family == "mixtral":  # sparse MoE MLP: 4 SwiGLU experts, top-2 routing, weights renormalised
+        return dict(
+            decoder, hidden_act="silu", num_local_experts=MIXTRAL_NUM_EXPERTS, num_experts_per_tok=MIXTRAL_TOP_K,
+            sliding_window=None, router_jitter_noise=0.0, output_router_logits=False,
         )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -189,8 +199,49 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
     """
-    return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
-                       opset=opset, max_sequence=MAX_POSITIONS)
+    with _moe_loops_over_all_experts(model):
+        return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
+                           opset=opset, max_sequence=MAX_POSITIONS)
+
+
+def mixtral_moe_forward_all_experts(self, hidden_states: torch.Tensor):
+    """``MixtralSparseMoeBlock.forward`` of transformers 4.52, looping over every expert.
+
+    The original loops over ``expert_hit``, the experts that got at least one token, computed with
+    ``.tolist()``: a trace bakes in the experts hit by the export example, and an expert missed
+    there would be missing from the graph for every other input (torch.export refuses the
+    data-dependent loop outright). Here an expert with no tokens gathers an empty batch and adds
+    nothing, so the result is the same for every input and the exported graph routes at run time
+    (OneHot, NonZero, Gather, ScatterND/ScatterElements). Inference only: no router jitter.
+    """
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    hidden_states = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(hidden_states)
+    routing_weights = nn.functional.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    routing_weights = routing_weights.to(hidden_states.dtype)
+    final_hidden_states = torch.zeros_like(hidden_states)
+    expert_mask = nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        idx, top_x = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+        current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+@contextmanager
+def _moe_loops_over_all_experts(model: nn.Module):
+    """Give every Mixtral MoE block ``mixtral_moe_forward_all_experts`` for the duration (export)."""
+    blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
+    for block in blocks:
+        block.forward = types.MethodType(mixtral_moe_forward_all_experts, block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def onnx_logits(path: str | Path, inputs: dict) -> np.ndarray:
