@@ -11,8 +11,10 @@ LXT); under cp-lrp the router is a constant (category ``router``), like attentio
 gates, so the bias-free model is linear in the embeddings and relevance sums to the logit.
 """
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx
 from models import tiny
@@ -92,3 +94,85 @@ def test_experts_without_tokens(exporter, tiny_model, converted):
         ref = compute_relevance(tiny.load(FAMILY, hf_dir), FAMILY, ids, mask, np.array([5]), np.array([-1]))
     np.testing.assert_allclose(result.logit, ref["explained"], rtol=1e-4, atol=1e-5)
     assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE["gradient"]
+
+
+# -- the routing ops' VJPs on one-node graphs: gradient x input against numpy -----------------------
+RNG = np.random.default_rng(0)
+
+
+def _one_node_gradients(node, float_inputs: dict, int_inputs: dict, output_shape):
+    """d sum(y * seed) / d input for each float input, from the converted graph (gradient rule)."""
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in float_inputs.items()],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, output_shape)],
+        initializer=[numpy_helper.from_array(v, k) for k, v in int_inputs.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    converted = lrp_onnx.convert(model, rules="gradient", seed_input=True)
+    seed = RNG.normal(size=output_shape).astype(np.float32)
+    session = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {**float_inputs, "lrp_seed": seed})))
+    relevance = [values["lrp_relevance" + ("" if k == 0 else f"_{k}")] for k in range(len(float_inputs))]
+    return seed, [r / x for r, x in zip(relevance, float_inputs.values())]
+
+
+def _floats(*shape):
+    return (RNG.uniform(0.5, 2.0, size=shape) * RNG.choice([-1, 1], size=shape)).astype(np.float32)
+
+
+def test_scatter_elements_vjp():
+    data, updates = _floats(3, 4), _floats(3, 2)
+    indices = np.array([[3, 0], [1, 2], [0, 3]], dtype=np.int64)
+    node = helper.make_node("ScatterElements", ["data", "indices", "updates"], ["y"], axis=1)
+    seed, (g_data, g_updates) = _one_node_gradients(node, {"data": data, "updates": updates},
+                                                    {"indices": indices}, [3, 4])
+    expected_data = seed.copy()
+    np.put_along_axis(expected_data, indices, 0.0, axis=1)  # overwritten: no gradient to the data
+    np.testing.assert_allclose(g_data, expected_data, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_updates, np.take_along_axis(seed, indices, axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add"])
+def test_scatter_nd_vjp(reduction):
+    data, updates = _floats(4, 3), _floats(2, 3)
+    indices = np.array([[2], [0]], dtype=np.int64)
+    node = helper.make_node("ScatterND", ["data", "indices", "updates"], ["y"], reduction=reduction)
+    seed, (g_data, g_updates) = _one_node_gradients(node, {"data": data, "updates": updates},
+                                                    {"indices": indices}, [4, 3])
+    expected_data = seed.copy()
+    if reduction == "none":
+        expected_data[[2, 0]] = 0.0
+    np.testing.assert_allclose(g_data, expected_data, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_updates, seed[[2, 0]], rtol=1e-6)
+
+
+def test_gather_nd_vjp_adds_repeated_indices():
+    data = _floats(4, 3)
+    indices = np.array([[1], [1], [3]], dtype=np.int64)
+    node = helper.make_node("GatherND", ["data", "indices"], ["y"])
+    seed, (g_data,) = _one_node_gradients(node, {"data": data}, {"indices": indices}, [3, 3])
+    expected = np.zeros_like(data)
+    np.add.at(expected, [1, 1, 3], seed)
+    np.testing.assert_allclose(g_data, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_top_k_vjp_scatters_back_to_the_selected():
+    x = _floats(2, 5)
+    node = helper.make_node("TopK", ["x", "k"], ["y", "selected"], axis=-1)
+    seed, (g_x,) = _one_node_gradients(node, {"x": x}, {"k": np.array([2], dtype=np.int64)}, [2, 2])
+    expected = np.zeros_like(x)
+    np.put_along_axis(expected, np.argsort(-x, axis=-1)[:, :2], seed, axis=-1)
+    np.testing.assert_allclose(g_x, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_scatter_with_a_multiplying_reduction_is_refused_by_name():
+    graph = helper.make_graph(
+        [helper.make_node("ScatterElements", ["data", "indices", "updates"], ["y"], axis=0, reduction="mul",
+                          name="expert_combine")], "g",
+        [helper.make_tensor_value_info("updates", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        initializer=[numpy_helper.from_array(np.ones(4, np.float32), "data"),
+                     numpy_helper.from_array(np.array([0, 2], np.int64), "indices")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(lrp_onnx.LRPError, match=r"'expert_combine' \(ai.onnx::ScatterElements\).*reduction 'mul'"):
+        lrp_onnx.convert(model, rules="gradient")
