@@ -14,7 +14,7 @@ CLI: ``python -m models.tiny --family llama --exporter torchscript --out DIR`` w
 
 The ONNX graph has inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence],
 both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
-[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3).
+[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3, mixtral).
 Initializers that survive constant folding are named ``"model." + <Hugging Face parameter
 name>`` (the export wraps the model in ``LogitsOnly``); folded ones (e.g. transposed linear
 weights) get generated names.
@@ -149,8 +149,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
     RMSNorm with (1 + weight) before and after attention and MLP, qk-norm, gelu_pytorch_tanh
     gated MLP, attention scale query_pre_attn_scalar**-0.5 = 1/4 instead of 1/sqrt(8), layer 0
     sliding-window (window 4) and layer 1 global with their own RoPE bases, tied head, final
-    logits softcapped as 30 * tanh(logits / 30)). All with GQA (2 key/value heads) except bert
-    and gpt2, and ``use_cache=False``. Same seed, same weights.
+    logits softcapped as 30 * tanh(logits / 30)); mixtral: MixtralForCausalLM (llama-like
+    attention and RMSNorm; the MLP is a sparse MoE block of 4 SwiGLU experts with top-2 routing:
+    router softmax, top-k, weights renormalised to sum 1). All with GQA (2 key/value heads)
+    except bert and gpt2, and ``use_cache=False``. Same seed, same weights.
     """
     config_class, model_class = _family_classes(family)
     config = config_class(**_config_kwargs(family))
@@ -198,6 +200,9 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     18-21 work (default 18). Dynamo quietly exports opset 18 when asked for less than 17,
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
+    Mixtral's MoE blocks are exported with ``mixtral_moe_forward_all_experts`` (same values; both
+    exporters work with it, while transformers' own forward is traced with the routing of the
+    example baked in and refused by torch.export).
     """
     with _moe_loops_over_all_experts(model):
         return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,

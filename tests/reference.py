@@ -12,7 +12,7 @@ model families, ``position`` (int64 [B]; negative counts from the end as in Pyth
 if absent).
 
 The explained scalar of row b is ``logits[b, position[b], target[b]]`` for the language
-models (gpt2, llama, qwen2, qwen3, gemma3) and ``logits[b, target[b]]`` for bert. Their
+models (gpt2, llama, qwen2, qwen3, gemma3, mixtral) and ``logits[b, target[b]]`` for bert. Their
 sum over rows is backpropagated to ``inputs_embeds`` (the word-embedding output, fed to the
 model with the same attention mask), and relevance = inputs_embeds * inputs_embeds.grad.
 
@@ -26,6 +26,13 @@ Modes:
 * ``attnlrp``: LXT's ``attnLRP`` map for the family's transformers module.
 * ``cp-lrp``: LXT's ``cp_LRP`` map for gpt2, llama, qwen2, qwen3 and gemma3. LXT has none
   for BERT; see ``patch_bert_cp_lrp`` for the equivalent used here.
+
+LXT 2.1 has no Mixtral map at all: ``mixtral_patch_map`` builds one from LXT's parts (llama's
+attention, RMSNorm and dropout patches; LXT's gated-MLP rules on each SwiGLU expert) and patches the
+MoE block the way LXT's Qwen3-MoE patch (on GitHub; not in the 2.1 release) does: the routing weights carry
+relevance, with plain gradient through softmax, top-k and renormalisation, and the product
+routing weight x expert output gets ``divide_gradient(.., 2)``. For cp-lrp (LXT's Qwen3-MoE
+``cp_LRP`` is commented out) the routing weights are detached, like the gate and the attention.
 
 LXT 2.1 ships both maps (``lxt.efficient.models.<family>.attnLRP`` / ``.cp_LRP``) for qwen2,
 qwen3 and gemma3. What they patch (and, by omission, leave to the plain gradient):
