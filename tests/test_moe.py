@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lrp_onnx
 from models import tiny
 from models._common import LogitsOnly, export_onnx
-from tests.conftest import CONSERVATION, TOLERANCE, rel_l2
+from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, rel_l2
 from tests.conftest import run_explainer as run
 from tests.reference import compute_relevance
 from tests.test_families import check_parity
@@ -40,17 +40,12 @@ def test_relevance_equals_reference(exporter, rules, tiny_model, converted, refe
     ratio = result.relevance.sum(axis=(1, 2)) / result.logit
     CONSERVATION[(FAMILY, exporter, rules)] = ratio
     check_parity(result, ref, FAMILY, rules)
-    # the original output of the converted graph equals that of the exported graph
-    original = tiny.onnx_logits(path, {k: v for k, v in _feeds().items()})
+    # the converted graph's original output equals the exported graph's
+    inputs = explain_inputs(FAMILY)
+    original = tiny.onnx_logits(path, {k: inputs[k] for k in ("input_ids", "attention_mask")})
     np.testing.assert_allclose(result.outputs["logits"], original, rtol=0, atol=1e-5)
     if rules == "cp-lrp":  # router, gates and attention constant, no biases: a linear model
         np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
-
-
-def _feeds():
-    from tests.conftest import explain_inputs
-    inputs = explain_inputs(FAMILY)
-    return {k: inputs[k] for k in ("input_ids", "attention_mask")}
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
