@@ -16,6 +16,10 @@ NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalizat
             "SkipSimplifiedLayerNormalization"}
 ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                "Expand"}
+# ops between an MoE router's softmax and the product with an expert's output: top-k selection,
+# renormalisation by the sum of the selected weights, per-expert gathers of the tokens' weights
+ROUTER_WEIGHT_OPS = ROUTING_OPS | {"TopK", "ReduceSum", "Div", "Gather", "GatherND", "GatherElements", "Flatten",
+                                   "Slice", "Split", "Concat"}
 
 
 @dataclass
@@ -112,7 +116,12 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
             elif op in NORM_OPS:
                 cats = ["norm"]
             elif op == "Softmax":
-                cats = ["attention_probs", "softmax"] if _feeds_attention(view, u.outputs[0], path) else ["softmax"]
+                if _feeds_attention(view, u.outputs[0], path):
+                    cats = ["attention_probs", "softmax"]
+                elif _weights_experts(view, u.outputs[0], path):
+                    cats = ["router", "softmax"]
+                else:
+                    cats = ["softmax"]
             cats.append(op)
         u.categories = cats
 
@@ -171,4 +180,23 @@ def _feeds_gate(view: GraphView, act: str, path: set[str]) -> bool:
         n = view.nodes[c]
         if n.op_type == "Mul" and any(i in path and i != via for i in n.input):
             return True
+    return False
+
+
+def _weights_experts(view: GraphView, probs: str, path: set[str], depth: int = 12) -> bool:
+    """An MoE router: the softmax's (top-k, renormalised, gathered) weights multiply a
+    relevance-carrying tensor that does not come from the router (an expert's output)."""
+    weights, frontier = {probs}, [(probs, 0)]
+    while frontier:
+        name, d = frontier.pop()
+        for c in view.consumers.get(name, []):
+            n = view.nodes[c]
+            if n.op_type == "Mul" and any(i in path and i not in weights for i in n.input):
+                return True
+            if n.op_type in ROUTER_WEIGHT_OPS and d < depth:
+                outputs = n.output[:1] if n.op_type == "TopK" else n.output  # not the indices
+                for o in outputs:
+                    if o and o not in weights and view.may_carry_relevance(o):
+                        weights.add(o)
+                        frontier.append((o, d + 1))
     return False

@@ -8,6 +8,7 @@ Zennit composites map layer types to rules. Categories come from analysis.classi
   norm            LayerNormalization / RMSNormalization ops
   norm_scale      the std/rms factor of a written-out LayerNorm/RMSNorm
   attention_probs a Softmax whose output weights a relevance-carrying value tensor
+  router          a Softmax whose (top-k) weights scale the experts' outputs of an MoE block
   softmax         any other Softmax
   fake_quantization  QuantizeLinear->DequantizeLinear on activations (QDQ models)
   softcap         c*tanh(x/c) logit soft-capping (Gemma): plain gradient, as LXT leaves it
@@ -39,6 +40,7 @@ RULE_SETS: dict[str, dict[str, str]] = {
         "norm": "constant_std",
         "norm_scale": "constant",
         "attention_probs": "constant",
+        "router": "constant",
     },
 }
 

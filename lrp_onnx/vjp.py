@@ -178,6 +178,59 @@ def _gather_elements(b, node, gy, wants):
     return [out, None]
 
 
+@register("GatherND")
+def _gather_nd(b, node, gy, wants):
+    """Scatter-add the gradient back into a zero tensor of the data's shape (indices may repeat)."""
+    if attr(node, "batch_dims", 0):
+        raise NotImplementedError("GatherND with batch_dims > 0 on the relevance path")
+    data, indices = node.input[0], node.input[1]
+    out = b.op("ScatterND", [b.zeros_like(data), indices, _g(gy)], reduction="add", like=data)
+    return [out, None]
+
+
+@register("ScatterElements")
+def _scatter_elements(b, node, gy, wants):
+    """out = data with `updates` written (or added) at `indices` along `axis`. The updates get the
+    gradient at the positions they went to; the data gets it where nothing overwrote it. (Repeated
+    indices without reduction are undefined behaviour in ONNX; exporters write unique ones.)"""
+    return _scatter_vjp(b, node, gy, wants, gather="GatherElements", axis=attr(node, "axis", 0))
+
+
+@register("ScatterND")
+def _scatter_nd(b, node, gy, wants):
+    return _scatter_vjp(b, node, gy, wants, gather="GatherND", axis=None)
+
+
+def _scatter_vjp(b, node, gy, wants, gather: str, axis):
+    data, indices, updates = node.input
+    reduction = attr(node, "reduction", "none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    if reduction not in ("none", "add"):
+        raise NotImplementedError(f"{node.op_type} with reduction '{reduction}'")
+    g = _g(gy)
+    axis_attr = {} if axis is None else {"axis": axis}
+    out = [None, None, None]
+    if wants[0]:
+        out[0] = g if reduction == "add" else \
+            b.op(node.op_type, [g, indices, b.zeros_like(updates)], like=data, **axis_attr)
+    if wants[2]:
+        out[2] = b.op(gather, [g, indices], like=updates, **axis_attr)
+    return out
+
+
+@register("TopK")
+def _top_k(b, node, gy, wants):
+    """The selected values' gradient goes back to where they were taken from; the rest get zero.
+    The indices output is an integer routing decision: no gradient."""
+    x = node.input[0]
+    g_values = gy[0]
+    out = [None] * len(node.input)
+    if g_values is not None and wants[0]:
+        out[0] = b.op("ScatterElements", [b.zeros_like(x), node.output[1], g_values],
+                      axis=attr(node, "axis", -1), like=x)
+    return out
+
+
 @register("Where")
 def _where(b, node, gy, wants):
     cond, x, y = node.input

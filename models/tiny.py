@@ -14,7 +14,7 @@ CLI: ``python -m models.tiny --family llama --exporter torchscript --out DIR`` w
 
 The ONNX graph has inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence],
 both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
-[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3).
+[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3, mixtral).
 The encoder-decoder t5 has a third input ``decoder_input_ids`` (int64 [batch,
 decoder_sequence], its own dynamic length; no KV cache) and ``logits`` [batch,
 decoder_sequence, vocab].
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from torch import nn
 
 from models._common import LogitsOnly, Seq2SeqLogitsOnly, export_onnx
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5", "mixtral")
 ENCODER_DECODER_FAMILIES = ("t5",)
 EXPORTERS = ("torchscript", "dynamo")
 VOCAB_SIZE = 100
@@ -46,6 +48,8 @@ INTERMEDIATE_SIZE = 64
 MAX_POSITIONS = 64
 NUM_LABELS = 3  # bert sequence classification
 SEQ2SEQ_INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids")
+MIXTRAL_NUM_EXPERTS = 4
+MIXTRAL_TOP_K = 2
 
 # (transformers module, config class, model class) per family. Classes are looked up at
 # call time from the module, so a module patched by LXT (which may replace classes, as
@@ -58,6 +62,7 @@ _FAMILY_CLASSES = {
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
     "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
     "t5": ("transformers.models.t5.modeling_t5", "T5Config", "T5ForConditionalGeneration"),
+    "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralConfig", "MixtralForCausalLM"),
 }
 HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
 GEMMA3_SLIDING_WINDOW = 4
@@ -116,6 +121,11 @@ def _config_kwargs(family: str) -> dict:
             relative_attention_max_distance=T5_RELATIVE_MAX_DISTANCE, feed_forward_proj="gated-gelu",
             tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
         )
+    if family == "mixtral":  # sparse MoE MLP: 4 SwiGLU experts, top-2 routing, weights renormalised
+        return dict(
+            decoder, hidden_act="silu", num_local_experts=MIXTRAL_NUM_EXPERTS, num_experts_per_tok=MIXTRAL_TOP_K,
+            sliding_window=None, router_jitter_noise=0.0, output_router_logits=False,
+        )
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -161,6 +171,8 @@ def build(family: str, seed: int = 0) -> nn.Module:
     settings (2 encoder + 2 decoder layers, gated gelu_new MLP, untied head, 8 relative-position
     buckets; one embedding table ``shared`` looked up by encoder and decoder). All with GQA (2
     key/value heads) except bert, gpt2 and t5, and ``use_cache=False``. Same seed, same weights.
+    mixtral: MixtralForCausalLM (llama-like attention and RMSNorm; the MLP is a sparse MoE block of 4
+    SwiGLU experts with top-2 routing: router softmax, top-k, weights renormalised to sum 1).
     """
     config_class, model_class = _family_classes(family)
     config = config_class(**_config_kwargs(family))
@@ -220,14 +232,58 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     18-21 work (default 18). Dynamo quietly exports opset 18 when asked for less than 17,
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
+    Mixtral's MoE blocks are exported with ``mixtral_moe_forward_all_experts`` (same values; both
+    exporters work with it, while transformers' own forward is traced with the routing of the
+    example baked in and refused by torch.export).
     """
     if _is_encoder_decoder(model):
         return export_onnx(Seq2SeqLogitsOnly(model).eval(), path, example_inputs(decoder_sequence=DECODER_SEQUENCE),
                            ["logits"], exporter=exporter, opset=opset, max_sequence=MAX_POSITIONS,
                            input_names=SEQ2SEQ_INPUT_NAMES, sequence_axes={"decoder_input_ids": "decoder_sequence"},
                            output_axes={"logits": {0: "batch", 1: "decoder_sequence"}})
-    return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
-                       opset=opset, max_sequence=MAX_POSITIONS)
+    with _moe_loops_over_all_experts(model):
+        return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
+                           opset=opset, max_sequence=MAX_POSITIONS)
+
+
+def mixtral_moe_forward_all_experts(self, hidden_states: torch.Tensor):
+    """``MixtralSparseMoeBlock.forward`` of transformers 4.52, looping over every expert.
+
+    The original loops over ``expert_hit``, the experts that got at least one token, computed with
+    ``.tolist()``: a trace bakes in the experts hit by the export example, and an expert missed
+    there would be missing from the graph for every other input (torch.export refuses the
+    data-dependent loop outright). Here an expert with no tokens gathers an empty batch and adds
+    nothing, so the result is the same for every input and the exported graph routes at run time
+    (OneHot, NonZero, Gather, ScatterND/ScatterElements). Inference only: no router jitter.
+    """
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    hidden_states = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(hidden_states)
+    routing_weights = nn.functional.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    routing_weights = routing_weights.to(hidden_states.dtype)
+    final_hidden_states = torch.zeros_like(hidden_states)
+    expert_mask = nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        idx, top_x = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+        current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+@contextmanager
+def _moe_loops_over_all_experts(model: nn.Module):
+    """Give every Mixtral MoE block ``mixtral_moe_forward_all_experts`` for the duration (export)."""
+    blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
+    for block in blocks:
+        block.forward = types.MethodType(mixtral_moe_forward_all_experts, block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def onnx_logits(path: str | Path, inputs: dict) -> np.ndarray:

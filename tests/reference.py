@@ -12,7 +12,7 @@ model families, ``position`` (int64 [B]; negative counts from the end as in Pyth
 if absent).
 
 The explained scalar of row b is ``logits[b, position[b], target[b]]`` for the language
-models (gpt2, llama, qwen2, qwen3, gemma3, t5) and ``logits[b, target[b]]`` for bert. Their
+models (gpt2, llama, qwen2, qwen3, gemma3, mixtral, t5) and ``logits[b, target[b]]`` for bert. Their
 sum over rows is backpropagated to ``inputs_embeds`` (the word-embedding output, fed to the
 model with the same attention mask), and relevance = inputs_embeds * inputs_embeds.grad.
 
@@ -31,6 +31,13 @@ Modes:
 * ``attnlrp``: LXT's ``attnLRP`` map for the family's transformers module.
 * ``cp-lrp``: LXT's ``cp_LRP`` map for gpt2, llama, qwen2, qwen3 and gemma3. LXT has none
   for BERT; see ``patch_bert_cp_lrp`` for the equivalent used here.
+
+LXT 2.1 has no Mixtral map at all: ``mixtral_patch_map`` builds one from LXT's parts (llama's
+attention, RMSNorm and dropout patches; LXT's gated-MLP rules on each SwiGLU expert) and patches the
+MoE block the way LXT's Qwen3-MoE patch (on GitHub; not in the 2.1 release) does: the routing weights carry
+relevance, with plain gradient through softmax, top-k and renormalisation, and the product
+routing weight x expert output gets ``divide_gradient(.., 2)``. For cp-lrp (LXT's Qwen3-MoE
+``cp_LRP`` is commented out) the routing weights are detached, like the gate and the attention.
 
 LXT 2.1 ships both maps (``lxt.efficient.models.<family>.attnLRP`` / ``.cp_LRP``) for qwen2,
 qwen3 and gemma3. What they patch (and, by omission, leave to the plain gradient):
@@ -74,8 +81,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 STUBS_DIR = TESTS_DIR / "stubs"  # stand-in torchvision, imported by lxt
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5")
-LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5")
+LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5")
 ENCODER_DECODER_FAMILIES = ("t5",)
 MODES = ("gradient", "attnlrp", "cp-lrp")
 TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}" for family in FAMILIES}
@@ -218,6 +225,78 @@ def divide_t5_attention_gradients(model, mode: str) -> None:
                 getattr(module, projection).register_forward_hook(hook(rule))
 
 
+def mixtral_expert_forward_attnlrp(self, hidden_states):
+    """``MixtralBlockSparseTop2MLP`` (SwiGLU expert) as LXT's ``gated_mlp_forward``: identity rule
+    on the SiLU, 1/2 on the gate product."""
+    from lxt.efficient.rules import divide_gradient, identity_rule_implicit
+
+    gated = identity_rule_implicit(self.act_fn, self.w1(hidden_states)) * self.w3(hidden_states)
+    return self.w2(divide_gradient(gated, 2))
+
+
+def mixtral_expert_forward_cp_lrp(self, hidden_states):
+    """The expert as LXT's ``cp_gated_mlp_forward``: the gate branch is a constant."""
+    from lxt.efficient.rules import stop_gradient
+
+    gated = self.act_fn(stop_gradient(self.w1(hidden_states))) * self.w3(hidden_states)
+    return self.w2(gated)
+
+
+def mixtral_moe_forward(self, hidden_states, cp_lrp: bool = False):
+    """``MixtralSparseMoeBlock.forward`` with LRP rules, the way LXT's Qwen3-MoE patch does it.
+
+    AttnLRP: plain gradient through the router softmax, top-k and renormalisation; the product
+    routing weight x expert output gets the uniform rule (``divide_gradient(.., 2)``: both carry
+    relevance). CP-LRP: the routing weights are a constant, like attention probabilities and the
+    gated MLP's gate under LXT's ``cp_LRP``; the product is then linear in the expert output, which
+    gets all of it. The loop runs over every expert (equal to transformers' loop over the experts
+    that got tokens)."""
+    import torch
+    from lxt.efficient.rules import divide_gradient, stop_gradient
+
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    hidden_states = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(hidden_states)
+    routing_weights = torch.nn.functional.softmax(
+        stop_gradient(router_logits) if cp_lrp else router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+    routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+    final_hidden_states = torch.zeros_like(hidden_states)
+    expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        weighted = self.experts[expert_idx](hidden_states[token_idx]) * routing_weights[token_idx, top_k_pos, None]
+        if not cp_lrp:
+            weighted = divide_gradient(weighted, 2)
+        final_hidden_states.index_add_(0, token_idx, weighted)
+    return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+def mixtral_patch_map(mode: str) -> dict:
+    """LXT 2.1 has no Mixtral map: LXT's llama map for attention, RMSNorm and dropout (Mixtral uses
+    the same attention and RMSNorm), plus the MoE block and its SwiGLU experts patched here."""
+    from functools import partial
+
+    import torch
+    import transformers.models.mixtral.modeling_mixtral as modeling_mixtral
+    from lxt.efficient.patches import (dropout_forward, patch_attention, patch_cp_attention, patch_method,
+                                       rms_norm_forward)
+
+    cp_lrp = mode == "cp-lrp"
+    expert_forward = mixtral_expert_forward_cp_lrp if cp_lrp else mixtral_expert_forward_attnlrp
+
+    def moe_forward(self, hidden_states):
+        return mixtral_moe_forward(self, hidden_states, cp_lrp=cp_lrp)
+
+    return {
+        modeling_mixtral.MixtralRMSNorm: partial(patch_method, rms_norm_forward),
+        torch.nn.Dropout: partial(patch_method, dropout_forward),
+        modeling_mixtral: patch_cp_attention if cp_lrp else patch_attention,
+        modeling_mixtral.MixtralBlockSparseTop2MLP: partial(patch_method, expert_forward),
+        modeling_mixtral.MixtralSparseMoeBlock: partial(patch_method, moe_forward),
+    }
+
+
 def patch_classes(family: str, mode: str) -> None:
     """Apply LXT's patches for ``mode`` to ``family``'s transformers module (before loading)."""
     if mode == "gradient":
@@ -231,8 +310,11 @@ def patch_classes(family: str, mode: str) -> None:
     if family == "t5":
         patch_t5(mode)
         return
-    lxt_family = importlib.import_module(f"lxt.efficient.models.{family}")
-    patch_map = lxt_family.attnLRP if mode == "attnlrp" else lxt_family.cp_LRP
+    if family == "mixtral":
+        patch_map = mixtral_patch_map(mode)
+    else:
+        lxt_family = importlib.import_module(f"lxt.efficient.models.{family}")
+        patch_map = lxt_family.attnLRP if mode == "attnlrp" else lxt_family.cp_LRP
     with warnings.catch_warnings():  # LXT only warns when a patch fails; make that fatal
         warnings.filterwarnings("error", message="Failed to patch")
         monkey_patch(importlib.import_module(TRANSFORMERS_MODULES[family]), patch_map)
