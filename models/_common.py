@@ -82,10 +82,13 @@ def export_onnx(
     opset: int | None = None,
     max_sequence: int | None = None,
     output_axes: dict[str, dict[int, str]] | None = None,
+    input_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
     """Export ``wrapper(input_ids, attention_mask)`` to one self-contained ONNX file.
 
-    Both inputs get dynamic axes named ``batch`` and ``sequence``. ``exporter`` is
+    Both inputs get dynamic axes named ``batch`` and ``sequence``; ``input_axes`` names other
+    inputs and their dynamic axes instead (e.g. ``{"pixel_values": {0: "batch"}}``), in the order
+    of the wrapper's arguments. ``exporter`` is
     ``"torchscript"`` (``torch.onnx.export(dynamo=False)``, default opset 17) or
     ``"dynamo"`` (``dynamo=True``, default opset 18; ``max_sequence`` bounds the symbolic
     sequence length). ``output_axes`` names the outputs' dynamic axes for the TorchScript
@@ -99,7 +102,8 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper.eval()
-    args = tuple(inputs[name] for name in INPUT_NAMES)
+    input_axes = input_axes or {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    args = tuple(inputs[name] for name in input_axes)
     with torch.no_grad(), warnings.catch_warnings():
         # Known noise: the legacy-exporter deprecation notice, tracer warnings about
         # shape-dependent Python branches in transformers' mask code (both axes stay
@@ -111,16 +115,18 @@ def export_onnx(
         if exporter == "torchscript":
             torch.onnx.export(
                 wrapper, args, str(path), dynamo=False, opset_version=opset,
-                input_names=list(INPUT_NAMES), output_names=list(output_names),
-                dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}, **(output_axes or {})},
+                input_names=list(input_axes), output_names=list(output_names),
+                dynamic_axes={**input_axes, **(output_axes or {})},
             )
         else:
-            batch = torch.export.Dim("batch")
-            sequence = torch.export.Dim("sequence", max=max_sequence) if max_sequence else torch.export.Dim("sequence")
+            dims = {"batch": torch.export.Dim("batch"),
+                    "sequence": torch.export.Dim("sequence", max=max_sequence) if max_sequence
+                    else torch.export.Dim("sequence")}
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=opset, verbose=False,
-                input_names=list(INPUT_NAMES), output_names=list(output_names),
-                dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES},
+                input_names=list(input_axes), output_names=list(output_names),
+                dynamic_shapes={name: {axis: dims[label] for axis, label in axes.items()}
+                                for name, axes in input_axes.items()},
             )
             program.save(str(path), external_data=False)
     if wrapper.training or any(module.training for module in wrapper.modules()):

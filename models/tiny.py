@@ -14,7 +14,9 @@ CLI: ``python -m models.tiny --family llama --exporter torchscript --out DIR`` w
 
 The ONNX graph has inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence],
 both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
-[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3).
+[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3). The vision
+family vit has one input ``pixel_values`` (float [batch, 3, 16, 16], batch dynamic) and
+outputs ``logits`` [batch, num_labels].
 Initializers that survive constant folding are named ``"model." + <Hugging Face parameter
 name>`` (the export wraps the model in ``LogitsOnly``); folded ones (e.g. transposed linear
 weights) get generated names.
@@ -32,7 +34,8 @@ from torch import nn
 
 from models._common import LogitsOnly, export_onnx
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "vit")
+VISION_FAMILIES = ("vit",)
 EXPORTERS = ("torchscript", "dynamo")
 VOCAB_SIZE = 100
 HIDDEN_SIZE = 32
@@ -40,7 +43,10 @@ NUM_LAYERS = 2
 NUM_HEADS = 4
 INTERMEDIATE_SIZE = 64
 MAX_POSITIONS = 64
-NUM_LABELS = 3  # bert sequence classification
+NUM_LABELS = 3  # bert sequence classification, vit image classification
+IMAGE_SIZE = 16  # vit: 16x16 RGB images cut into 2x2 patches of 8x8 (+ the CLS token: 5 tokens)
+PATCH_SIZE = 8
+NUM_CHANNELS = 3
 
 # (transformers module, config class, model class) per family. Classes are looked up at
 # call time from the module, so a module patched by LXT (which may replace classes, as
@@ -52,6 +58,7 @@ _FAMILY_CLASSES = {
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
     "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "vit": ("transformers.models.vit.modeling_vit", "ViTConfig", "ViTForImageClassification"),
 }
 HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
 GEMMA3_SLIDING_WINDOW = 4
@@ -60,6 +67,12 @@ GEMMA3_QUERY_PRE_ATTN_SCALAR = 16  # != HEAD_DIM, so the scaling differs from 1/
 
 
 def _config_kwargs(family: str) -> dict:
+    if family == "vit":  # patch embedding = Conv2d(3, 32, kernel 8, stride 8); q/k/v biases; exact GELU
+        return dict(
+            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=NUM_CHANNELS, hidden_size=HIDDEN_SIZE,
+            num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, intermediate_size=INTERMEDIATE_SIZE,
+            num_labels=NUM_LABELS, hidden_act="gelu", qkv_bias=True,
+        )
     common = dict(vocab_size=VOCAB_SIZE, use_cache=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "bert":
         return dict(
@@ -139,8 +152,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
     RMSNorm with (1 + weight) before and after attention and MLP, qk-norm, gelu_pytorch_tanh
     gated MLP, attention scale query_pre_attn_scalar**-0.5 = 1/4 instead of 1/sqrt(8), layer 0
     sliding-window (window 4) and layer 1 global with their own RoPE bases, tied head, final
-    logits softcapped as 30 * tanh(logits / 30)). All with GQA (2 key/value heads) except bert
-    and gpt2, and ``use_cache=False``. Same seed, same weights.
+    logits softcapped as 30 * tanh(logits / 30)); vit: ViTForImageClassification (16x16 images,
+    8x8 patches by a strided Conv2d, CLS token, learned position embeddings, 3 labels from the CLS
+    token's final state). llama, qwen2, qwen3 and gemma3 use GQA (2 key/value heads); the text
+    models have ``use_cache=False``. Same seed, same weights.
     """
     config_class, model_class = _family_classes(family)
     config = config_class(**_config_kwargs(family))
@@ -179,6 +194,27 @@ def example_inputs(batch: int = 2, sequence: int = 6, seed: int = 0) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def example_pixels(batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random N(0, 1) images for the vit family: ``pixel_values`` float32 [batch, 3, 16, 16]."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+
+
+class PixelLogits(nn.Module):
+    """Wrap an image classifier so it maps pixel_values to its logits alone."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values, return_dict=False)[0]
+
+
+def is_vision(model: nn.Module) -> bool:
+    return model.config.model_type in VISION_FAMILIES
+
+
 def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", opset: int | None = None) -> Path:
     """Export ``model`` to a single self-contained ONNX file and return its path.
 
@@ -189,6 +225,9 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
     """
+    if is_vision(model):
+        return export_onnx(PixelLogits(model).eval(), path, example_pixels(), ["logits"], exporter=exporter,
+                           opset=opset, input_axes={"pixel_values": {0: "batch"}}, output_axes={"logits": {0: "batch"}})
     return export_onnx(LogitsOnly(model).eval(), path, example_inputs(), ["logits"], exporter=exporter,
                        opset=opset, max_sequence=MAX_POSITIONS)
 
@@ -205,11 +244,16 @@ def onnx_logits(path: str | Path, inputs: dict) -> np.ndarray:
 def verify_export(model: nn.Module, path: str | Path, inputs: dict | None = None, atol: float = 1e-4) -> float:
     """Check that the ONNX file reproduces the PyTorch logits; return the max abs error.
 
-    Default inputs: batch 2, sequence 7 (not the export's 6), row 1 right-padded.
+    Default inputs: batch 2, sequence 7 (not the export's 6), row 1 right-padded; for vit, batch 3
+    (not the export's 2) of other random images.
     """
-    inputs = inputs if inputs is not None else example_inputs(batch=2, sequence=7, seed=1)
+    if inputs is None:
+        inputs = example_pixels(batch=3, seed=1) if is_vision(model) else example_inputs(batch=2, sequence=7, seed=1)
     with torch.no_grad():
-        expected = LogitsOnly(model)(inputs["input_ids"], inputs["attention_mask"]).numpy()
+        if is_vision(model):
+            expected = PixelLogits(model)(inputs["pixel_values"]).numpy()
+        else:
+            expected = LogitsOnly(model)(inputs["input_ids"], inputs["attention_mask"]).numpy()
     error = float(np.abs(onnx_logits(path, inputs) - expected).max())
     if not error < atol:
         raise AssertionError(f"{path}: ONNX logits differ from PyTorch by {error:.3g} (atol {atol})")
