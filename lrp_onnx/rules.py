@@ -199,8 +199,8 @@ def gamma_rule(b: Builder, unit: Unit, gy: list, wants: list, gamma: float = GAM
       z↓ = layer(x⁺, w↓, b↓) + layer(x⁻, w↑)     (the negative ones, where y < 0)
       s↑ = [y > 0] R / stab(z↑),  s↓ = [y < 0] R / stab(z↓)
       R_in = x⁺ ⊙ (w↑ᵀ s↑ + w↓ᵀ s↓) + x⁻ ⊙ (w↓ᵀ s↑ + w↑ᵀ s↓)
-    The gradient handed on is R_in / x: w↑ᵀ s↑ + w↓ᵀ s↓ where x > 0, w↓ᵀ s↑ + w↑ᵀ s↓ where x < 0,
-    0 where x = 0 (LXT divides Zennit's R_in by x + 1e-10·sign(x) instead: equal up to 1e-10/|x|)."""
+    The gradient handed on is R_in / x: w↑ᵀ s↑ + w↓ᵀ s↓ where x > 0, w↓ᵀ s↑ + w↑ᵀ s↓ where
+    x < 0, 0 where x = 0 (LXT divides Zennit's R_in by x + 1e-10·sign(x) instead: equal up to 1e-10/|x|)."""
     layer = affine_layer(b, unit)
     x, y, w = layer.x, layer.y, layer.weight
 

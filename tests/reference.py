@@ -82,7 +82,8 @@ TEXT_FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3")
 FAMILIES = TEXT_FAMILIES + ("vit", "conv")
 LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3")
 MODES = ("gradient", "attnlrp", "cp-lrp", "vit-gamma")
-TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}" for family in TEXT_FAMILIES + ("vit",)}
+TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}"
+                        for family in TEXT_FAMILIES + ("vit",)}
 
 
 LOADERS = ("tiny", "smollm2", "minilm")  # models.tiny, or the real pretrained recipes

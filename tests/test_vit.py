@@ -10,7 +10,6 @@ for ``vit-gamma`` (LXT's ViT recipe). The gamma rule alone is checked against pl
 strided, padded Conv2d, and for conservation on a bias-free one.
 """
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -123,8 +122,9 @@ CONV = dict(stride=2, padding=1)  # 10x10 input, kernel 3: the last input row is
 def conv_model(weight, bias):
     """An ONNX model y = Conv(x, weight, bias) with batch-dynamic x [N, 3, 10, 10]."""
     s, p = CONV["stride"], CONV["padding"]
-    inits = [numpy_helper.from_array(weight, "weight")] + ([numpy_helper.from_array(bias, "bias")] if bias is not None else [])
-    node = helper.make_node("Conv", ["x", "weight"] + (["bias"] if bias is not None else []), ["y"], name="conv",
+    params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    inits = [numpy_helper.from_array(value, name) for name, value in params.items()]
+    node = helper.make_node("Conv", ["x"] + list(params), ["y"], name="conv",
                             kernel_shape=list(weight.shape[2:]), strides=[s, s], pads=[p] * 4)
     graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])], inits)
