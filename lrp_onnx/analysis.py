@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .graph import GraphView
+from .graph import GraphView, attr
 from .patterns import ACTIVATION_OPS, Region
 
 PRODUCT_OPS = {"MatMul", "Mul", "Einsum", "Gemm"}
@@ -107,6 +107,10 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
             op = u.op_type
             if op == "Tanh" and _is_softcap(view, u.nodes[0]):
                 cats = ["softcap"]  # c * tanh(x / c): a bound on logits, not an activation
+            elif op == "Conv" and view.is_constant(u.inputs[1]) and all(view.is_constant(t) for t in u.inputs[2:] if t):
+                cats = ["conv"]
+            elif op == "Gemm" and _is_linear_gemm(view, u.nodes[0]):
+                cats = ["linear"]
             elif op in ACTIVATION_OPS:
                 cats = ["activation"]
                 if _feeds_gate(view, u.outputs[0], path):
@@ -124,6 +128,15 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
                     cats = ["softmax"]
             cats.append(op)
         u.categories = cats
+
+
+def _is_linear_gemm(view: GraphView, k: int) -> bool:
+    """Gemm(x, W, b) with constant W and b (or none) and x not transposed: a fully-connected layer."""
+    node = view.nodes[k]
+    a, w = node.input[0], node.input[1]
+    c = node.input[2] if len(node.input) > 2 else ""
+    return not view.is_constant(a) and view.is_constant(w) and (not c or view.is_constant(c)) \
+        and not attr(node, "transA", 0)
 
 
 def _scalar_operand(view: GraphView, node, other_than: str):

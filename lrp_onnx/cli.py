@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from .errors import LRPError
-from .rules import RULE_SETS, RULES
+from .rules import RULE_SETS, RuleError, check_rule_name
 
 
 def _rule_overrides(args) -> dict | None:
@@ -40,8 +40,10 @@ def _rule_overrides(args) -> dict | None:
         key, value = item.split("=", 1)
         mapping[key] = value
     for key, value in mapping.items():
-        if value not in RULES:
-            raise LRPError(f"override '{key}={value}': unknown rule; known rules: {', '.join(sorted(RULES))}")
+        try:
+            check_rule_name(value, f"override '{key}={value}'")
+        except RuleError as exc:
+            raise LRPError(str(exc)) from None
     return mapping or None
 
 

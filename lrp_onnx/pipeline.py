@@ -28,7 +28,7 @@ from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
 from .graph import GraphView, node_label
 from .patterns import find_regions
-from .rules import RULE_SETS, RULES, check_rule_name, resolve_rule
+from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .seed import build_seed
 from .vjp import NORM_VJPS, lookup
 
@@ -157,7 +157,11 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
 
 
 def _rule_problem(view: GraphView, u: Unit) -> str | None:
-    if u.region is not None:
+    if rule_base(u.rule) == "gamma" and not any(c in GAMMA_CATEGORIES for c in u.categories):
+        return f"{u.describe(view)}: rule {u.rule} applies to Conv and linear layers (constant weights) only"
+    if u.region is not None and u.region.kind == "linear" and rule_base(u.rule) not in ("gamma", "constant"):
+        return f"{u.describe(view)}: a linear layer takes rules gradient, gamma or constant, not {u.rule}"
+    if u.region is not None or rule_base(u.rule) == "gamma":
         return None
     node = view.nodes[u.nodes[0]]
     if u.rule in ("gradient", "uniform") and lookup(node) is None:
@@ -189,7 +193,7 @@ def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str])
         wants = [bool(t) and t in plan.path for t in u.inputs]
         b.scope = re.sub(r"[^A-Za-z0-9_.-]+", "_", u.name or u.op_type)[-60:] or "node"
         try:
-            grads = RULES[u.rule](b, u, gy, wants)
+            grads = rule_function(u.rule)(b, u, gy, wants)
         except (NotImplementedError, ValueError) as exc:
             problems.append(f"{u.describe(view)}: {exc}")
             continue

@@ -98,12 +98,15 @@ def export_onnx(
     output_axes: dict[str, dict[int, str]] | None = None,
     input_names: Sequence[str] = INPUT_NAMES,
     sequence_axes: dict[str, str] | None = None,
+    input_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
     """Export ``wrapper(*inputs[name] for name in input_names)`` to one self-contained ONNX file.
 
     ``input_names`` defaults to (input_ids, attention_mask). Every input gets dynamic axes named
     ``batch`` and ``sequence``; ``sequence_axes`` renames the second per input (e.g.
-    ``{"decoder_input_ids": "decoder_sequence"}``: an axis of its own length). ``exporter`` is
+    ``{"decoder_input_ids": "decoder_sequence"}``: an axis of its own length). ``input_axes``
+    replaces both: each input and its dynamic axes (e.g. ``{"pixel_values": {0: "batch"}}``), in
+    the order of the wrapper's arguments. ``exporter`` is
     ``"torchscript"`` (``torch.onnx.export(dynamo=False)``, default opset 17) or
     ``"dynamo"`` (``dynamo=True``, default opset 18; ``max_sequence`` bounds the symbolic
     sequence length). ``output_axes`` names the outputs' dynamic axes for the TorchScript
@@ -117,8 +120,10 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper.eval()
-    args = tuple(inputs[name] for name in input_names)
-    sequence_axes = {name: (sequence_axes or {}).get(name, "sequence") for name in input_names}
+    if input_axes is None:
+        renamed = sequence_axes or {}
+        input_axes = {name: {0: "batch", 1: renamed.get(name, "sequence")} for name in input_names}
+    args = tuple(inputs[name] for name in input_axes)
     with torch.no_grad(), warnings.catch_warnings():
         # Known noise: the legacy-exporter deprecation notice, tracer warnings about
         # shape-dependent Python branches in transformers' mask code (both axes stay
@@ -130,18 +135,18 @@ def export_onnx(
         if exporter == "torchscript":
             torch.onnx.export(
                 wrapper, args, str(path), dynamo=False, opset_version=opset,
-                input_names=list(input_names), output_names=list(output_names),
-                dynamic_axes={**{name: {0: "batch", 1: sequence_axes[name]} for name in input_names},
-                              **(output_axes or {})},
+                input_names=list(input_axes), output_names=list(output_names),
+                dynamic_axes={**input_axes, **(output_axes or {})},
             )
         else:
-            batch = torch.export.Dim("batch")
-            dims = {axis: torch.export.Dim(axis, max=max_sequence) if max_sequence else torch.export.Dim(axis)
-                    for axis in set(sequence_axes.values())}
+            labels = {label for axes in input_axes.values() for label in axes.values()}
+            dims = {label: torch.export.Dim(label, max=max_sequence) if max_sequence and label != "batch"
+                    else torch.export.Dim(label) for label in labels}
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=opset, verbose=False,
-                input_names=list(input_names), output_names=list(output_names),
-                dynamic_shapes={name: {0: batch, 1: dims[sequence_axes[name]]} for name in input_names},
+                input_names=list(input_axes), output_names=list(output_names),
+                dynamic_shapes={name: {axis: dims[label] for axis, label in axes.items()}
+                                for name, axes in input_axes.items()},
             )
             program.save(str(path), external_data=False)
     if wrapper.training or any(module.training for module in wrapper.modules()):

@@ -18,6 +18,8 @@ both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
 The encoder-decoder t5 has a third input ``decoder_input_ids`` (int64 [batch,
 decoder_sequence], its own dynamic length; no KV cache) and ``logits`` [batch,
 decoder_sequence, vocab].
+The vision family vit has one input ``pixel_values`` (float [batch, 3, 16, 16], batch dynamic)
+and outputs ``logits`` [batch, num_labels].
 Initializers that survive constant folding are named ``"model." + <Hugging Face parameter
 name>`` (the export wraps the model in ``LogitsOnly``); folded ones (e.g. transposed linear
 weights) get generated names.
@@ -37,8 +39,9 @@ from torch import nn
 
 from models._common import LogitsOnly, Seq2SeqLogitsOnly, export_onnx
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5", "mixtral")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5", "mixtral", "vit")
 ENCODER_DECODER_FAMILIES = ("t5",)
+VISION_FAMILIES = ("vit",)
 EXPORTERS = ("torchscript", "dynamo")
 VOCAB_SIZE = 100
 HIDDEN_SIZE = 32
@@ -46,10 +49,13 @@ NUM_LAYERS = 2
 NUM_HEADS = 4
 INTERMEDIATE_SIZE = 64
 MAX_POSITIONS = 64
-NUM_LABELS = 3  # bert sequence classification
+NUM_LABELS = 3  # bert sequence classification, vit image classification
 SEQ2SEQ_INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids")
 MIXTRAL_NUM_EXPERTS = 4
 MIXTRAL_TOP_K = 2
+IMAGE_SIZE = 16  # vit: 16x16 RGB images cut into 2x2 patches of 8x8 (+ the CLS token: 5 tokens)
+PATCH_SIZE = 8
+NUM_CHANNELS = 3
 
 # (transformers module, config class, model class) per family. Classes are looked up at
 # call time from the module, so a module patched by LXT (which may replace classes, as
@@ -63,6 +69,7 @@ _FAMILY_CLASSES = {
     "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
     "t5": ("transformers.models.t5.modeling_t5", "T5Config", "T5ForConditionalGeneration"),
     "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralConfig", "MixtralForCausalLM"),
+    "vit": ("transformers.models.vit.modeling_vit", "ViTConfig", "ViTForImageClassification"),
 }
 HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
 GEMMA3_SLIDING_WINDOW = 4
@@ -74,6 +81,12 @@ DECODER_SEQUENCE = 5      # decoder length of the t5 export's example inputs (!=
 
 
 def _config_kwargs(family: str) -> dict:
+    if family == "vit":  # patch embedding = Conv2d(3, 32, kernel 8, stride 8); q/k/v biases; exact GELU
+        return dict(
+            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=NUM_CHANNELS, hidden_size=HIDDEN_SIZE,
+            num_hidden_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, intermediate_size=INTERMEDIATE_SIZE,
+            num_labels=NUM_LABELS, hidden_act="gelu", qkv_bias=True,
+        )
     common = dict(vocab_size=VOCAB_SIZE, use_cache=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "bert":
         return dict(
@@ -173,6 +186,8 @@ def build(family: str, seed: int = 0) -> nn.Module:
     key/value heads) except bert, gpt2 and t5, and ``use_cache=False``. Same seed, same weights.
     mixtral: MixtralForCausalLM (llama-like attention and RMSNorm; the MLP is a sparse MoE block of 4
     SwiGLU experts with top-2 routing: router softmax, top-k, weights renormalised to sum 1).
+    vit: ViTForImageClassification (16x16 images, 8x8 patches by a strided Conv2d, CLS token,
+    learned position embeddings, 3 labels from the CLS token's final state).
     """
     config_class, model_class = _family_classes(family)
     config = config_class(**_config_kwargs(family))
@@ -223,6 +238,27 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
+def example_pixels(batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random N(0, 1) images for the vit family: ``pixel_values`` float32 [batch, 3, 16, 16]."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+
+
+class PixelLogits(nn.Module):
+    """Wrap an image classifier so it maps pixel_values to its logits alone."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values, return_dict=False)[0]
+
+
+def is_vision(model: nn.Module) -> bool:
+    return model.config.model_type in VISION_FAMILIES
+
+
 def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", opset: int | None = None) -> Path:
     """Export ``model`` to a single self-contained ONNX file and return its path.
 
@@ -236,6 +272,9 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     exporters work with it, while transformers' own forward is traced with the routing of the
     example baked in and refused by torch.export).
     """
+    if is_vision(model):
+        return export_onnx(PixelLogits(model).eval(), path, example_pixels(), ["logits"], exporter=exporter,
+                           opset=opset, input_axes={"pixel_values": {0: "batch"}}, output_axes={"logits": {0: "batch"}})
     if _is_encoder_decoder(model):
         return export_onnx(Seq2SeqLogitsOnly(model).eval(), path, example_inputs(decoder_sequence=DECODER_SEQUENCE),
                            ["logits"], exporter=exporter, opset=opset, max_sequence=MAX_POSITIONS,
@@ -299,13 +338,19 @@ def verify_export(model: nn.Module, path: str | Path, inputs: dict | None = None
     """Check that the ONNX file reproduces the PyTorch logits; return the max abs error.
 
     Default inputs: batch 2, sequence 7 (not the export's 6), row 1 right-padded; for t5 a
-    decoder sequence of 4 (not the export's 5).
+    decoder sequence of 4 (not the export's 5); for vit, batch 3 (not the export's 2) of other
+    random images.
     """
     seq2seq = _is_encoder_decoder(model)
     if inputs is None:
-        inputs = example_inputs(batch=2, sequence=7, seed=1, decoder_sequence=4 if seq2seq else None)
+        if is_vision(model):
+            inputs = example_pixels(batch=3, seed=1)
+        else:
+            inputs = example_inputs(batch=2, sequence=7, seed=1, decoder_sequence=4 if seq2seq else None)
     with torch.no_grad():
-        if seq2seq:
+        if is_vision(model):
+            expected = PixelLogits(model)(inputs["pixel_values"]).numpy()
+        elif seq2seq:
             expected = Seq2SeqLogitsOnly(model)(*(inputs[name] for name in SEQ2SEQ_INPUT_NAMES)).numpy()
         else:
             expected = LogitsOnly(model)(inputs["input_ids"], inputs["attention_mask"]).numpy()

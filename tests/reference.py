@@ -62,12 +62,29 @@ qwen3 and gemma3. What they patch (and, by omission, leave to the plain gradient
   and v /2, or q, k detached). NOT patched, hence plain gradient: the relative position bias
   (a lookup by integer positions, it carries no relevance) and the untied LM head.
 
+vit (``transformers``' ViTForImageClassification): ``in.npz`` holds ``pixel_values`` (float32
+[B, 3, H, W]) and ``target``; the explained scalar of row b is ``logits[b, target[b]]``, relevance
+is ``pixel_values * pixel_values.grad`` (float64 [B, 3, H, W]). LXT's ViT map
+(``lxt.efficient.models.vit_torch``) patches torchvision's ViT, not transformers', so ``patch_vit``
+applies the same LXT building blocks to transformers' classes: ``layer_norm_forward`` on every
+LayerNorm (std held constant), ``identity_rule_implicit`` on the MLP's GELU, and in attention
+LXT's ``wrap_attention_forward`` (``attnlrp``: q, k gradients /4, v /2) or ``cp_wrap_attention_forward``
+(``cp-lrp``: q, k detached). Mode ``vit-gamma`` is LXT's ViT recipe: the ``cp-lrp`` patches plus
+Zennit's ``Gamma`` rule on every ``Conv2d`` and ``Linear`` (a ``LayerMapComposite``; gammas from
+``--gamma-conv`` / ``--gamma-linear``), turned into Gradient×Input by LXT's ``monkey_patch_zennit``.
+
+conv (one ``torch.nn.Conv2d``, for the gamma rule's unit test): ``in.npz`` holds ``x``, ``weight``,
+``bias`` (optional), ``stride``, ``padding`` and ``seed`` (the gradient fed to the output); mode ``gamma:G``
+runs plain Zennit ``Gamma(G)`` (its own LRP convention: the output gradient *is* the output
+relevance ``y * seed``) and writes ``relevance`` (Zennit's input relevance) and ``output``.
+
 From pytest use ``run_reference(family, hf_dir, mode, inputs, tmpdir)``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import subprocess
@@ -81,33 +98,40 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 STUBS_DIR = TESTS_DIR / "stubs"  # stand-in torchvision, imported by lxt
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5")
+TEXT_FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5")
+FAMILIES = TEXT_FAMILIES + ("vit", "conv")
 LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5")
 ENCODER_DECODER_FAMILIES = ("t5",)
-MODES = ("gradient", "attnlrp", "cp-lrp")
-TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}" for family in FAMILIES}
+MODES = ("gradient", "attnlrp", "cp-lrp", "vit-gamma")
+TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}"
+                        for family in TEXT_FAMILIES + ("vit",)}
 
 
 LOADERS = ("tiny", "smollm2", "minilm")  # models.tiny, or the real pretrained recipes
 
 
 def run_reference(
-    family: str, hf_dir: str | Path, mode: str, inputs: dict, tmpdir: str | Path, loader: str = "tiny"
+    family: str, hf_dir: str | Path | None, mode: str, inputs: dict, tmpdir: str | Path, loader: str = "tiny",
+    extra_args: tuple = (),
 ) -> dict[str, np.ndarray]:
     """Run this script in a subprocess and return the arrays of its ``out.npz``.
 
     ``inputs`` maps ``input_ids``, ``attention_mask`` and optionally ``target`` and
-    ``position`` to arrays (or tensors); ``tmpdir`` receives the npz files.
+    ``position`` (or, for vit, ``pixel_values`` and ``target``) to arrays (or tensors); float
+    arrays stay float32, the others become int64. ``tmpdir`` receives the npz files.
     """
     tmpdir = Path(tmpdir)
     tmpdir.mkdir(parents=True, exist_ok=True)
-    inputs_path = tmpdir / f"reference_{loader}_{family}_{mode}_in.npz"
-    out_path = tmpdir / f"reference_{loader}_{family}_{mode}_out.npz"
-    np.savez(inputs_path, **{name: np.asarray(value, dtype=np.int64) for name, value in inputs.items()})
+    tag = f"{loader}_{family}_{mode}{'_'.join(('',) + tuple(extra_args))}".replace(":", "_")
+    inputs_path = tmpdir / f"reference_{tag}_in.npz"
+    out_path = tmpdir / f"reference_{tag}_out.npz"
+    arrays = {name: np.asarray(value) for name, value in inputs.items()}
+    np.savez(inputs_path, **{name: value.astype(np.float32 if value.dtype.kind == "f" else np.int64)
+                             for name, value in arrays.items()})
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--family", family, "--hf-dir", str(hf_dir),
-        "--mode", mode, "--inputs", str(inputs_path), "--out", str(out_path), "--loader", loader,
-    ]
+        sys.executable, str(Path(__file__).resolve()), "--family", family, "--mode", mode,
+        "--inputs", str(inputs_path), "--out", str(out_path), "--loader", loader, *extra_args,
+    ] + (["--hf-dir", str(hf_dir)] if hf_dir is not None else [])
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if completed.returncode != 0:
@@ -297,13 +321,61 @@ def mixtral_patch_map(mode: str) -> dict:
     }
 
 
+def patch_vit(mode: str) -> None:
+    """Patch transformers' ViT classes with LXT's building blocks (see the module docstring).
+
+    LXT's own ViT map (``lxt.efficient.models.vit_torch.cp_LRP``) targets torchvision's
+    ``nn.GELU`` / ``nn.LayerNorm`` / ``nn.MultiheadAttention``; transformers' ViT has the same
+    parts in other classes: ``ViTIntermediate`` applies the GELU, and attention is the module-level
+    ``eager_attention_forward`` of ``modeling_vit``, which LXT's ``patch_attention`` /
+    ``patch_cp_attention`` wrap as they do for the decoders."""
+    import torch
+    import transformers.models.vit.modeling_vit as modeling_vit
+    from lxt.efficient import monkey_patch
+    from lxt.efficient.patches import layer_norm_forward, patch_attention, patch_cp_attention, patch_method
+    from lxt.efficient.rules import identity_rule_implicit
+
+    def intermediate_forward(self, hidden_states):
+        return identity_rule_implicit(self.intermediate_act_fn, self.dense(hidden_states))
+
+    patch_map = {
+        torch.nn.LayerNorm: functools.partial(patch_method, layer_norm_forward),
+        modeling_vit.ViTIntermediate: functools.partial(patch_method, intermediate_forward),
+        modeling_vit: patch_attention if mode == "attnlrp" else patch_cp_attention,
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Failed to patch")
+        monkey_patch(modeling_vit, patch_map)
+
+
+def register_zennit_gamma(model, gamma_conv: float, gamma_linear: float):
+    """LXT's ViT recipe: Zennit's Gamma rule on every Conv2d and Linear, in Gradient×Input form."""
+    import torch
+    import zennit.rules
+    from lxt.efficient import monkey_patch_zennit
+    from zennit.composites import LayerMapComposite
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Failed to patch")
+        monkey_patch_zennit()
+    composite = LayerMapComposite([
+        (torch.nn.Conv2d, zennit.rules.Gamma(gamma_conv)),
+        (torch.nn.Linear, zennit.rules.Gamma(gamma_linear)),
+    ])
+    composite.register(model)
+    return composite
+
+
 def patch_classes(family: str, mode: str) -> None:
     """Apply LXT's patches for ``mode`` to ``family``'s transformers module (before loading)."""
-    if mode == "gradient":
+    if mode == "gradient" or family == "conv":
         return
     sys.path.insert(0, str(STUBS_DIR))
     from lxt.efficient import monkey_patch
 
+    if family == "vit":
+        patch_vit(mode)
+        return
     if family == "bert" and mode == "cp-lrp":
         patch_bert_cp_lrp()
         return
@@ -384,11 +456,53 @@ def compute_seq2seq_relevance(model, input_ids, attention_mask, decoder_input_id
     )
 
 
+def compute_pixel_relevance(model, pixel_values, target) -> dict[str, np.ndarray]:
+    """Backpropagate the summed explained logits to the pixels (gradient x input)."""
+    import torch
+
+    pixel_values = torch.as_tensor(pixel_values, dtype=torch.float32).clone().requires_grad_()
+    target = torch.as_tensor(target, dtype=torch.int64).clone()
+    logits = model(pixel_values=pixel_values, return_dict=False)[0]
+    rows = torch.arange(pixel_values.shape[0])
+    target = torch.where(target < 0, logits.argmax(-1), target)
+    explained = logits[rows, target]
+    explained.sum().backward()
+    relevance = pixel_values.detach().double() * pixel_values.grad.double()
+    return dict(relevance=relevance.numpy(), logits=logits.detach().numpy(),
+                explained=explained.detach().numpy(), target=target.numpy())
+
+
+def conv_gamma_relevance(inputs, gamma: float) -> dict[str, np.ndarray]:
+    """Plain Zennit Gamma(gamma) on one Conv2d: the input relevance for output relevance y * seed."""
+    import torch
+
+    sys.path.insert(0, str(STUBS_DIR))  # zennit imports torchvision's ResNet blocks
+    import zennit.rules
+
+    weight = torch.as_tensor(inputs["weight"])
+    bias = torch.as_tensor(inputs["bias"]) if "bias" in inputs.files else None
+    conv = torch.nn.Conv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]), stride=int(inputs["stride"]),
+                           padding=int(inputs["padding"]), bias=bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    handles = zennit.rules.Gamma(gamma).register(conv)
+    x = torch.as_tensor(inputs["x"]).clone().requires_grad_()
+    y = conv(x)
+    output_relevance = y.detach() * torch.as_tensor(inputs["seed"])
+    (relevance,) = torch.autograd.grad(y, x, output_relevance)
+    handles.remove()
+    return dict(relevance=relevance.double().numpy(), output=y.detach().numpy())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Compute reference relevances in PyTorch.")
     parser.add_argument("--family", choices=FAMILIES, required=True)
-    parser.add_argument("--hf-dir", required=True, help="directory written by models.tiny.save")
-    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--hf-dir", help="directory written by models.tiny.save (all families but conv)")
+    parser.add_argument("--mode", required=True, help=f"one of {', '.join(MODES)}; for conv: gamma:G")
+    parser.add_argument("--gamma-conv", type=float, default=0.25, help="vit-gamma: Zennit Gamma on Conv2d")
+    parser.add_argument("--gamma-linear", type=float, default=0.05, help="vit-gamma: Zennit Gamma on Linear")
     parser.add_argument("--inputs", required=True, help="npz with input_ids, attention_mask, target, position")
     parser.add_argument("--out", required=True, help="npz to write")
     parser.add_argument("--loader", choices=LOADERS, default="tiny",
@@ -398,6 +512,16 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO_ROOT))
+    if args.family == "conv":
+        if not args.mode.startswith("gamma:"):
+            parser.error("family conv takes --mode gamma:G")
+        with np.load(args.inputs) as inputs:
+            np.savez(args.out, **conv_gamma_relevance(inputs, float(args.mode.split(":", 1)[1])))
+        return
+    if args.mode not in MODES or (args.mode == "vit-gamma" and args.family != "vit"):
+        parser.error(f"--mode {args.mode} does not apply to family {args.family}")
+    if args.hf_dir is None:
+        parser.error(f"family {args.family} needs --hf-dir")
     patch_classes(args.family, args.mode)  # must precede loading: LXT may replace classes
     if args.loader == "smollm2":
         from models import smollm2
@@ -415,6 +539,13 @@ def main(argv: list[str] | None = None) -> None:
         stop_bert_query_key_gradient(model)
     if args.family == "t5" and args.mode != "gradient":
         divide_t5_attention_gradients(model, args.mode)
+    if args.family == "vit":
+        if args.mode == "vit-gamma":
+            register_zennit_gamma(model, args.gamma_conv, args.gamma_linear)
+        with np.load(args.inputs) as inputs:
+            target = inputs["target"] if "target" in inputs.files else np.full(len(inputs["pixel_values"]), -1)
+            np.savez(args.out, **compute_pixel_relevance(model, inputs["pixel_values"], target))
+        return
 
     with np.load(args.inputs) as inputs:
         input_ids = inputs["input_ids"]
