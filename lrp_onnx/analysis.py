@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .graph import GraphView
+from .graph import GraphView, attr
 from .patterns import ACTIVATION_OPS, Region
 
 PRODUCT_OPS = {"MatMul", "Mul", "Einsum", "Gemm", "FusedMatMul"}
@@ -16,6 +16,10 @@ NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalizat
             "SkipSimplifiedLayerNormalization"}
 ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                "Expand"}
+# ops between an MoE router's softmax and the product with an expert's output: top-k selection,
+# renormalisation by the sum of the selected weights, per-expert gathers of the tokens' weights
+ROUTER_WEIGHT_OPS = ROUTING_OPS | {"TopK", "ReduceSum", "Div", "Gather", "GatherND", "GatherElements", "Flatten",
+                                   "Slice", "Split", "Concat"}
 
 
 @dataclass
@@ -59,6 +63,10 @@ def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
     return units
 
 
+# inputs read only for their type (or shape): their values never reach the output
+TYPE_ONLY_INPUTS = {("CastLike", 1)}
+
+
 def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str,
                    blocked: set[int] | None = None) -> set[str]:
     """Float tensors reachable from `sources` and reaching `target`, skipping blocked units."""
@@ -67,7 +75,7 @@ def relevance_path(view: GraphView, units: list[Unit], sources: list[str], targe
     for k, u in enumerate(units):
         if k in blocked:
             continue
-        if any(t in forward for t in u.inputs if t):
+        if any(t in forward for i, t in enumerate(u.inputs) if t and (u.op_type, i) not in TYPE_ONLY_INPUTS):
             forward.update(o for o in u.outputs if o and view.may_carry_relevance(o))
     backward = {target}
     for k in range(len(units) - 1, -1, -1):
@@ -99,6 +107,10 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
             op = u.op_type
             if op == "Tanh" and _is_softcap(view, u.nodes[0]):
                 cats = ["softcap"]  # c * tanh(x / c): a bound on logits, not an activation
+            elif op == "Conv" and view.is_constant(u.inputs[1]) and all(view.is_constant(t) for t in u.inputs[2:] if t):
+                cats = ["conv"]
+            elif op == "Gemm" and _is_linear_gemm(view, u.nodes[0]):
+                cats = ["linear"]
             elif op in ACTIVATION_OPS:
                 cats = ["activation"]
                 if _feeds_gate(view, u.outputs[0], path):
@@ -108,9 +120,23 @@ def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
             elif op in NORM_OPS:
                 cats = ["norm"]
             elif op == "Softmax":
-                cats = ["attention_probs", "softmax"] if _feeds_attention(view, u.outputs[0], path) else ["softmax"]
+                if _feeds_attention(view, u.outputs[0], path):
+                    cats = ["attention_probs", "softmax"]
+                elif _weights_experts(view, u.outputs[0], path):
+                    cats = ["router", "softmax"]
+                else:
+                    cats = ["softmax"]
             cats.append(op)
         u.categories = cats
+
+
+def _is_linear_gemm(view: GraphView, k: int) -> bool:
+    """Gemm(x, W, b) with constant W and b (or none) and x not transposed: a fully-connected layer."""
+    node = view.nodes[k]
+    a, w = node.input[0], node.input[1]
+    c = node.input[2] if len(node.input) > 2 else ""
+    return not view.is_constant(a) and view.is_constant(w) and (not c or view.is_constant(c)) \
+        and not attr(node, "transA", 0)
 
 
 def _scalar_operand(view: GraphView, node, other_than: str):
@@ -167,4 +193,23 @@ def _feeds_gate(view: GraphView, act: str, path: set[str]) -> bool:
         n = view.nodes[c]
         if n.op_type == "Mul" and any(i in path and i != via for i in n.input):
             return True
+    return False
+
+
+def _weights_experts(view: GraphView, probs: str, path: set[str], depth: int = 12) -> bool:
+    """An MoE router: the softmax's (top-k, renormalised, gathered) weights multiply a
+    relevance-carrying tensor that does not come from the router (an expert's output)."""
+    weights, frontier = {probs}, [(probs, 0)]
+    while frontier:
+        name, d = frontier.pop()
+        for c in view.consumers.get(name, []):
+            n = view.nodes[c]
+            if n.op_type == "Mul" and any(i in path and i not in weights for i in n.input):
+                return True
+            if n.op_type in ROUTER_WEIGHT_OPS and d < depth:
+                outputs = n.output[:1] if n.op_type == "TopK" else n.output  # not the indices
+                for o in outputs:
+                    if o and o not in weights and view.may_carry_relevance(o):
+                        weights.add(o)
+                        frontier.append((o, d + 1))
     return False

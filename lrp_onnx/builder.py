@@ -99,8 +99,10 @@ class Builder:
         return self.op("ConstantOfShape", [self.shape_of(t)], like=t, value=zero)
 
     def reshape_like(self, g: str, t: str) -> str:
-        out = self.op("Reshape", [g, self.shape_of(t)], dtype=self.view.dtype(g), shape=self.view.shape(t))
-        return out
+        # allowzero: a 0 in t's shape is a size (an MoE expert that got no tokens), not "copy this dim"
+        zero_is_size = {"allowzero": 1} if self.opset >= 14 else {}
+        return self.op("Reshape", [g, self.shape_of(t)], dtype=self.view.dtype(g), shape=self.view.shape(t),
+                       **zero_is_size)
 
     def cast_like(self, g: str, t: str) -> str:
         dt_g, dt_t = self.view.dtype(g), self.view.dtype(t)

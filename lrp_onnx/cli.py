@@ -1,4 +1,4 @@
-"""The `lrp-onnx` command: convert, inspect, explain."""
+"""The `lrp-onnx` command: convert, inspect, explain, evaluate, bench."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from .errors import LRPError
-from .rules import RULE_SETS, RULES
+from .rules import RULE_SETS, RuleError, check_rule_name
 
 
 def _rule_overrides(args) -> dict | None:
@@ -40,8 +40,10 @@ def _rule_overrides(args) -> dict | None:
         key, value = item.split("=", 1)
         mapping[key] = value
     for key, value in mapping.items():
-        if value not in RULES:
-            raise LRPError(f"override '{key}={value}': unknown rule; known rules: {', '.join(sorted(RULES))}")
+        try:
+            check_rule_name(value, f"override '{key}={value}'")
+        except RuleError as exc:
+            raise LRPError(str(exc)) from None
     return mapping or None
 
 
@@ -74,11 +76,13 @@ def cmd_inspect(args) -> int:
     return 0 if report.supported else 1
 
 
-def _tokenize(tokenizer_path: str, texts: list[str]):
+def load_tokenizer(tokenizer_path: str):
+    """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation."""
+    tokenizer_path = os.fspath(tokenizer_path)
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise LRPError("explain --text needs the 'tokenizers' package: pip install tokenizers") from None
+        raise LRPError("reading text needs the 'tokenizers' package: pip install tokenizers") from None
     if not os.path.isfile(tokenizer_path):
         raise LRPError(f"{tokenizer_path}: no such tokenizer file")
     try:
@@ -86,6 +90,11 @@ def _tokenize(tokenizer_path: str, texts: list[str]):
     except Exception as exc:
         raise LRPError(f"{tokenizer_path}: not a tokenizers JSON file ({exc.__class__.__name__})") from None
     tok.no_truncation()
+    return tok
+
+
+def _tokenize(tokenizer_path: str, texts: list[str]):
+    tok = load_tokenizer(tokenizer_path)
     encodings = [tok.encode(t) for t in texts]
     length = max(len(e.ids) for e in encodings)
     ids = np.zeros((len(texts), length), dtype=np.int64)
@@ -96,10 +105,47 @@ def _tokenize(tokenizer_path: str, texts: list[str]):
     return tok, encodings, ids, mask
 
 
+def _image_feed(explainer, args):
+    """pixel_values [1, C, H, W] from an image file: RGB, resized to the model's input size, scaled to
+    0..1 and normalized by --mean/--std."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LRPError("explain --image needs Pillow: pip install pillow") from None
+    floats = [i for i in explainer.session.get_inputs() if i.type in ("tensor(float)", "tensor(float16)")
+              and not i.name.startswith("lrp_")]
+    if len(floats) != 1 or len(floats[0].shape) != 4:
+        raise LRPError(f"{args.model}: --image needs a model with one float input [batch, channels, height, "
+                       f"width]; its inputs are {', '.join(i.name for i in explainer.session.get_inputs())}")
+    pixel_input = floats[0]
+    _, channels, height, width = pixel_input.shape
+    if args.image_size:
+        height = width = args.image_size
+    if not all(isinstance(d, int) for d in (channels, height, width)):
+        raise LRPError(f"{args.model}: input '{pixel_input.name}' has dynamic size; give --image-size")
+    if not os.path.isfile(args.image):
+        raise LRPError(f"{args.image}: no such image file")
+    try:
+        image = Image.open(args.image).convert("RGB" if channels == 3 else "L").resize((width, height))
+    except Exception as exc:
+        raise LRPError(f"{args.image}: not a readable image ({exc.__class__.__name__})") from None
+    pixels = np.asarray(image, np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
+    mean = np.asarray([float(v) for v in args.mean.split(",")], np.float32).reshape(-1, 1, 1)
+    std = np.asarray([float(v) for v in args.std.split(",")], np.float32).reshape(-1, 1, 1)
+    dtype = np.float16 if pixel_input.type == "tensor(float16)" else np.float32
+    return {pixel_input.name: ((pixels - mean) / std)[None].astype(dtype)}
+
+
 def cmd_explain(args) -> int:
     from .runner import Explainer
 
+    if (args.image is None) == (args.text is None):
+        raise LRPError("explain needs either --text (with --tokenizer) or --image")
+    if args.text is not None and args.tokenizer is None:
+        raise LRPError("explain --text needs --tokenizer tokenizer.json")
     explainer = Explainer(args.model)
+    if args.image is not None:
+        return _explain_image(explainer, args)
     tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
     feed = {}
     for name in explainer.input_names:
@@ -135,6 +181,17 @@ def cmd_explain(args) -> int:
                        "logit": float(result.logit[row]) if result.logit is not None else None,
                        "relevance_sum": float(values.sum()),
                        "tokens": [{"token": t, "relevance": float(v)} for t, v in zip(tokens, values)]})
+    if args.html or args.png:
+        from .heatmap import token_pieces, write_tokens_html, write_tokens_png
+
+        rows = [{"pieces": token_pieces(text, e.offsets, e.tokens), "relevance": per_token[k, :len(e.tokens)],
+                 "title": f"explained: {r['target_label']!r} (logit {r['logit']:.3f}), "
+                          f"sum of relevance {r['relevance_sum']:.3f}"}
+                for k, (text, e, r) in enumerate(zip(args.text, encodings, report))]
+        if args.html:
+            write_tokens_html(rows, args.html)
+        if args.png:
+            write_tokens_png(rows, args.png)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -146,6 +203,42 @@ def cmd_explain(args) -> int:
         for t in r["tokens"]:
             bar = ("+" if t["relevance"] >= 0 else "-") * int(round(20 * abs(t["relevance"]) / peak))
             print(f"  {t['token']!r:>20} {t['relevance']:+.4f} {bar}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import METHODS, evaluate
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,
+                      workdir=args.workdir, output=args.output, source=args.source, limit=args.limit,
+                      ig_steps=args.ig_steps, batch_size=args.batch_size, progress=not args.quiet)
+    written = result.write(args.out, title=args.title)
+    print(f"{'method':<10} {'ABPC':>9} {'std':>8} {'sem':>8}   n={len(result.examples)} ({args.task})")
+    for m, r in result.methods.items():
+        s = r.summary()
+        print(f"{m:<10} {s['abpc_mean']:>9.4f} {s['abpc_std']:>8.4f} {s['abpc_sem']:>8.4f}")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _explain_image(explainer, args) -> int:
+    feed = _image_feed(explainer, args)
+    result = explainer.run(target=[args.target] if args.target is not None else None, **feed)
+    pixels = next(iter(feed.values()))[0]
+    relevance = result.relevance[0]
+    if args.png:
+        from .heatmap import write_image_overlay_png
+
+        write_image_overlay_png(pixels, relevance, args.png)
+    summary = {"image": args.image, "target": int(result.target[0]) if result.target is not None else None,
+               "logit": float(result.logit[0]) if result.logit is not None else None,
+               "relevance_sum": float(relevance.sum())}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"image: {args.image}\nexplained: target {summary['target']}, logit {summary['logit']:.4f}, "
+              f"sum of relevance {summary['relevance_sum']:.4f}" + (f"\nwrote {args.png}" if args.png else ""))
     return 0
 
 
@@ -178,12 +271,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("explain", help="relevance per token of a text, from a converted model")
     p.add_argument("model", help="a model written by `lrp-onnx convert`")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (Hugging Face tokenizers format)")
-    p.add_argument("--text", required=True, action="append", help="text to explain; repeat for a batch")
+    p.add_argument("--tokenizer", help="tokenizer.json (Hugging Face tokenizers format), for --text")
+    p.add_argument("--text", action="append", help="text to explain; repeat for a batch")
+    p.add_argument("--image", help="image file to explain (a model with a pixel input [1, C, H, W])")
+    p.add_argument("--image-size", type=int, help="resize the image to this square size (default: the "
+                   "model's input size)")
+    p.add_argument("--mean", default="0.5,0.5,0.5", help="per-channel mean for --image (default 0.5,0.5,0.5)")
+    p.add_argument("--std", default="0.5,0.5,0.5", help="per-channel std for --image (default 0.5,0.5,0.5)")
+    p.add_argument("--html", metavar="FILE", help="write a token heatmap as HTML (red +, blue -)")
+    p.add_argument("--png", metavar="FILE", help="write the heatmap as PNG (tokens, or an image overlay)")
     p.add_argument("--target", type=int, help="class / vocabulary index to explain (default: the argmax)")
     p.add_argument("--target-token", help="vocabulary token to explain, e.g. 'ĠParis'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("evaluate", help="faithfulness: MoRF/LeRF perturbation curves and ABPC per method")
+    p.add_argument("model", help="the exported ONNX model (not converted: each method is converted here)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (Hugging Face tokenizers format)")
+    p.add_argument("--texts", required=True, help="text file: one text per line, or text<TAB>reference")
+    p.add_argument("--task", choices=["next-token", "similarity"], default="next-token",
+                   help="next-token: the LM's argmax next token after the text minus its last word; "
+                        "similarity: the embedding's dot product with the reference's (default next-token)")
+    p.add_argument("--methods", help="comma-separated subset of attnlrp,cp-lrp,gradient,ig,random (default all)")
+    p.add_argument("--limit", type=int, help="use the first N texts")
+    p.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps (default 16)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per perturbed forward run (default 64)")
+    p.add_argument("--output", help="graph output to explain (default: the first)")
+    p.add_argument("--source", help="tensor whose tokens are removed (default: the word-embedding lookup)")
+    p.add_argument("--workdir", help="keep the generated graphs here (default: a temporary directory)")
+    p.add_argument("--out", required=True, help="directory for results.json, abpc.csv, curves.csv, curves.png")
+    p.add_argument("--title", help="title of the plot")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
     sub.add_parser("bench", help="time explain vs forward vs LXT (source checkout only; see its --help)")
     return parser
 

@@ -25,7 +25,9 @@ MAX_REGION_NODES = 24
 @dataclass
 class Region:
     kind: str            # "activation" (identity rule), "norm_scale" (std/rms treated as constant),
-                         # "fake_quantization" (straight through), "quantized_matmul" (dequantized weight)
+                         # "fake_quantization" (straight through), "quantized_matmul" (dequantized weight),
+                         # "linear" (MatMul by a constant matrix plus a constant bias: a fully-connected
+                         # layer, for the gamma rule)
     pattern: str         # what was recognised, for reports
     nodes: list          # node indices, ascending
     input: str           # the tensor the function is applied to
@@ -240,13 +242,49 @@ def find_quantized_matmul(view: GraphView, end: int, claimed: set) -> Region | N
     return Region("quantized_matmul", f"DynamicQuantizeLinear->{matmul.op_type}", nodes, x, node.output[0])
 
 
+def find_linear(view: GraphView, end: int, claimed: set) -> Region | None:
+    """A fully-connected layer written as MatMul(x, W) (+ b): W a constant matrix, b a constant added
+    to the MatMul's only use. Rules that re-run the layer with modified weights (gamma) need W and b
+    together, as torch.nn.Linear holds them; under any other rule the region dissolves again."""
+    node = view.nodes[end]
+    if end in claimed or node.domain not in ("", "ai.onnx"):
+        return None
+    matmul, bias_add = end, None
+    if node.op_type == "Add" and len(node.input) == 2:
+        for t, other in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+            p = view.producer.get(t)
+            if p is not None and view.nodes[p].op_type == "MatMul" and view.is_constant(other) \
+                    and not view.is_constant(t) and view.consumers.get(t) == [end] and p not in claimed:
+                matmul, bias_add = p, end
+                break
+        else:
+            return None
+    mm = view.nodes[matmul]
+    if mm.op_type != "MatMul" or view.is_constant(mm.input[0]) or not view.is_float(mm.input[0]) \
+            or not view.is_constant(mm.input[1]) or view.rank(mm.input[1]) != 2:
+        return None
+    if bias_add is None:
+        return Region("linear", "Linear (MatMul by a constant matrix)", [matmul], mm.input[0], mm.output[0])
+    return Region("linear", "Linear (MatMul + bias Add)", [matmul, bias_add], mm.input[0], node.output[0])
+
+
+def linear_parts(view: GraphView, region: Region) -> tuple[str, str, str | None]:
+    """(x, W, bias or None) of a "linear" region: y = x @ W (+ bias)."""
+    mm = view.nodes[region.nodes[0]]
+    bias = None
+    if len(region.nodes) == 2:
+        add = view.nodes[region.nodes[1]]
+        bias = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
+    return mm.input[0], mm.input[1], bias
+
+
 def find_regions(view: GraphView, enabled: bool = True) -> list[Region]:
-    """All activation and norm regions of the graph, found from the outputs backward."""
+    """All activation, norm and linear-layer regions of the graph, found from the outputs backward."""
     if not enabled:
         return []
     regions, claimed = [], set()
     for i in range(len(view.nodes) - 1, -1, -1):
-        for finder in (find_quantized_matmul, find_norm_scale, find_activation, find_fake_quantization):
+        for finder in (find_quantized_matmul, find_norm_scale, find_activation, find_fake_quantization, find_linear):
             r = finder(view, i, claimed)
             if r is not None:
                 regions.append(r)

@@ -28,7 +28,7 @@ from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
 from .graph import GraphView, node_label
 from .patterns import find_regions
-from .rules import RULE_SETS, RULES, check_rule_name, resolve_rule
+from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .seed import build_seed
 from .vjp import NORM_VJPS, lookup
 
@@ -70,20 +70,35 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     return loaded, os.path.dirname(os.path.abspath(path))
 
 
+def source_inputs(view: GraphView, sources: list[str]) -> list[str | None]:
+    """The graph input behind each source: the token-id input of an embedding lookup, the source
+    itself if it is a graph input, else None."""
+    looked_up = {out: token_input for _, _, token_input, _, out in _embedding_lookups(view)}
+    return [looked_up.get(s, s if s in view.graph_inputs else None) for s in sources]
+
+
 # -- analyze -------------------------------------------------------------------------------------
-def default_sources(view: GraphView, output: str) -> list[str]:
-    """The word-embedding lookup(s): Gathers on the largest float table fed by an integer graph
-    input (or on a quantized table, then dequantized: quantize_dynamic). Without one, the float graph
-    inputs (pixels, features)."""
-    int_inputs = {i for i in view.graph_inputs if not view.is_float(i)}
-    derived = set(int_inputs)
+INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")
+
+
+def _integer_input_origins(view: GraphView) -> dict[str, str]:
+    """Tensor -> the integer graph input it is a cast or reshape of (token ids and their views)."""
+    origin = {i: i for i in view.graph_inputs if not view.is_float(i)}
     for n in view.nodes:
-        if any(t in derived for t in n.input) and n.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze",
-                                                               "Identity", "Flatten"):
-            derived.update(n.output)
+        if n.op_type in INDEX_ROUTING_OPS:
+            feeding = next((origin[t] for t in n.input if t in origin), None)
+            if feeding is not None:
+                origin.update((o, feeding) for o in n.output if o)
+    return origin
+
+
+def _embedding_lookups(view: GraphView) -> list[tuple]:
+    """(table rows, table, token input, node index, output) of each Gather of a constant float table
+    by an integer graph input."""
+    origin = _integer_input_origins(view)
     lookups = []
-    for n in view.nodes:
-        if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in derived \
+    for k, n in enumerate(view.nodes):
+        if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in origin \
                 and view.is_constant(n.input[0]):
             rows = (view.shape(n.input[0]) or [0])[0]
             out = n.output[0]
@@ -92,10 +107,22 @@ def default_sources(view: GraphView, output: str) -> list[str]:
                 if len(deq) != 1 or deq[0].op_type != "DequantizeLinear" or deq[0].input[0] != out:
                     continue
                 out = deq[0].output[0]
-            lookups.append((rows if isinstance(rows, int) else 0, n.input[0], out))
+            lookups.append((rows if isinstance(rows, int) else 0, n.input[0], origin[n.input[1]], k, out))
+    return lookups
+
+
+def default_sources(view: GraphView, output: str) -> list[str]:
+    """The word-embedding lookup(s): Gathers on the largest float table fed by an integer graph
+    input (or on a quantized table, then dequantized: quantize_dynamic), in the order of those inputs
+    among the graph inputs, then in node order. An encoder-decoder that shares its table (T5) gives
+    two: the encoder's (`input_ids`) first, then the decoder's (`decoder_input_ids`). Without one,
+    the float graph inputs (pixels, features)."""
+    lookups = _embedding_lookups(view)
     if lookups:
-        biggest = max(lookups)[1]
-        return [out for _, table, out in lookups if table == biggest]
+        biggest = max((rows, table) for rows, table, *_ in lookups)[1]
+        order = view.graph_inputs.index
+        return [out for _, _, out in sorted((order(token_input), k, out)
+                                            for _, table, token_input, k, out in lookups if table == biggest)]
     floats = [i for i in view.graph_inputs if view.is_float(i)]
     if floats:
         return floats
@@ -137,7 +164,11 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
 
 
 def _rule_problem(view: GraphView, u: Unit) -> str | None:
-    if u.region is not None:
+    if rule_base(u.rule) == "gamma" and not any(c in GAMMA_CATEGORIES for c in u.categories):
+        return f"{u.describe(view)}: rule {u.rule} applies to Conv and linear layers (constant weights) only"
+    if u.region is not None and u.region.kind == "linear" and rule_base(u.rule) not in ("gamma", "constant"):
+        return f"{u.describe(view)}: a linear layer takes rules gradient, gamma or constant, not {u.rule}"
+    if u.region is not None or rule_base(u.rule) == "gamma":
         return None
     node = view.nodes[u.nodes[0]]
     if u.rule in ("gradient", "uniform") and lookup(node) is None:
@@ -169,7 +200,7 @@ def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str])
         wants = [bool(t) and t in plan.path for t in u.inputs]
         b.scope = re.sub(r"[^A-Za-z0-9_.-]+", "_", u.name or u.op_type)[-60:] or "node"
         try:
-            grads = RULES[u.rule](b, u, gy, wants)
+            grads = rule_function(u.rule)(b, u, gy, wants)
         except (NotImplementedError, ValueError) as exc:
             problems.append(f"{u.describe(view)}: {exc}")
             continue
@@ -272,6 +303,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     meta = {
         "version": __version__, "rules": plan.rules, "explained_output": output, "sources": sources,
         "latent": dict(zip(names[len(sources):], latent)), "relevance_outputs": names,
+        "source_inputs": dict(zip(names, source_inputs(view, sources))),
         "seed_input": seed_input, "overrides": overrides or {}, "relevance_only": relevance_only,
         "head_at_position": position_selected,
     }

@@ -8,17 +8,26 @@ Zennit composites map layer types to rules. Categories come from analysis.classi
   norm            LayerNormalization / RMSNormalization ops
   norm_scale      the std/rms factor of a written-out LayerNorm/RMSNorm
   attention_probs a Softmax whose output weights a relevance-carrying value tensor
+  router          a Softmax whose (top-k) weights scale the experts' outputs of an MoE block
   softmax         any other Softmax
   fake_quantization  QuantizeLinear->DequantizeLinear on activations (QDQ models)
   softcap         c*tanh(x/c) logit soft-capping (Gemma): plain gradient, as LXT leaves it
+  conv            Conv with constant weights (and bias)
+  linear          a fully-connected layer: Gemm, or MatMul by a constant matrix (+ constant bias Add)
   quantized_matmul  DynamicQuantizeLinear -> MatMulInteger (-> Cast -> Mul) / MatMulIntegerToFloat:
                   the float gradient with the dequantized weight (the rounding passes straight through)
 Unlisted categories get "gradient".
+
+A rule name may carry a parameter after a colon: "gamma:0.25" is the gamma rule with gamma 0.25
+("gamma" alone: Zennit's default, 0.25).
 """
 from __future__ import annotations
 
 import fnmatch
+import functools
+import math
 
+from .affine import affine_layer
 from .analysis import Unit
 from .builder import Builder
 from .vjp import NORM_VJPS, lookup
@@ -43,8 +52,16 @@ RULE_SETS: dict[str, dict[str, str]] = {
         "norm": "constant_std",
         "norm_scale": "constant",
         "attention_probs": "constant",
+        "router": "constant",
     },
 }
+# LXT's ViT recipe (lxt/efficient/models/vit_torch.py with Zennit, as in LXT's ViT example): CP-LRP
+# inside attention, AttnLRP's identity / constant-std rules outside it, and Zennit's Gamma rule on
+# Conv2d and Linear layers. LXT leaves the two gammas to be tuned (its example sweeps conv gamma
+# over 0.1, 0.25, 100 and linear gamma over 0, 0.01, 0.05, 0.1, 1); these defaults are Zennit's
+# gamma=0.25 on the patch-embedding Conv and 0.05 on every linear layer. Override per op type:
+# overrides={"conv": "gamma:100", "linear": "gamma:0.1"}.
+RULE_SETS["vit-gamma"] = dict(RULE_SETS["cp-lrp"], conv="gamma:0.25", linear="gamma:0.05")
 
 RULE_DOCS = {
     "gradient": "exact local Jacobian (plain Gradient×Input)",
@@ -54,6 +71,8 @@ RULE_DOCS = {
     "straight_through": "gradient passed unchanged (rounding of quantize-dequantize pairs)",
     "dequantized": "gradient of a quantized MatMul in float, with the dequantized weight",
     "constant_std": "normalization with std/rms held constant: only the centring is differentiated",
+    "gamma": "Zennit's generalized LRP-gamma rule on a Conv or linear layer (`gamma:G`, default G=0.25): "
+             "weights w + G·w⁺ for positive and w + G·w⁻ for negative contributions, stabilizer 1e-6",
 }
 
 IDENTITY_EPSILON = 1e-10
@@ -159,6 +178,97 @@ def constant_std_rule(b: Builder, unit: Unit, gy: list, wants: list):
     return NORM_VJPS[node.op_type](b, node, gy, wants, constant_std=True)
 
 
+def rule_function(name: str):
+    """The implementation of rule `name`, its parameter bound ("gamma:0.1")."""
+    base, _, param = name.partition(":")
+    if base in PARAMETRIZED_RULES:
+        fn, parse = PARAMETRIZED_RULES[base]
+        return functools.partial(fn, **parse(param))
+    if param or name not in RULES:
+        raise RuleError(f"unknown rule '{name}'")
+    return RULES[name]
+
+
+def known_rules() -> list[str]:
+    return sorted(RULES) + [f"{base}[:PARAM]" for base in PARAMETRIZED_RULES]
+
+
 def check_rule_name(name: str, where: str):
-    if name not in RULES:
-        raise RuleError(f"unknown rule '{name}' in {where}; known rules: {', '.join(sorted(RULES))}")
+    try:
+        rule_function(name)
+    except RuleError as exc:
+        raise RuleError(f"{exc} in {where}; known rules: {', '.join(known_rules())}") from None
+
+
+def rule_base(name: str) -> str:
+    """The rule without its parameter: "gamma:0.1" -> "gamma"."""
+    return name.partition(":")[0]
+
+
+# -- the gamma rule --------------------------------------------------------------------------
+GAMMA_DEFAULT = 0.25        # zennit.rules.Gamma's default
+GAMMA_STABILIZER = 1e-6     # zennit.rules.Gamma's default: z + 1e-6 * sign(z), sign(0) = +1
+
+
+def _parse_gamma(param: str) -> dict:
+    if not param:
+        return {"gamma": GAMMA_DEFAULT}
+    try:
+        gamma = float(param)
+    except ValueError:
+        raise RuleError(f"unknown rule 'gamma:{param}' (gamma must be a number, e.g. gamma:0.25)") from None
+    if not math.isfinite(gamma) or gamma < 0:
+        raise RuleError(f"unknown rule 'gamma:{param}' (gamma must be finite and >= 0)")
+    return {"gamma": gamma}
+
+
+def gamma_rule(b: Builder, unit: Unit, gy: list, wants: list, gamma: float = GAMMA_DEFAULT):
+    """Zennit's generalized Gamma rule (zennit.rules.Gamma) in Gradient×Input form.
+
+    For y = layer(x, w, b) and output relevance R = y ⊙ gy, with w↑ = w + γw⁺, w↓ = w + γw⁻,
+    b↑ = b + γb⁺, b↓ = b + γb⁻:
+      z↑ = layer(x⁺, w↑, b↑) + layer(x⁻, w↓)     (the positive contributions, where y > 0)
+      z↓ = layer(x⁺, w↓, b↓) + layer(x⁻, w↑)     (the negative ones, where y < 0)
+      s↑ = [y > 0] R / stab(z↑),  s↓ = [y < 0] R / stab(z↓)
+      R_in = x⁺ ⊙ (w↑ᵀ s↑ + w↓ᵀ s↓) + x⁻ ⊙ (w↓ᵀ s↑ + w↑ᵀ s↓)
+    The gradient handed on is R_in / x: w↑ᵀ s↑ + w↓ᵀ s↓ where x > 0, w↓ᵀ s↑ + w↑ᵀ s↓ where
+    x < 0, 0 where x = 0 (LXT divides Zennit's R_in by x + 1e-10·sign(x) instead: equal up to 1e-10/|x|)."""
+    layer = affine_layer(b, unit)
+    x, y, w = layer.x, layer.y, layer.weight
+
+    def positive(t):
+        return b.op("Relu", [t], like=t)
+
+    def negative(t):
+        return b.op("Min", [t, b.scalar_like(0.0, t)], like=t)
+
+    def plus_gamma(t, part):
+        return b.add(t, b.mul(part(t), b.scalar_like(gamma, t)), like=t)
+
+    w_up, w_down = plus_gamma(w, positive), plus_gamma(w, negative)
+    b_up = plus_gamma(layer.bias, positive) if layer.bias else None
+    b_down = plus_gamma(layer.bias, negative) if layer.bias else None
+    x_pos, x_neg = positive(x), negative(x)
+    z_up = b.add(layer.apply(x_pos, w_up, b_up), layer.apply(x_neg, w_down, None), like=y)
+    z_down = b.add(layer.apply(x_pos, w_down, b_down), layer.apply(x_neg, w_up, None), like=y)
+
+    relevance = b.mul(gy[0], y, like=y)
+    zero, one = b.scalar_like(0.0, y), b.scalar_like(1.0, y)
+
+    def share(z, where):  # [where] R / (z + eps * sign(z)), sign(0) = +1
+        sign = b.op("Where", [b.op("GreaterOrEqual", [z, zero]), one, b.neg(one)], like=z)
+        stabilized = b.add(z, b.mul(sign, b.scalar_like(GAMMA_STABILIZER, y), like=z), like=z)
+        return b.op("Where", [where, b.op("Div", [relevance, stabilized], like=y), zero], like=y)
+
+    s_up = share(z_up, b.op("Greater", [y, zero]))
+    s_down = share(z_down, b.op("Less", [y, zero]))
+    grad_pos = b.add(layer.transpose(s_up, w_up), layer.transpose(s_down, w_down), like=x)
+    grad_neg = b.add(layer.transpose(s_up, w_down), layer.transpose(s_down, w_up), like=x)
+    x_zero = b.scalar_like(0.0, x)
+    grad = b.op("Where", [b.op("Greater", [x, x_zero]), grad_pos,
+                          b.op("Where", [b.op("Less", [x, x_zero]), grad_neg, x_zero], like=x)], like=x)
+    return [grad] + [None] * (len(unit.inputs) - 1)
+
+
+PARAMETRIZED_RULES = {"gamma": (gamma_rule, _parse_gamma)}  # name -> (implementation, parameter parser)
+GAMMA_CATEGORIES = ("conv", "linear")

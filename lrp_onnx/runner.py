@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,10 +17,23 @@ class Explanation:
     relevance: np.ndarray  # at the (first) relevance source
     target: np.ndarray | None
     logit: np.ndarray | None
+    relevances: dict = field(default_factory=dict)     # every source's relevance output, in source order
+    source_inputs: dict = field(default_factory=dict)  # relevance output -> graph input behind its source
 
-    def token_relevance(self) -> np.ndarray:
-        """Relevance per token: summed over the hidden axis (the last one)."""
-        return self.relevance.sum(axis=-1) if self.relevance.ndim >= 3 else self.relevance
+    def relevance_of(self, input_name: str) -> np.ndarray:
+        """Relevance at the source fed by graph input `input_name`: for an encoder-decoder,
+        relevance_of("input_ids") (encoder tokens) and relevance_of("decoder_input_ids")."""
+        names = [name for name, i in self.source_inputs.items() if i == input_name]
+        if not names:
+            known = ", ".join(i for i in self.source_inputs.values() if i) or "none"
+            raise LRPError(f"no relevance source is fed by input '{input_name}'; sources are fed by: {known}")
+        return self.relevances[names[0]]
+
+    def token_relevance(self, input_name: str | None = None) -> np.ndarray:
+        """Relevance per token: summed over the hidden axis (the last one). Of the first source, or
+        of the source fed by graph input `input_name`."""
+        relevance = self.relevance if input_name is None else self.relevance_of(input_name)
+        return relevance.sum(axis=-1) if relevance.ndim >= 3 else relevance
 
 
 class Explainer:
@@ -81,5 +94,9 @@ class Explainer:
             feed[SEED_INPUT] = np.asarray(seed)
         values = self.session.run(None, feed)
         outputs = dict(zip(self.output_names, values))
+        source_inputs = self.meta.get("source_inputs", {})  # absent in models converted by earlier versions
+        names = [n for n in self.meta["relevance_outputs"] if n not in self.meta.get("latent", {})]
         return Explanation(outputs, outputs[self.meta["relevance_outputs"][0]],
-                           outputs.get(SELECTED_TARGET), outputs.get(SELECTED_LOGIT))
+                           outputs.get(SELECTED_TARGET), outputs.get(SELECTED_LOGIT),
+                           relevances={n: outputs[n] for n in names},
+                           source_inputs={n: source_inputs.get(n) for n in names})

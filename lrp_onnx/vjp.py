@@ -178,6 +178,59 @@ def _gather_elements(b, node, gy, wants):
     return [out, None]
 
 
+@register("GatherND")
+def _gather_nd(b, node, gy, wants):
+    """Scatter-add the gradient back into a zero tensor of the data's shape (indices may repeat)."""
+    if attr(node, "batch_dims", 0):
+        raise NotImplementedError("GatherND with batch_dims > 0 on the relevance path")
+    data, indices = node.input[0], node.input[1]
+    out = b.op("ScatterND", [b.zeros_like(data), indices, _g(gy)], reduction="add", like=data)
+    return [out, None]
+
+
+@register("ScatterElements")
+def _scatter_elements(b, node, gy, wants):
+    """out = data with `updates` written (or added) at `indices` along `axis`. The updates get the
+    gradient at the positions they went to; the data gets it where nothing overwrote it. (Repeated
+    indices without reduction are undefined behaviour in ONNX; exporters write unique ones.)"""
+    return _scatter_vjp(b, node, gy, wants, gather="GatherElements", axis=attr(node, "axis", 0))
+
+
+@register("ScatterND")
+def _scatter_nd(b, node, gy, wants):
+    return _scatter_vjp(b, node, gy, wants, gather="GatherND", axis=None)
+
+
+def _scatter_vjp(b, node, gy, wants, gather: str, axis):
+    data, indices, updates = node.input
+    reduction = attr(node, "reduction", "none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    if reduction not in ("none", "add"):
+        raise NotImplementedError(f"{node.op_type} with reduction '{reduction}'")
+    g = _g(gy)
+    axis_attr = {} if axis is None else {"axis": axis}
+    out = [None, None, None]
+    if wants[0]:
+        out[0] = g if reduction == "add" else \
+            b.op(node.op_type, [g, indices, b.zeros_like(updates)], like=data, **axis_attr)
+    if wants[2]:
+        out[2] = b.op(gather, [g, indices], like=updates, **axis_attr)
+    return out
+
+
+@register("TopK")
+def _top_k(b, node, gy, wants):
+    """The selected values' gradient goes back to where they were taken from; the rest get zero.
+    The indices output is an integer routing decision: no gradient."""
+    x = node.input[0]
+    g_values = gy[0]
+    out = [None] * len(node.input)
+    if g_values is not None and wants[0]:
+        out[0] = b.op("ScatterElements", [b.zeros_like(x), node.output[1], g_values],
+                      axis=attr(node, "axis", -1), like=x)
+    return out
+
+
 @register("Where")
 def _where(b, node, gy, wants):
     cond, x, y = node.input
@@ -550,3 +603,56 @@ def _einsum(b, node, gy, wants):
         sub_eq = ",".join([out_sub] + [s for s, _ in others]) + "->" + subs[i]
         grads.append(b.op("Einsum", [g] + [x for _, x in others], equation=sub_eq, like=t))
     return grads
+
+
+# -- convolution --------------------------------------------------------------------------------
+def conv_geometry(b: Builder, node) -> dict:
+    """Kernel, strides, pads, dilations and group of a Conv node, with explicit pads."""
+    x, w = node.input[0], node.input[1]
+    w_shape = b.view.shape(w)
+    spatial = (b.view.rank(x) or 0) - 2
+    if spatial < 1 or w_shape is None:
+        raise NotImplementedError("Conv with an input or weight of unknown rank")
+    kernel = list(attr(node, "kernel_shape", w_shape[2:]))
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise NotImplementedError(f"Conv with auto_pad={auto_pad}; re-export with explicit pads")
+    return dict(kernel=kernel, strides=list(attr(node, "strides", [1] * spatial)),
+                pads=list(attr(node, "pads", [0] * 2 * spatial)) if auto_pad == "NOTSET" else [0] * 2 * spatial,
+                dilations=list(attr(node, "dilations", [1] * spatial)), group=attr(node, "group", 1))
+
+
+def conv_input_gradient(b: Builder, node, g: str, w: str) -> str:
+    """W^T g for y = Conv(x, w): ConvTranspose with the same weights, strides, pads, dilations and
+    group. output_padding restores the trailing input rows a stride skips, so the shape is x's."""
+    x = node.input[0]
+    geo = conv_geometry(b, node)
+    x_shape = b.view.shape(x)
+    output_padding = []
+    for i, (k, s, d) in enumerate(zip(geo["kernel"], geo["strides"], geo["dilations"])):
+        size = x_shape[2 + i] if x_shape is not None else None
+        if s == 1:
+            output_padding.append(0)
+        elif isinstance(size, int):
+            pad = geo["pads"][i] + geo["pads"][i + len(geo["kernel"])]
+            output_padding.append((size + pad - d * (k - 1) - 1) % s)
+        else:
+            raise NotImplementedError("strided Conv with a dynamic spatial size (the gradient's "
+                                      "output_padding needs the input size)")
+    return b.op("ConvTranspose", [g, w], like=x, kernel_shape=geo["kernel"], strides=geo["strides"],
+                pads=geo["pads"], dilations=geo["dilations"], group=geo["group"], output_padding=output_padding)
+
+
+@register("Conv")
+def _conv(b, node, gy, wants):
+    g = _g(gy)
+    out = [None] * len(node.input)
+    if wants[0]:
+        out[0] = conv_input_gradient(b, node, g, node.input[1])
+    if wants[1]:
+        raise NotImplementedError("Conv with a relevance-carrying weight")
+    if len(node.input) > 2 and wants[2]:  # bias [M]: sum over batch and spatial axes
+        r = b.view.rank(g)
+        out[2] = b.reduce_sum(g, [0] + list(range(2, r)), keepdims=0)
+    return out

@@ -73,6 +73,20 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
 
 
+class Seq2SeqLogitsOnly(nn.Module):
+    """Wrap an encoder-decoder model (no KV cache) so it maps (input_ids, attention_mask,
+    decoder_input_ids) to the decoder's logits alone."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                          use_cache=False, return_dict=False)[0]
+
+
 def export_onnx(
     wrapper: nn.Module,
     path: str | Path,
@@ -82,10 +96,17 @@ def export_onnx(
     opset: int | None = None,
     max_sequence: int | None = None,
     output_axes: dict[str, dict[int, str]] | None = None,
+    input_names: Sequence[str] = INPUT_NAMES,
+    sequence_axes: dict[str, str] | None = None,
+    input_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
-    """Export ``wrapper(input_ids, attention_mask)`` to one self-contained ONNX file.
+    """Export ``wrapper(*inputs[name] for name in input_names)`` to one self-contained ONNX file.
 
-    Both inputs get dynamic axes named ``batch`` and ``sequence``. ``exporter`` is
+    ``input_names`` defaults to (input_ids, attention_mask). Every input gets dynamic axes named
+    ``batch`` and ``sequence``; ``sequence_axes`` renames the second per input (e.g.
+    ``{"decoder_input_ids": "decoder_sequence"}``: an axis of its own length). ``input_axes``
+    replaces both: each input and its dynamic axes (e.g. ``{"pixel_values": {0: "batch"}}``), in
+    the order of the wrapper's arguments. ``exporter`` is
     ``"torchscript"`` (``torch.onnx.export(dynamo=False)``, default opset 17) or
     ``"dynamo"`` (``dynamo=True``, default opset 18; ``max_sequence`` bounds the symbolic
     sequence length). ``output_axes`` names the outputs' dynamic axes for the TorchScript
@@ -99,7 +120,10 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper.eval()
-    args = tuple(inputs[name] for name in INPUT_NAMES)
+    if input_axes is None:
+        renamed = sequence_axes or {}
+        input_axes = {name: {0: "batch", 1: renamed.get(name, "sequence")} for name in input_names}
+    args = tuple(inputs[name] for name in input_axes)
     with torch.no_grad(), warnings.catch_warnings():
         # Known noise: the legacy-exporter deprecation notice, tracer warnings about
         # shape-dependent Python branches in transformers' mask code (both axes stay
@@ -111,16 +135,18 @@ def export_onnx(
         if exporter == "torchscript":
             torch.onnx.export(
                 wrapper, args, str(path), dynamo=False, opset_version=opset,
-                input_names=list(INPUT_NAMES), output_names=list(output_names),
-                dynamic_axes={**{name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}, **(output_axes or {})},
+                input_names=list(input_axes), output_names=list(output_names),
+                dynamic_axes={**input_axes, **(output_axes or {})},
             )
         else:
-            batch = torch.export.Dim("batch")
-            sequence = torch.export.Dim("sequence", max=max_sequence) if max_sequence else torch.export.Dim("sequence")
+            labels = {label for axes in input_axes.values() for label in axes.values()}
+            dims = {label: torch.export.Dim(label, max=max_sequence) if max_sequence and label != "batch"
+                    else torch.export.Dim(label) for label in labels}
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=opset, verbose=False,
-                input_names=list(INPUT_NAMES), output_names=list(output_names),
-                dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES},
+                input_names=list(input_axes), output_names=list(output_names),
+                dynamic_shapes={name: {axis: dims[label] for axis, label in axes.items()}
+                                for name, axes in input_axes.items()},
             )
             program.save(str(path), external_data=False)
     if wrapper.training or any(module.training for module in wrapper.modules()):

@@ -72,17 +72,23 @@ def converted(tiny_model, workdir):
 def run_explainer(explainer, family):
     """Explain explain_inputs(family) with its targets (and positions)."""
     inputs = explain_inputs(family)
-    feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    feed = {k: inputs[k] for k in ("input_ids", "attention_mask", "decoder_input_ids") if k in inputs}
     return explainer.run(target=inputs["target"], position=inputs.get("position"), **feed)
 
 
 def explain_inputs(family):
-    """Batch of 2, row 1 right-padded, a different target (and position) per row."""
+    """Batch of 2, row 1 right-padded, a different target (and position) per row. Encoder-decoder
+    families (t5) add 5 decoder tokens; their positions index the decoder sequence (-1 is its
+    last token, not the encoder's)."""
     from models import tiny
 
-    inputs = {k: v.numpy() for k, v in tiny.example_inputs(batch=2, sequence=7, seed=3).items()}
+    decoder_sequence = 5 if family in tiny.ENCODER_DECODER_FAMILIES else None
+    inputs = {k: v.numpy() for k, v in tiny.example_inputs(batch=2, sequence=7, seed=3,
+                                                           decoder_sequence=decoder_sequence).items()}
     inputs["target"] = np.array([1, 2] if family == "bert" else [7, 42], dtype=np.int64)
-    if family != "bert":
+    if decoder_sequence is not None:
+        inputs["position"] = np.array([-1, 2], dtype=np.int64)
+    elif family != "bert":
         inputs["position"] = np.array([-1, 4], dtype=np.int64)  # row 1's last real token is 4
     return inputs
 

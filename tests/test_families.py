@@ -61,3 +61,27 @@ def test_gemma3_softcap_and_gate_are_classified(exporter, tiny_model):
     cp = lrp_onnx.inspect_model(path, rules="cp-lrp").rows
     gates = [(desc, rule) for desc, cats, rule in cp if cats[0] == "gate"]
     assert len(gates) == 2 and {rule for _, rule in gates} == {"constant"}  # one gated MLP per layer
+
+
+def test_gpt2_contrastive_seed_equals_lxt_difference(tiny_model, converted, workdir):
+    """GPT-2 with a contrastive seed (+1 on token 7, -1 on token 9 at each row's position): relevance
+    equals LXT's attnLRP relevance for 7 minus LXT's for 9 (the rules are linear in the seed)."""
+    from tests.reference import run_reference
+
+    hf_dir, path = tiny_model("gpt2")
+    inputs = explain_inputs("gpt2")
+    seeded = lrp_onnx.Explainer.from_model(lrp_onnx.convert(path, rules="attnlrp", seed_input=True))
+    batch, sequence = inputs["input_ids"].shape
+    seed = np.zeros((batch, sequence, 100), np.float32)
+    positions = inputs["position"] % sequence
+    seed[np.arange(batch), positions, 7] = 1.0
+    seed[np.arange(batch), positions, 9] = -1.0
+    result = seeded.run(seed=seed, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    refs = {}
+    for token in (7, 9):
+        ref_inputs = dict(inputs, target=np.full(batch, token, np.int64))
+        refs[token] = run_reference("gpt2", hf_dir, "attnlrp", ref_inputs, workdir / f"ref-contrast-{token}")
+    expected = refs[7]["relevance"] - refs[9]["relevance"]
+    assert rel_l2(result.relevance, expected) <= TOLERANCE["attnlrp"]
+    explained = (result.outputs["logits"] * seed).sum(axis=(1, 2))  # what the seed explains, per row
+    np.testing.assert_allclose(explained, refs[7]["explained"] - refs[9]["explained"], rtol=1e-4, atol=1e-5)

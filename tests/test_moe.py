@@ -1,0 +1,173 @@
+"""Sparse mixture of experts: tiny random-weight Mixtral (4 SwiGLU experts, top-2 routing).
+
+Same protocol as test_families.py (fp32, batch 2 with a right-padded row, a different target and
+position per row, both exporters): ``gradient`` equals torch.autograd, ``attnlrp`` / ``cp-lrp``
+equal the LXT-style reference of tests/reference.py (LXT 2.1 has no Mixtral map; the reference
+patches the MoE block the way LXT's Qwen3-MoE patch does).
+
+Rules checked here: under attnlrp the router softmax, top-k and renormalisation get the plain
+gradient and routing weight x expert output the uniform rule (both operands carry relevance, as in
+LXT); under cp-lrp the router is a constant (category ``router``), like attention probabilities and
+gates, so the bias-free model is linear in the embeddings and relevance sums to the logit.
+"""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import lrp_onnx
+from models import tiny
+from models._common import LogitsOnly, export_onnx
+from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, rel_l2
+from tests.conftest import run_explainer as run
+from tests.reference import compute_relevance
+from tests.test_families import check_parity
+
+FAMILY = "mixtral"
+EXPORTERS = ["torchscript", "dynamo"]
+RULES = ["gradient", "attnlrp", "cp-lrp"]
+MOE_LAYERS = tiny.NUM_LAYERS * tiny.MIXTRAL_NUM_EXPERTS  # (layer, expert) pairs
+
+
+@pytest.mark.parametrize("rules", RULES)
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_relevance_equals_reference(exporter, rules, tiny_model, converted, reference):
+    _, path = tiny_model(FAMILY, exporter)
+    assert lrp_onnx.inspect_model(path, rules=rules).supported
+    result = run(converted(FAMILY, exporter, rules), FAMILY)
+    ref = reference(FAMILY, rules)
+    ratio = result.relevance.sum(axis=(1, 2)) / result.logit
+    CONSERVATION[(FAMILY, exporter, rules)] = ratio
+    check_parity(result, ref, FAMILY, rules)
+    # the converted graph's original output equals the exported graph's
+    inputs = explain_inputs(FAMILY)
+    original = tiny.onnx_logits(path, {k: inputs[k] for k in ("input_ids", "attention_mask")})
+    np.testing.assert_allclose(result.outputs["logits"], original, rtol=0, atol=1e-5)
+    if rules == "cp-lrp":  # router, gates and attention constant, no biases: a linear model
+        np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_router_and_expert_products_are_classified(exporter, tiny_model):
+    _, path = tiny_model(FAMILY, exporter)
+    attn = lrp_onnx.inspect_model(path, rules="attnlrp").rows
+    routers = [rule for _, cats, rule in attn if cats[0] == "router"]
+    assert routers == ["gradient"] * tiny.NUM_LAYERS
+    # per (layer, expert): the gate product act(w1 x) * w3 x and routing weight * expert output
+    uniform_muls = [desc for desc, cats, rule in attn if cats == ["product", "Mul"] and rule == "uniform"]
+    assert len(uniform_muls) == 2 * MOE_LAYERS
+    gates = [rule for _, cats, rule in attn if cats[0] == "gate"]
+    assert gates == ["identity"] * MOE_LAYERS
+    cp = lrp_onnx.inspect_model(path, rules="cp-lrp").rows
+    assert [rule for _, cats, rule in cp if cats[0] == "router"] == ["constant"] * tiny.NUM_LAYERS
+    assert [rule for _, cats, rule in cp if cats[0] == "gate"] == ["constant"] * MOE_LAYERS
+    # with router and gates constant, no Mul in the MoE block has two relevance-carrying operands
+    assert not [desc for desc, cats, rule in cp if cats == ["product", "Mul"] and rule == "uniform"]
+
+
+def test_export_routes_at_run_time(tmp_path):
+    """Exported from ONE token (2 of 4 experts hit per layer), the graph still computes every expert
+    for other inputs: models.tiny exports a forward that loops over all experts. (transformers'
+    own forward loops over the experts hit by the example, so such an export would lose two.)"""
+    model = tiny.build(FAMILY, seed=0)
+    with tiny._moe_loops_over_all_experts(model):
+        path = export_onnx(LogitsOnly(model), tmp_path / "one_token.onnx", tiny.example_inputs(1, 1), ["logits"])
+    assert tiny.verify_export(model, path) < 1e-4  # batch 2 x 7, row 1 padded
+    assert tiny.verify_export(model, path, tiny.example_inputs(3, 9, seed=5)) < 1e-4
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_experts_without_tokens(exporter, tiny_model, converted):
+    """One token: top-2 of 4, so two experts per layer gather an empty batch, forward and backward."""
+    hf_dir, _ = tiny_model(FAMILY, exporter)
+    ids = np.array([[17]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    result = converted(FAMILY, exporter, "gradient").run(target=np.array([5]), position=np.array([-1]),
+                                                          input_ids=ids, attention_mask=mask)
+    with torch.enable_grad():
+        ref = compute_relevance(tiny.load(FAMILY, hf_dir), FAMILY, ids, mask, np.array([5]), np.array([-1]))
+    np.testing.assert_allclose(result.logit, ref["explained"], rtol=1e-4, atol=1e-5)
+    assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE["gradient"]
+
+
+# -- the routing ops' VJPs on one-node graphs: gradient x input against numpy -----------------------
+RNG = np.random.default_rng(0)
+
+
+def _one_node_gradients(node, float_inputs: dict, int_inputs: dict, output_shape):
+    """d sum(y * seed) / d input for each float input, from the converted graph (gradient rule)."""
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in float_inputs.items()],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, output_shape)],
+        initializer=[numpy_helper.from_array(v, k) for k, v in int_inputs.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    converted = lrp_onnx.convert(model, rules="gradient", seed_input=True)
+    seed = RNG.normal(size=output_shape).astype(np.float32)
+    session = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {**float_inputs, "lrp_seed": seed})))
+    relevance = [values["lrp_relevance" + ("" if k == 0 else f"_{k}")] for k in range(len(float_inputs))]
+    return seed, [r / x for r, x in zip(relevance, float_inputs.values())]
+
+
+def _floats(*shape):
+    return (RNG.uniform(0.5, 2.0, size=shape) * RNG.choice([-1, 1], size=shape)).astype(np.float32)
+
+
+def test_scatter_elements_vjp():
+    data, updates = _floats(3, 4), _floats(3, 2)
+    indices = np.array([[3, 0], [1, 2], [0, 3]], dtype=np.int64)
+    node = helper.make_node("ScatterElements", ["data", "indices", "updates"], ["y"], axis=1)
+    seed, (g_data, g_updates) = _one_node_gradients(node, {"data": data, "updates": updates},
+                                                    {"indices": indices}, [3, 4])
+    expected_data = seed.copy()
+    np.put_along_axis(expected_data, indices, 0.0, axis=1)  # overwritten: no gradient to the data
+    np.testing.assert_allclose(g_data, expected_data, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_updates, np.take_along_axis(seed, indices, axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "add"])
+def test_scatter_nd_vjp(reduction):
+    data, updates = _floats(4, 3), _floats(2, 3)
+    indices = np.array([[2], [0]], dtype=np.int64)
+    node = helper.make_node("ScatterND", ["data", "indices", "updates"], ["y"], reduction=reduction)
+    seed, (g_data, g_updates) = _one_node_gradients(node, {"data": data, "updates": updates},
+                                                    {"indices": indices}, [4, 3])
+    expected_data = seed.copy()
+    if reduction == "none":
+        expected_data[[2, 0]] = 0.0
+    np.testing.assert_allclose(g_data, expected_data, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_updates, seed[[2, 0]], rtol=1e-6)
+
+
+def test_gather_nd_vjp_adds_repeated_indices():
+    data = _floats(4, 3)
+    indices = np.array([[1], [1], [3]], dtype=np.int64)
+    node = helper.make_node("GatherND", ["data", "indices"], ["y"])
+    seed, (g_data,) = _one_node_gradients(node, {"data": data}, {"indices": indices}, [3, 3])
+    expected = np.zeros_like(data)
+    np.add.at(expected, [1, 1, 3], seed)
+    np.testing.assert_allclose(g_data, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_top_k_vjp_scatters_back_to_the_selected():
+    x = _floats(2, 5)
+    node = helper.make_node("TopK", ["x", "k"], ["y", "selected"], axis=-1)
+    seed, (g_x,) = _one_node_gradients(node, {"x": x}, {"k": np.array([2], dtype=np.int64)}, [2, 2])
+    expected = np.zeros_like(x)
+    np.put_along_axis(expected, np.argsort(-x, axis=-1)[:, :2], seed, axis=-1)
+    np.testing.assert_allclose(g_x, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_scatter_with_a_multiplying_reduction_is_refused_by_name():
+    graph = helper.make_graph(
+        [helper.make_node("ScatterElements", ["data", "indices", "updates"], ["y"], axis=0, reduction="mul",
+                          name="expert_combine")], "g",
+        [helper.make_tensor_value_info("updates", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        initializer=[numpy_helper.from_array(np.ones(4, np.float32), "data"),
+                     numpy_helper.from_array(np.array([0, 2], np.int64), "indices")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(lrp_onnx.LRPError, match=r"'expert_combine' \(ai.onnx::ScatterElements\).*reduction 'mul'"):
+        lrp_onnx.convert(model, rules="gradient")

@@ -1,0 +1,169 @@
+"""The README's faithfulness table, plot and heatmaps, from a clean checkout:
+
+    python -m tools.faithfulness --out build/faithfulness
+
+1. exports SmolLM2-135M and all-MiniLM-L6-v2 to ONNX (models/; skipped when already there);
+2. `lrp_onnx.evaluate` on each (what `lrp-onnx evaluate` runs): SmolLM2 explains its own next-token
+   prediction after each sentence of tools/data/sentence_pairs.tsv minus its last word; MiniLM explains
+   the similarity of each sentence to its paraphrase (column 2);
+3. LXT's AttnLRP in PyTorch on the same examples (tools/lxt_perturbation.py, a fresh process);
+4. writes table.md (ABPC mean ± standard error per method and model, next to LXT's), faithfulness.png
+   (the mean MoRF/LeRF curves) and a token heatmap per model (heatmap_<model>.png / .html).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+TEXTS = REPO / "tools" / "data" / "sentence_pairs.tsv"
+MODELS = {
+    # name: (recipe module, task, default number of texts)
+    "SmolLM2-135M": ("smollm2", "next-token", 100),
+    "all-MiniLM-L6-v2": ("minilm", "similarity", None),
+}
+METHOD_LABELS = {"attnlrp": "AttnLRP", "cp-lrp": "CP-LRP", "gradient": "G×I", "ig": "IG", "random": "random"}
+
+
+def log(msg: str) -> None:
+    print(f"[faithfulness] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_export(recipe: str, cache: Path) -> Path:
+    directory = cache / recipe
+    if not (directory / "model.onnx").exists():
+        log(f"exporting {recipe} to {directory}")
+        subprocess.run([sys.executable, "-m", f"models.{recipe}", "--out", str(directory)], check=True, cwd=REPO)
+    return directory
+
+
+def run_lxt(recipe: str, directory: Path, results: Path, out: Path) -> dict:
+    subprocess.run([sys.executable, str(REPO / "tools" / "lxt_perturbation.py"), "--loader", recipe,
+                    "--hf-dir", str(directory / "hf"), "--results", str(results), "--out", str(out)],
+                   check=True, cwd=REPO)
+    return json.loads(out.read_text())
+
+
+def write_heatmap(evaluation, tokenizer: Path, out_dir: Path, name: str, rows: int = 4) -> None:
+    from lrp_onnx.cli import load_tokenizer
+    from lrp_onnx.heatmap import token_pieces, write_tokens_html, write_tokens_png
+
+    tok = load_tokenizer(str(tokenizer))
+    entries = []
+    for k, example in enumerate(evaluation.examples[:rows]):
+        e = tok.encode(example.text)
+        what = (f"next token {tok.decode([example.target])!r}" if evaluation.task == "next-token"
+                else "similarity to its paraphrase")
+        entries.append({"pieces": token_pieces(example.text, e.offsets, e.tokens),
+                        "relevance": evaluation.methods["attnlrp"].relevance[k],
+                        "title": f"{name}, AttnLRP, explained: {what}"})
+    write_tokens_html(entries, str(out_dir / f"heatmap_{name}.html"))
+    write_tokens_png(entries, str(out_dir / f"heatmap_{name}.png"))
+
+
+def plot(evaluations: dict, lxt: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrp_onnx.evaluate import Evaluation
+
+    colors = {"attnlrp": "tab:red", "cp-lrp": "tab:orange", "gradient": "tab:blue", "ig": "tab:green",
+              "random": "tab:gray"}
+    fig, axes = plt.subplots(1, len(evaluations), figsize=(6 * len(evaluations), 4.2), dpi=100)
+    for ax, (name, ev) in zip(np.atleast_1d(axes), evaluations.items()):
+        for m, r in ev.methods.items():
+            s = r.summary()
+            ax.plot(ev.GRID, ev.mean_curve(m, "morf"), color=colors[m],
+                    label=f"{METHOD_LABELS[m]} {s['abpc_mean']:.2f}")
+            ax.plot(ev.GRID, ev.mean_curve(m, "lerf"), color=colors[m], linestyle="--")
+        if name in lxt:
+            curves = lxt[name]["examples"]
+            morf = np.mean([np.interp(Evaluation.GRID, np.linspace(0, 1, len(c["morf"])), c["morf"]) for c in curves], 0)
+            lerf = np.mean([np.interp(Evaluation.GRID, np.linspace(0, 1, len(c["lerf"])), c["lerf"]) for c in curves], 0)
+            ax.plot(ev.GRID, morf, color="black", linestyle=":", label=f"LXT AttnLRP {lxt[name]['summary']['abpc_mean']:.2f}")
+            ax.plot(ev.GRID, lerf, color="black", linestyle=":")
+        ax.set_title(f"{name} ({ev.task}, n={len(ev.examples)})")
+        ax.set_xlabel("fraction of tokens removed (solid MoRF, dashed LeRF)")
+        ax.set_ylabel("explained score")
+        ax.legend(fontsize=8, title="ABPC", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(evaluations: dict, lxt: dict, seconds: dict) -> str:
+    methods = list(next(iter(evaluations.values())).methods)
+    head = "| model (task, texts) | " + " | ".join(METHOD_LABELS[m] for m in methods) + " | LXT AttnLRP (PyTorch) |"
+    lines = [head, "|" + "---|" * (len(methods) + 2)]
+    for name, ev in evaluations.items():
+        cells = []
+        for m in methods:
+            s = ev.methods[m].summary()
+            cells.append(f"{s['abpc_mean']:.3f} ± {s['abpc_sem']:.3f}")
+        if name in lxt:
+            s = lxt[name]["summary"]
+            cells.append(f"{s['abpc_mean']:.3f} ± {s['abpc_sem']:.3f}")
+        else:
+            cells.append("–")
+        lines.append(f"| {name} ({ev.task}, {len(ev.examples)}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("ABPC = area between the LeRF and MoRF curves of the explained score over the removed fraction "
+                 "(mean ± standard error over texts; larger is more faithful).")
+    for name in lxt:
+        ours = np.asarray(evaluations[name].methods["attnlrp"].abpc)
+        theirs = np.asarray([e["abpc"] for e in lxt[name]["examples"]])
+        distances = [e["relevance_rel_l2_vs_lrp_onnx"] for e in lxt[name]["examples"]]
+        lines.append(f"{name}: per-text |ABPC(ours) − ABPC(LXT)| median {np.median(np.abs(ours - theirs)):.2g}, "
+                     f"max {np.abs(ours - theirs).max():.2g}; token relevance relative L2 distance to LXT median "
+                     f"{np.median(distances):.2g}, max {np.max(distances):.2g}.")
+    lines.append("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="faithfulness table, plot and heatmaps for README")
+    parser.add_argument("--out", default="build/faithfulness")
+    parser.add_argument("--cache", default="build", help="where the exported models are (default build/)")
+    parser.add_argument("--smollm2-limit", type=int, default=MODELS["SmolLM2-135M"][2])
+    parser.add_argument("--minilm-limit", type=int, default=MODELS["all-MiniLM-L6-v2"][2])
+    parser.add_argument("--no-lxt", action="store_true", help="skip the PyTorch LXT comparison")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from lrp_onnx.evaluate import evaluate
+
+    out, cache = Path(args.out), Path(args.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    limits = {"SmolLM2-135M": args.smollm2_limit, "all-MiniLM-L6-v2": args.minilm_limit}
+    evaluations, lxt, seconds = {}, {}, {}
+    for name, (recipe, task, _) in MODELS.items():
+        directory = ensure_export(recipe, cache)
+        start = time.time()
+        log(f"{name}: lrp_onnx.evaluate ({task})")
+        ev = evaluate(directory / "model.onnx", directory / "tokenizer.json", TEXTS, task=task,
+                      workdir=out / recipe / "graphs", limit=limits[name])
+        seconds[f"{name} evaluate"] = time.time() - start
+        ev.write(out / recipe, title=f"{name} ({task})")
+        evaluations[name] = ev
+        write_heatmap(ev, directory / "tokenizer.json", out, recipe)
+        if not args.no_lxt:
+            start = time.time()
+            log(f"{name}: LXT AttnLRP in PyTorch on the same examples")
+            lxt[name] = run_lxt(recipe, directory, out / recipe / "results.json", out / recipe / "lxt.json")
+            seconds[f"{name} LXT"] = time.time() - start
+    plot(evaluations, lxt, out / "faithfulness.png")
+    text = table(evaluations, lxt, seconds)
+    (out / "table.md").write_text(text)
+    print(text)
+    log(f"wrote {out / 'table.md'}, {out / 'faithfulness.png'}, heatmaps in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""LXT's AttnLRP relevance and its MoRF/LeRF curves, in PyTorch, for the examples of an
+`lrp-onnx evaluate` results.json (same token ids, same explained target or reference sentence).
+
+    python tools/lxt_perturbation.py --loader smollm2|minilm --hf-dir DIR --results results.json --out lxt.json
+
+Runs in its own process: LXT's monkey_patch changes transformers classes process-wide. The curves
+zero the removed tokens' `inputs_embeds` (LXT patches change gradients only, not forward values).
+Writes per example: LXT's token relevance, its curves and ABPC, and the relative L2 distance between
+LXT's token relevance and lrp-onnx's attnlrp token relevance from results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loader", choices=["smollm2", "minilm"], required=True)
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--results", required=True, help="results.json written by lrp-onnx evaluate")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from lrp_onnx.evaluate import abpc, perturbation_curves
+    from tests.reference import patch_classes
+
+    family = "llama" if args.loader == "smollm2" else "bert"
+    patch_classes(family, "attnlrp")  # before loading: LXT may replace classes
+    if args.loader == "smollm2":
+        from models import smollm2
+
+        model = smollm2.load(args.hf_dir)
+    else:
+        from models import minilm
+
+        model = minilm.load(args.hf_dir, detach_norm=True)  # the L2 norm held constant, as in lrp-onnx
+    model.eval()
+    torch.set_grad_enabled(True)
+    results = json.loads(Path(args.results).read_text())
+    task = results["task"]
+    embed = model.get_input_embeddings()
+
+    def run(embeds):
+        mask = torch.ones(embeds.shape[:2], dtype=torch.int64)
+        out = model(inputs_embeds=embeds, attention_mask=mask, return_dict=False)[0]
+        return out[:, -1] if task == "next-token" else out
+
+    out = {"examples": []}
+    for example in results["examples"]:
+        ids = torch.tensor([example["input_ids"]])
+        if task == "next-token":
+            def score(o, target=example["target"]):
+                return o[:, target]
+        else:
+            with torch.no_grad():
+                reference = run(embed(torch.tensor([example["reference_ids"]])))[0]
+
+            def score(o, reference=reference):
+                return o @ reference
+        x = embed(ids).detach().requires_grad_()
+        explained = score(run(x))
+        explained.sum().backward()
+        relevance = (x * x.grad).detach().sum(-1)[0].double().numpy()
+        length = ids.shape[1]
+        scales = torch.from_numpy(perturbation_curves(relevance, np.asarray(example["removable"]), length))
+        scores = []
+        with torch.no_grad():
+            base = embed(ids).detach()
+            for start in range(0, len(scales), args.batch_size):
+                chunk = scales[start:start + args.batch_size]
+                scores.append(score(run(base * chunk[:, :, None])).double().numpy())
+        curve = np.concatenate(scores)
+        half = len(curve) // 2
+        ours = np.asarray(example["relevance"]["attnlrp"]) if "attnlrp" in example["relevance"] else None
+        out["examples"].append({
+            "relevance": relevance.tolist(), "morf": curve[:half].tolist(), "lerf": curve[half:].tolist(),
+            "abpc": abpc(curve[:half], curve[half:]),
+            "relevance_rel_l2_vs_lrp_onnx": None if ours is None else
+            float(np.linalg.norm(ours - relevance) / np.linalg.norm(relevance)),
+        })
+    a = np.asarray([e["abpc"] for e in out["examples"]])
+    out["summary"] = {"abpc_mean": float(a.mean()), "abpc_std": float(a.std(ddof=1)),
+                      "abpc_sem": float(a.std(ddof=1) / np.sqrt(len(a))), "n": len(a)}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
