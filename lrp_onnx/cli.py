@@ -207,7 +207,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import METHODS, evaluate
+    from .faithfulness import METHODS, evaluate
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,

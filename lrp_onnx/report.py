@@ -66,4 +66,22 @@ def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides
         report.rows.append((u.describe(view), u.categories, u.rule))
         on_path_nodes.update(u.nodes)
     report.off_path = len(view.nodes) - len(on_path_nodes)
+    if report.supported:  # attribute combinations a rule refuses show only when it emits its backward
+        report.problems.extend(_backward_problems(view, plan, output, sources))
     return report
+
+
+def _backward_problems(view: GraphView, plan, output: str, sources: list) -> list[str]:
+    """Emit the backward (in memory, thrown away) and return what its rules refused."""
+    from .builder import Builder
+    from .errors import UnsupportedOpsError
+    from .pipeline import emit_backward
+    from .seed import build_seed
+
+    b = Builder(view)
+    try:
+        seed = build_seed(b, output, seed_input=True)
+        emit_backward(plan, b, seed.gradient, list(sources))
+    except UnsupportedOpsError as exc:
+        return list(exc.problems)
+    return []

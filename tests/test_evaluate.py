@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lrp_onnx
-from lrp_onnx.evaluate import abpc, evaluate, perturbation_curves
+from lrp_onnx.faithfulness import abpc, evaluate, perturbation_curves
 
 TEXTS = ["w5 w17 w3 w44 w9 w12", "w8 w2 w61 w30", "w7 w7 w90 w11 w23 w4 w56"]
 

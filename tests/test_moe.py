@@ -171,3 +171,5 @@ def test_scatter_with_a_multiplying_reduction_is_refused_by_name():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(lrp_onnx.LRPError, match=r"'expert_combine' \(ai.onnx::ScatterElements\).*reduction 'mul'"):
         lrp_onnx.convert(model, rules="gradient")
+    report = lrp_onnx.inspect_model(model, rules="gradient")  # inspect finds it too, without converting
+    assert not report.supported and "reduction 'mul'" in report.problems[0] and "expert_combine" in report.problems[0]

@@ -4,8 +4,8 @@
 
 1. exports SmolLM2-135M and all-MiniLM-L6-v2 to ONNX (models/; skipped when already there);
 2. `lrp_onnx.evaluate` on each (what `lrp-onnx evaluate` runs): SmolLM2 explains its own next-token
-   prediction after each sentence of tools/data/sentence_pairs.tsv minus its last word; MiniLM explains
-   the similarity of each sentence to its paraphrase (column 2);
+   prediction after the first sentence of each pair in tools/data/sentence_pairs.tsv minus its last
+   word; MiniLM explains the similarity of each sentence to its paraphrase, both ways round;
 3. LXT's AttnLRP in PyTorch on the same examples (tools/lxt_perturbation.py, a fresh process);
 4. writes table.md (ABPC mean ± standard error per method and model, next to LXT's), faithfulness.png
    (the mean MoRF/LeRF curves) and a token heatmap per model (heatmap_<model>.png / .html).
@@ -24,9 +24,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 TEXTS = REPO / "tools" / "data" / "sentence_pairs.tsv"
 MODELS = {
-    # name: (recipe module, task, default number of texts)
-    "SmolLM2-135M": ("smollm2", "next-token", 100),
-    "all-MiniLM-L6-v2": ("minilm", "similarity", None),
+    # name: (recipe module, task, default number of examples: None = all)
+    "SmolLM2-135M": ("smollm2", "next-token", None),      # the first sentence of each pair (119)
+    "all-MiniLM-L6-v2": ("minilm", "similarity", None),   # each pair both ways (238)
 }
 METHOD_LABELS = {"attnlrp": "AttnLRP", "cp-lrp": "CP-LRP", "gradient": "G×I", "ig": "IG", "random": "random"}
 
@@ -72,7 +72,7 @@ def plot(evaluations: dict, lxt: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lrp_onnx.evaluate import Evaluation
+    from lrp_onnx.faithfulness import Evaluation
 
     colors = {"attnlrp": "tab:red", "cp-lrp": "tab:orange", "gradient": "tab:blue", "ig": "tab:green",
               "random": "tab:gray"}
@@ -123,6 +123,21 @@ def table(evaluations: dict, lxt: dict, seconds: dict) -> str:
         lines.append(f"{name}: per-text |ABPC(ours) − ABPC(LXT)| median {np.median(np.abs(ours - theirs)):.2g}, "
                      f"max {np.abs(ours - theirs).max():.2g}; token relevance relative L2 distance to LXT median "
                      f"{np.median(distances):.2g}, max {np.max(distances):.2g}.")
+    lines.append("")
+    lines.append("Where each method puts its most relevant token, and what removing it first (MoRF step 1) does "
+                 "to the explained score:")
+    lines.append("")
+    lines.append("| model | method | top token is the first | top token is the last | score change at MoRF step 1 "
+                 "(mean) | texts where it rises |")
+    lines.append("|---|---|---|---|---|---|")
+    for name, ev in evaluations.items():
+        for m, r in ev.methods.items():
+            first = np.mean([np.argmax(rel) == 0 for rel in r.relevance])
+            last = np.mean([np.argmax(rel) == len(rel) - 1 for rel in r.relevance])
+            step = np.asarray([c[1] - c[0] for c in r.morf])
+            lines.append(f"| {name} | {METHOD_LABELS[m]} | {first:.0%} | {last:.0%} | {step.mean():+.3f} | "
+                         f"{np.mean(step > 0):.0%} |")
+    lines.append("")
     lines.append("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".")
     return "\n".join(lines) + "\n"
 
@@ -136,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lxt", action="store_true", help="skip the PyTorch LXT comparison")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from lrp_onnx.evaluate import evaluate
+    from lrp_onnx.faithfulness import evaluate, read_sentence_pairs
 
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +161,11 @@ def main(argv=None) -> int:
         directory = ensure_export(recipe, cache)
         start = time.time()
         log(f"{name}: lrp_onnx.evaluate ({task})")
-        ev = evaluate(directory / "model.onnx", directory / "tokenizer.json", TEXTS, task=task,
+        texts = TEXTS
+        if task == "similarity":  # each pair both ways round
+            pairs = read_sentence_pairs(TEXTS)
+            texts = [p for a, b in pairs for p in ((a, b), (b, a))]
+        ev = evaluate(directory / "model.onnx", directory / "tokenizer.json", texts, task=task,
                       workdir=out / recipe / "graphs", limit=limits[name])
         seconds[f"{name} evaluate"] = time.time() - start
         ev.write(out / recipe, title=f"{name} ({task})")

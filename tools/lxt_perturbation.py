@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from lrp_onnx.evaluate import abpc, perturbation_curves
+    from lrp_onnx.faithfulness import abpc, perturbation_curves
     from tests.reference import patch_classes
 
     family = "llama" if args.loader == "smollm2" else "bert"

@@ -1,0 +1,30 @@
+"""Coverage as `lrp-onnx inspect` reports it: every unit on the relevance path of every tiny family,
+in both exports and every rule set that applies, has a rule (and its backward can be emitted).
+The relevance of each is checked against its reference in test_parity / test_families / test_moe /
+test_t5 / test_vit; this file is the one place that lists them all."""
+import subprocess
+import sys
+
+import pytest
+
+import lrp_onnx
+
+TEXT_FAMILIES = ["bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5"]
+CASES = [(f, e, r) for f in TEXT_FAMILIES for e in ("torchscript", "dynamo") for r in ("gradient", "attnlrp", "cp-lrp")]
+CASES += [("vit", e, r) for e in ("torchscript", "dynamo") for r in ("gradient", "attnlrp", "cp-lrp", "vit-gamma")]
+
+
+@pytest.mark.parametrize("family, exporter, rules", CASES)
+def test_every_unit_on_the_path_has_a_rule(family, exporter, rules, tiny_model):
+    _, path = tiny_model(family, exporter)
+    report = lrp_onnx.inspect_model(path, rules=rules)
+    assert report.supported, report.problems
+    assert len(report.rows) > 20  # the path runs through the whole network
+    assert all(rule for _, _, rule in report.rows)
+
+
+def test_cli_inspect_reports_full_coverage(tiny_model):
+    _, path = tiny_model("mixtral")
+    done = subprocess.run([sys.executable, "-m", "lrp_onnx", "inspect", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().endswith("coverage: every unit on the relevance path has a rule")
