@@ -1,0 +1,34 @@
+"""tools/faithfulness.py, the script behind README's faithfulness table, end to end on the real
+SmolLM2-135M and all-MiniLM-L6-v2 with a few texts each: it runs from a clean cache, writes the
+table and plot, and its LXT side (PyTorch, fresh process) gives the same relevance and ABPC as
+lrp-onnx's attnlrp graphs in onnxruntime."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_faithfulness_script_matches_lxt(tmp_path):
+    out, cache = tmp_path / "faithfulness", tmp_path / "models"
+    done = subprocess.run([sys.executable, "-m", "tools.faithfulness", "--out", str(out), "--cache", str(cache),
+                           "--smollm2-limit", "3", "--minilm-limit", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert "| SmolLM2-135M (next-token, 3) |" in table and "| all-MiniLM-L6-v2 (similarity, 4) |" in table
+    assert (out / "faithfulness.png").read_bytes()[:4] == b"\x89PNG"
+    for recipe, texts in (("smollm2", 3), ("minilm", 4)):
+        ours = json.loads((out / recipe / "results.json").read_text())
+        lxt = json.loads((out / recipe / "lxt.json").read_text())
+        assert len(ours["examples"]) == len(lxt["examples"]) == texts
+        for mine, theirs in zip(ours["examples"], lxt["examples"]):
+            relevance = np.asarray(mine["relevance"]["attnlrp"])
+            reference = np.asarray(theirs["relevance"])
+            assert np.linalg.norm(relevance - reference) <= 1e-3 * np.linalg.norm(reference)
+            np.testing.assert_allclose(mine["morf"]["attnlrp"], theirs["morf"], rtol=1e-3, atol=1e-3)
+            assert abs(mine["abpc"]["attnlrp"] - theirs["abpc"]) <= 1e-2
+        assert (out / f"heatmap_{recipe}.png").exists() and (out / f"heatmap_{recipe}.html").exists()
