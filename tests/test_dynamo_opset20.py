@@ -1,0 +1,43 @@
+"""The dynamo exporter at opset 20: BERT's GELU becomes the opset-20 `Gelu` op (TorchScript and
+opset 18 write it out with Erf), alongside LayerNormalization and Split. Relevance equals the same
+references as test_parity's (torch.autograd, LXT 2.1)."""
+import numpy as np
+import onnx
+import pytest
+
+import lrp_onnx
+from tests.conftest import TOLERANCE, rel_l2
+from tests.conftest import run_explainer as run
+
+RULES = ["gradient", "attnlrp", "cp-lrp"]
+
+
+@pytest.fixture(scope="module")
+def opset20_models(tiny_model, workdir):
+    from models import tiny
+
+    paths = {}
+    for family in ("bert", "gpt2", "llama"):
+        hf_dir, _ = tiny_model(family)
+        paths[family] = tiny.export(tiny.load(family, hf_dir), workdir / f"{family}-opset20" / "model.onnx",
+                                    exporter="dynamo", opset=20)
+    return paths
+
+
+def test_opset20_export_uses_gelu_op(opset20_models):
+    model = onnx.load(opset20_models["bert"], load_external_data=False)
+    assert next(o.version for o in model.opset_import if o.domain == "") == 20
+    ops = {n.op_type for n in model.graph.node}
+    assert "Gelu" in ops and "LayerNormalization" in ops and "Erf" not in ops
+
+
+@pytest.mark.parametrize("rules", RULES)
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_opset20_relevance_equals_reference(family, rules, opset20_models, reference):
+    path = opset20_models[family]
+    assert lrp_onnx.inspect_model(path, rules=rules).supported
+    result = run(lrp_onnx.Explainer.from_model(lrp_onnx.convert(path, rules=rules),
+                                               providers=["CPUExecutionProvider"]), family)
+    ref = reference(family, rules)
+    assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE[rules]
+    np.testing.assert_allclose(result.outputs["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
