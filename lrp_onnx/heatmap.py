@@ -42,11 +42,11 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 def token_pieces(text: str, offsets, tokens) -> list[str]:
     """The text of each token, with the whitespace before it, from the tokenizer's character offsets
-    (special tokens, which have empty offsets, show as their token string)."""
+    (special tokens, which have empty offsets, show as their token string set apart by a space)."""
     pieces, end = [], 0
     for (start, stop), token in zip(offsets, tokens):
-        if stop <= start:
-            pieces.append(token)
+        if stop <= start:  # a special token: set apart by a space
+            pieces.append(f"{token} " if not pieces else f" {token}")
             continue
         gap = text[end:start] if start >= end else ""
         pieces.append(gap + text[start:stop])

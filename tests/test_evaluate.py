@@ -219,7 +219,7 @@ def test_token_pieces_rebuild_the_text():
     offsets = [(0, 0), (0, 5), (5, 6), (7, 12), (14, 19), (0, 0)]
     tokens = ["[CLS]", "hello", ",", "world", "again", "[SEP]"]
     pieces = token_pieces(text, offsets, tokens)
-    assert "".join(pieces[1:-1]) == text and pieces[0] == "[CLS]"
+    assert "".join(pieces[1:-1]) == text and pieces[0] == "[CLS] " and pieces[-1] == " [SEP]"
 
 
 def test_explain_image_overlay(tiny_model, workdir):
