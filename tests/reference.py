@@ -12,9 +12,10 @@ model families, ``position`` (int64 [B]; negative counts from the end as in Pyth
 if absent).
 
 The explained scalar of row b is ``logits[b, position[b], target[b]]`` for the language
-models (gpt2, llama, qwen2, qwen3, gemma3, mixtral, qwen3_moe, qwen2_moe, t5) and ``logits[b, target[b]]`` for bert. Their
-sum over rows is backpropagated to ``inputs_embeds`` (the word-embedding output, fed to the
-model with the same attention mask), and relevance = inputs_embeds * inputs_embeds.grad.
+models (gpt2, llama, qwen2, qwen3, gemma3, mixtral, qwen3_moe, qwen2_moe, t5) and
+``logits[b, target[b]]`` for bert. Their sum over rows is backpropagated to ``inputs_embeds``
+(the word-embedding output, fed to the model with the same attention mask), and relevance =
+inputs_embeds * inputs_embeds.grad.
 
 The encoder-decoder t5 also needs ``decoder_input_ids`` (int64 [B, T]) in ``in.npz``;
 ``position`` indexes the decoder sequence. The shared embedding table is looked up twice, and
