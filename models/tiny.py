@@ -14,7 +14,8 @@ CLI: ``python -m models.tiny --family llama --exporter torchscript --out DIR`` w
 
 The ONNX graph has inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence],
 both axes dynamic) and one output ``logits``: [batch, num_labels] for bert,
-[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3, mixtral).
+[batch, sequence, vocab] for the causal LMs (gpt2, llama, qwen2, qwen3, gemma3, mixtral,
+qwen3_moe, qwen2_moe).
 The encoder-decoder t5 has a third input ``decoder_input_ids`` (int64 [batch,
 decoder_sequence], its own dynamic length; no KV cache) and ``logits`` [batch,
 decoder_sequence, vocab].
@@ -39,7 +40,8 @@ from torch import nn
 
 from models._common import LogitsOnly, Seq2SeqLogitsOnly, export_onnx
 
-FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5", "mixtral", "vit")
+FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5", "mixtral", "qwen3_moe", "qwen2_moe", "vit")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 ENCODER_DECODER_FAMILIES = ("t5",)
 VISION_FAMILIES = ("vit",)
 EXPORTERS = ("torchscript", "dynamo")
@@ -53,6 +55,10 @@ NUM_LABELS = 3  # bert sequence classification, vit image classification
 SEQ2SEQ_INPUT_NAMES = ("input_ids", "attention_mask", "decoder_input_ids")
 MIXTRAL_NUM_EXPERTS = 4
 MIXTRAL_TOP_K = 2
+MOE_NUM_EXPERTS = MIXTRAL_NUM_EXPERTS  # all three MoE families: 4 experts, top-2, every layer sparse
+MOE_TOP_K = MIXTRAL_TOP_K
+MOE_INTERMEDIATE_SIZE = 16  # qwen3_moe / qwen2_moe experts
+SHARED_EXPERT_INTERMEDIATE_SIZE = 24  # qwen2_moe's shared expert
 IMAGE_SIZE = 16  # vit: 16x16 RGB images cut into 2x2 patches of 8x8 (+ the CLS token: 5 tokens)
 PATCH_SIZE = 8
 NUM_CHANNELS = 3
@@ -69,6 +75,8 @@ _FAMILY_CLASSES = {
     "gemma3": ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM"),
     "t5": ("transformers.models.t5.modeling_t5", "T5Config", "T5ForConditionalGeneration"),
     "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralConfig", "MixtralForCausalLM"),
+    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "vit": ("transformers.models.vit.modeling_vit", "ViTConfig", "ViTForImageClassification"),
 }
 HEAD_DIM = HIDDEN_SIZE // NUM_HEADS
@@ -139,6 +147,15 @@ def _config_kwargs(family: str) -> dict:
             decoder, hidden_act="silu", num_local_experts=MIXTRAL_NUM_EXPERTS, num_experts_per_tok=MIXTRAL_TOP_K,
             sliding_window=None, router_jitter_noise=0.0, output_router_logits=False,
         )
+    moe = dict(num_experts=MOE_NUM_EXPERTS, num_experts_per_tok=MOE_TOP_K, moe_intermediate_size=MOE_INTERMEDIATE_SIZE,
+               decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False, use_sliding_window=False,
+               sliding_window=None)
+    if family == "qwen3_moe":  # Qwen3 attention (qk-norm) + sparse MoE of 4 SwiGLU experts, top-2, renormalised
+        return dict(decoder, **moe, hidden_act="silu", head_dim=HEAD_DIM, norm_topk_prob=True)
+    if family == "qwen2_moe":  # Qwen2 attention (q/k/v biases) + sparse MoE + sigmoid-gated shared expert;
+        # norm_topk_prob=False as in Qwen2MoeConfig's default (Qwen1.5-MoE): top-k weights not renormalised
+        return dict(decoder, **moe, hidden_act="silu", qkv_bias=True, norm_topk_prob=False,
+                    shared_expert_intermediate_size=SHARED_EXPERT_INTERMEDIATE_SIZE)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
@@ -186,6 +203,11 @@ def build(family: str, seed: int = 0) -> nn.Module:
     key/value heads) except bert, gpt2 and t5, and ``use_cache=False``. Same seed, same weights.
     mixtral: MixtralForCausalLM (llama-like attention and RMSNorm; the MLP is a sparse MoE block of 4
     SwiGLU experts with top-2 routing: router softmax, top-k, weights renormalised to sum 1).
+    qwen3_moe: Qwen3MoeForCausalLM (qwen3's qk-norm attention; both layers a sparse MoE block of 4
+    SwiGLU experts of width 16, top-2, ``norm_topk_prob=True``: weights renormalised as Mixtral's).
+    qwen2_moe: Qwen2MoeForCausalLM (qwen2's attention with q/k/v biases; both layers a sparse MoE block
+    of 4 SwiGLU experts of width 16, top-2, ``norm_topk_prob=False``: the top-k softmax weights are
+    used as they are, plus a SwiGLU shared expert of width 24 scaled by ``sigmoid(shared_expert_gate(x))``).
     vit: ViTForImageClassification (16x16 images, 8x8 patches by a strided Conv2d, CLS token,
     learned position embeddings, 3 labels from the CLS token's final state).
     """
@@ -268,9 +290,9 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
     18-21 work (default 18). Dynamo quietly exports opset 18 when asked for less than 17,
     and its down-conversion to 17 breaks gpt2 (``Split`` with ``num_outputs``); at 23 it
     emits ``RMSNormalization``/``RotaryEmbedding``, which onnxruntime 1.32 fails to run for llama.
-    Mixtral's MoE blocks are exported with ``mixtral_moe_forward_all_experts`` (same values; both
-    exporters work with it, while transformers' own forward is traced with the routing of the
-    example baked in and refused by torch.export).
+    The MoE blocks (mixtral, qwen3_moe, qwen2_moe) are exported with ``moe_forward_all_experts``
+    (same values; both exporters work with it, while the Mixtral and Qwen2-MoE forwards of
+    transformers 4.52 are traced with the routing of the example baked in and refused by torch.export).
     """
     if is_vision(model):
         return export_onnx(PixelLogits(model).eval(), path, example_pixels(), ["logits"], exporter=exporter,
@@ -285,22 +307,31 @@ def export(model: nn.Module, path: str | Path, exporter: str = "torchscript", op
                            opset=opset, max_sequence=MAX_POSITIONS)
 
 
-def mixtral_moe_forward_all_experts(self, hidden_states: torch.Tensor):
-    """``MixtralSparseMoeBlock.forward`` of transformers 4.52, looping over every expert.
+MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock")
 
-    The original loops over ``expert_hit``, the experts that got at least one token, computed with
-    ``.tolist()``: a trace bakes in the experts hit by the export example, and an expert missed
+
+def moe_forward_all_experts(self, hidden_states: torch.Tensor):
+    """The sparse MoE block's forward of transformers 4.52 (Mixtral, Qwen3-MoE, Qwen2-MoE), looping
+    over every expert.
+
+    Mixtral's and Qwen2-MoE's originals loop over the experts that got at least one token, computed
+    with ``.tolist()``: a trace bakes in the experts hit by the export example, and an expert missed
     there would be missing from the graph for every other input (torch.export refuses the
-    data-dependent loop outright). Here an expert with no tokens gathers an empty batch and adds
+    data-dependent loop outright). Qwen3-MoE's already loops over all experts; it gets this forward
+    too, which computes the same. Here an expert with no tokens gathers an empty batch and adds
     nothing, so the result is the same for every input and the exported graph routes at run time
-    (OneHot, NonZero, Gather, ScatterND/ScatterElements). Inference only: no router jitter.
+    (OneHot, NonZero, Gather, ScatterND/ScatterElements). The top-k weights are renormalised unless
+    the block has ``norm_topk_prob=False`` (Qwen's flag; Mixtral always renormalises). A Qwen2-MoE
+    shared expert is added as ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``. Inference only:
+    no router jitter.
     """
     batch_size, sequence_length, hidden_dim = hidden_states.shape
     hidden_states = hidden_states.view(-1, hidden_dim)
     router_logits = self.gate(hidden_states)
     routing_weights = nn.functional.softmax(router_logits, dim=1, dtype=torch.float)
     routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    if getattr(self, "norm_topk_prob", True):
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
     routing_weights = routing_weights.to(hidden_states.dtype)
     final_hidden_states = torch.zeros_like(hidden_states)
     expert_mask = nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
@@ -309,15 +340,18 @@ def mixtral_moe_forward_all_experts(self, hidden_states: torch.Tensor):
         current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
         current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    if hasattr(self, "shared_expert"):
+        shared = nn.functional.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+        final_hidden_states = final_hidden_states + shared
     return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
 
 
 @contextmanager
 def _moe_loops_over_all_experts(model: nn.Module):
-    """Give every Mixtral MoE block ``mixtral_moe_forward_all_experts`` for the duration (export)."""
-    blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
+    """Give every sparse MoE block (``MOE_BLOCKS``) ``moe_forward_all_experts`` for the duration (export)."""
+    blocks = [m for m in model.modules() if type(m).__name__ in MOE_BLOCKS]
     for block in blocks:
-        block.forward = types.MethodType(mixtral_moe_forward_all_experts, block)
+        block.forward = types.MethodType(moe_forward_all_experts, block)
     try:
         yield
     finally:

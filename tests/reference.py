@@ -12,9 +12,10 @@ model families, ``position`` (int64 [B]; negative counts from the end as in Pyth
 if absent).
 
 The explained scalar of row b is ``logits[b, position[b], target[b]]`` for the language
-models (gpt2, llama, qwen2, qwen3, gemma3, mixtral, t5) and ``logits[b, target[b]]`` for bert. Their
-sum over rows is backpropagated to ``inputs_embeds`` (the word-embedding output, fed to the
-model with the same attention mask), and relevance = inputs_embeds * inputs_embeds.grad.
+models (gpt2, llama, qwen2, qwen3, gemma3, mixtral, qwen3_moe, qwen2_moe, t5) and
+``logits[b, target[b]]`` for bert. Their sum over rows is backpropagated to ``inputs_embeds``
+(the word-embedding output, fed to the model with the same attention mask), and relevance =
+inputs_embeds * inputs_embeds.grad.
 
 The encoder-decoder t5 also needs ``decoder_input_ids`` (int64 [B, T]) in ``in.npz``;
 ``position`` indexes the decoder sequence. The shared embedding table is looked up twice, and
@@ -38,6 +39,20 @@ MoE block the way LXT's Qwen3-MoE patch (on GitHub; not in the 2.1 release) does
 relevance, with plain gradient through softmax, top-k and renormalisation, and the product
 routing weight x expert output gets ``divide_gradient(.., 2)``. For cp-lrp (LXT's Qwen3-MoE
 ``cp_LRP`` is commented out) the routing weights are detached, like the gate and the attention.
+
+Qwen3-MoE and Qwen2-MoE (no map in LXT 2.1 either): ``qwen_moe_patch_map`` is LXT's Qwen3-MoE map
+from GitHub, adapted to transformers 4.52's classes (there the experts are ``Qwen3MoeMLP`` /
+``Qwen2MoeMLP`` modules, so LXT's own ``gated_mlp_forward`` / ``cp_gated_mlp_forward`` patch them),
+with the same MoE block forward as Mixtral's (``moe_block_forward``; without renormalisation when
+``norm_topk_prob=False``). Qwen3-MoE's attention and RMSNorm (incl. qk-norm) get LXT's
+``patch_attention`` / ``rms_norm_forward`` as in LXT's qwen3 map. Qwen2-MoE's attention in 4.52 is
+still the old inline ``Qwen2MoeAttention`` (no ``eager_attention_forward`` for LXT's
+``patch_attention`` to wrap), so ``divide_attention_gradients`` applies LXT's wrapper's rules at its
+q, k, v projections (q, k gradients /4, v /2; or q, k detached), which is the same since RoPE,
+``repeat_kv`` and the head reshapes between them and the attention are linear. Its shared expert
+(LXT's gated-MLP rules) is scaled by ``sigmoid(shared_expert_gate(x))``: a gate, treated as the
+gated MLP's (attnlrp: identity rule on the sigmoid and ``divide_gradient(.., 2)`` on the product,
+both factors carrying relevance; cp-lrp: the gate logit detached, so the shared expert gets all).
 
 LXT 2.1 ships both maps (``lxt.efficient.models.<family>.attnLRP`` / ``.cp_LRP``) for qwen2,
 qwen3 and gemma3. What they patch (and, by omission, leave to the plain gradient):
@@ -98,9 +113,10 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 STUBS_DIR = TESTS_DIR / "stubs"  # stand-in torchvision, imported by lxt
 
-TEXT_FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+TEXT_FAMILIES = ("bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", *MOE_FAMILIES, "t5")
 FAMILIES = TEXT_FAMILIES + ("vit", "conv")
-LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5")
+LANGUAGE_MODEL_FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", *MOE_FAMILIES, "t5")
 ENCODER_DECODER_FAMILIES = ("t5",)
 MODES = ("gradient", "attnlrp", "cp-lrp", "vit-gamma")
 TRANSFORMERS_MODULES = {family: f"transformers.models.{family}.modeling_{family}"
@@ -228,25 +244,12 @@ def patch_t5(mode: str) -> None:
 
 
 def divide_t5_attention_gradients(model, mode: str) -> None:
-    """The attention part of ``patch_t5``, on the loaded model: the outputs of every T5Attention's
-    q, k, v projections pass LXT's ``divide_gradient`` (q, k by 4: 1/2 at Q.K^T times 1/2 at A.V;
-    v by 2), or for cp-lrp q and k are detached (attention weights constant). In cross-attention
-    k and v are projections of the encoder output, so they carry encoder relevance."""
-    from lxt.efficient.rules import divide_gradient, stop_gradient
+    """The attention part of ``patch_t5``, on the loaded model: ``divide_attention_gradients`` on the
+    q, k, v projections of every T5Attention (self- and cross-attention). In cross-attention k and v
+    are projections of the encoder output, so they carry encoder relevance."""
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    def hook(rule):
-        return lambda module, inputs, output: rule(output)
-
-    if mode == "attnlrp":
-        rules = {"q": lambda t: divide_gradient(t, 4), "k": lambda t: divide_gradient(t, 4),
-                 "v": lambda t: divide_gradient(t, 2)}
-    else:
-        rules = {"q": stop_gradient, "k": stop_gradient}
-    for module in model.modules():
-        if isinstance(module, T5Attention):
-            for projection, rule in rules.items():
-                getattr(module, projection).register_forward_hook(hook(rule))
+    divide_attention_gradients(model, mode, T5Attention, ("q", "k", "v"))
 
 
 def mixtral_expert_forward_attnlrp(self, hidden_states):
@@ -266,17 +269,20 @@ def mixtral_expert_forward_cp_lrp(self, hidden_states):
     return self.w2(gated)
 
 
-def mixtral_moe_forward(self, hidden_states, cp_lrp: bool = False):
-    """``MixtralSparseMoeBlock.forward`` with LRP rules, the way LXT's Qwen3-MoE patch does it.
+def moe_block_forward(self, hidden_states, cp_lrp: bool = False):
+    """The sparse MoE block's forward (Mixtral, Qwen3-MoE, Qwen2-MoE) with LRP rules, the way LXT's
+    Qwen3-MoE patch does it.
 
-    AttnLRP: plain gradient through the router softmax, top-k and renormalisation; the product
-    routing weight x expert output gets the uniform rule (``divide_gradient(.., 2)``: both carry
-    relevance). CP-LRP: the routing weights are a constant, like attention probabilities and the
-    gated MLP's gate under LXT's ``cp_LRP``; the product is then linear in the expert output, which
-    gets all of it. The loop runs over every expert (equal to transformers' loop over the experts
-    that got tokens)."""
+    AttnLRP: plain gradient through the router softmax, top-k and renormalisation (none when the
+    block has ``norm_topk_prob=False``); the product routing weight x expert output gets the uniform
+    rule (``divide_gradient(.., 2)``: both carry relevance). CP-LRP: the routing weights are a
+    constant, like attention probabilities and the gated MLP's gate under LXT's ``cp_LRP``; the
+    product is then linear in the expert output, which gets all of it. The loop runs over every
+    expert (equal to transformers' loop over the experts that got tokens). A Qwen2-MoE shared expert
+    is gated like a gated MLP: identity rule on the sigmoid and 1/2 on the product, or (cp-lrp) the
+    gate logit detached."""
     import torch
-    from lxt.efficient.rules import divide_gradient, stop_gradient
+    from lxt.efficient.rules import divide_gradient, identity_rule_implicit, stop_gradient
 
     batch_size, sequence_length, hidden_dim = hidden_states.shape
     hidden_states = hidden_states.view(-1, hidden_dim)
@@ -284,7 +290,8 @@ def mixtral_moe_forward(self, hidden_states, cp_lrp: bool = False):
     routing_weights = torch.nn.functional.softmax(
         stop_gradient(router_logits) if cp_lrp else router_logits, dim=1, dtype=torch.float)
     routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-    routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+    if getattr(self, "norm_topk_prob", True):  # Mixtral always renormalises
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
     final_hidden_states = torch.zeros_like(hidden_states)
     expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
     for expert_idx in range(self.num_experts):
@@ -293,6 +300,14 @@ def mixtral_moe_forward(self, hidden_states, cp_lrp: bool = False):
         if not cp_lrp:
             weighted = divide_gradient(weighted, 2)
         final_hidden_states.index_add_(0, token_idx, weighted)
+    if hasattr(self, "shared_expert"):
+        gate_logit = self.shared_expert_gate(hidden_states)
+        if cp_lrp:
+            shared = torch.sigmoid(stop_gradient(gate_logit)) * self.shared_expert(hidden_states)
+        else:
+            shared = divide_gradient(identity_rule_implicit(torch.sigmoid, gate_logit)
+                                     * self.shared_expert(hidden_states), 2)
+        final_hidden_states = final_hidden_states + shared
     return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
 
 
@@ -310,7 +325,7 @@ def mixtral_patch_map(mode: str) -> dict:
     expert_forward = mixtral_expert_forward_cp_lrp if cp_lrp else mixtral_expert_forward_attnlrp
 
     def moe_forward(self, hidden_states):
-        return mixtral_moe_forward(self, hidden_states, cp_lrp=cp_lrp)
+        return moe_block_forward(self, hidden_states, cp_lrp=cp_lrp)
 
     return {
         modeling_mixtral.MixtralRMSNorm: partial(patch_method, rms_norm_forward),
@@ -319,6 +334,58 @@ def mixtral_patch_map(mode: str) -> dict:
         modeling_mixtral.MixtralBlockSparseTop2MLP: partial(patch_method, expert_forward),
         modeling_mixtral.MixtralSparseMoeBlock: partial(patch_method, moe_forward),
     }
+
+
+def qwen_moe_patch_map(family: str, mode: str) -> dict:
+    """LXT's Qwen3-MoE map (GitHub) for transformers 4.52's qwen3_moe / qwen2_moe classes: LXT's
+    gated-MLP patch on every expert and on the shared expert (all ``Qwen*MoeMLP``), LXT's RMSNorm
+    and dropout patches, the MoE block as ``moe_block_forward``, and for qwen3_moe LXT's attention
+    patch (qwen2_moe's attention: ``divide_attention_gradients`` after loading)."""
+    from functools import partial
+
+    import torch
+    from lxt.efficient.patches import (cp_gated_mlp_forward, dropout_forward, gated_mlp_forward, patch_attention,
+                                       patch_cp_attention, patch_method, rms_norm_forward)
+
+    module = importlib.import_module(TRANSFORMERS_MODULES[family])
+    prefix = {"qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe"}[family]
+    cp_lrp = mode == "cp-lrp"
+
+    def moe_forward(self, hidden_states):
+        return moe_block_forward(self, hidden_states, cp_lrp=cp_lrp)
+
+    patch_map = {
+        getattr(module, f"{prefix}MLP"): partial(patch_method, cp_gated_mlp_forward if cp_lrp else gated_mlp_forward),
+        getattr(module, f"{prefix}RMSNorm"): partial(patch_method, rms_norm_forward),
+        torch.nn.Dropout: partial(patch_method, dropout_forward),
+        getattr(module, f"{prefix}SparseMoeBlock"): partial(patch_method, moe_forward),
+    }
+    if family == "qwen3_moe":
+        patch_map[module] = patch_cp_attention if cp_lrp else patch_attention
+    return patch_map
+
+
+def divide_attention_gradients(model, mode: str, attention_class, projections=("q_proj", "k_proj", "v_proj")) -> None:
+    """LXT's attention rules at the q, k, v projections of every ``attention_class`` module, for
+    attention written inline (no ``eager_attention_forward`` for LXT's ``patch_attention`` to wrap):
+    the projections' outputs pass LXT's ``divide_gradient`` (q, k by 4: 1/2 at Q.K^T times 1/2 at
+    A.V; v by 2), or for cp-lrp q and k are detached (attention weights constant). Equal to LXT's
+    wrapper where only linear maps (RoPE, head reshapes, ``repeat_kv``) lie between the two."""
+    from lxt.efficient.rules import divide_gradient, stop_gradient
+
+    def hook(rule):
+        return lambda module, inputs, output: rule(output)
+
+    q, k, v = projections
+    if mode == "attnlrp":
+        rules = {q: lambda t: divide_gradient(t, 4), k: lambda t: divide_gradient(t, 4),
+                 v: lambda t: divide_gradient(t, 2)}
+    else:
+        rules = {q: stop_gradient, k: stop_gradient}
+    for module in model.modules():
+        if isinstance(module, attention_class):
+            for projection, rule in rules.items():
+                getattr(module, projection).register_forward_hook(hook(rule))
 
 
 def patch_vit(mode: str) -> None:
@@ -384,6 +451,8 @@ def patch_classes(family: str, mode: str) -> None:
         return
     if family == "mixtral":
         patch_map = mixtral_patch_map(mode)
+    elif family in ("qwen3_moe", "qwen2_moe"):
+        patch_map = qwen_moe_patch_map(family, mode)
     else:
         lxt_family = importlib.import_module(f"lxt.efficient.models.{family}")
         patch_map = lxt_family.attnLRP if mode == "attnlrp" else lxt_family.cp_LRP
@@ -539,6 +608,10 @@ def main(argv: list[str] | None = None) -> None:
         stop_bert_query_key_gradient(model)
     if args.family == "t5" and args.mode != "gradient":
         divide_t5_attention_gradients(model, args.mode)
+    if args.family == "qwen2_moe" and args.mode != "gradient":
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeAttention
+
+        divide_attention_gradients(model, args.mode, Qwen2MoeAttention)
     if args.family == "vit":
         if args.mode == "vit-gamma":
             register_zennit_gamma(model, args.gamma_conv, args.gamma_linear)

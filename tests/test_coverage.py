@@ -9,7 +9,7 @@ import pytest
 
 import lrp_onnx
 
-TEXT_FAMILIES = ["bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "t5"]
+TEXT_FAMILIES = ["bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe", "t5"]
 CASES = [(f, e, r) for f in TEXT_FAMILIES for e in ("torchscript", "dynamo") for r in ("gradient", "attnlrp", "cp-lrp")]
 CASES += [("vit", e, r) for e in ("torchscript", "dynamo") for r in ("gradient", "attnlrp", "cp-lrp", "vit-gamma")]
 

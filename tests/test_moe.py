@@ -1,14 +1,18 @@
-"""Sparse mixture of experts: tiny random-weight Mixtral (4 SwiGLU experts, top-2 routing).
+"""Sparse mixture of experts: tiny random-weight Mixtral, Qwen3-MoE and Qwen2-MoE (4 SwiGLU experts,
+top-2 routing, both layers sparse).
 
 Same protocol as test_families.py (fp32, batch 2 with a right-padded row, a different target and
 position per row, both exporters): ``gradient`` equals torch.autograd, ``attnlrp`` / ``cp-lrp``
-equal the LXT-style reference of tests/reference.py (LXT 2.1 has no Mixtral map; the reference
-patches the MoE block the way LXT's Qwen3-MoE patch does).
+equal the LXT-style reference of tests/reference.py (LXT 2.1 has no MoE map; the reference
+patches the MoE block the way LXT's Qwen3-MoE patch on GitHub does).
 
 Rules checked here: under attnlrp the router softmax, top-k and renormalisation get the plain
 gradient and routing weight x expert output the uniform rule (both operands carry relevance, as in
 LXT); under cp-lrp the router is a constant (category ``router``), like attention probabilities and
-gates, so the bias-free model is linear in the embeddings and relevance sums to the logit.
+gates, so the bias-free models (mixtral, qwen3_moe) are linear in the embeddings and relevance sums
+to the logit. qwen3_moe renormalises the top-k weights (``norm_topk_prob=True``), qwen2_moe does not
+(its default, False). qwen2_moe's shared expert is scaled by ``sigmoid(shared_expert_gate(x))``, a
+``gate``: identity rule on the sigmoid and uniform on the product under attnlrp, constant under cp-lrp.
 """
 import numpy as np
 import onnxruntime as ort
@@ -24,53 +28,77 @@ from tests.conftest import run_explainer as run
 from tests.reference import compute_relevance
 from tests.test_families import check_parity
 
-FAMILY = "mixtral"
+FAMILIES = list(tiny.MOE_FAMILIES)  # mixtral, qwen3_moe, qwen2_moe
 EXPORTERS = ["torchscript", "dynamo"]
 RULES = ["gradient", "attnlrp", "cp-lrp"]
-MOE_LAYERS = tiny.NUM_LAYERS * tiny.MIXTRAL_NUM_EXPERTS  # (layer, expert) pairs
+MOE_LAYERS = tiny.NUM_LAYERS * tiny.MOE_NUM_EXPERTS  # (layer, expert) pairs
+BIAS_FREE = {"mixtral", "qwen3_moe"}  # qwen2_moe has q/k/v biases: not linear even under cp-lrp
+SHARED_EXPERT = {"qwen2_moe"}
 
 
 @pytest.mark.parametrize("rules", RULES)
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_relevance_equals_reference(exporter, rules, tiny_model, converted, reference):
-    _, path = tiny_model(FAMILY, exporter)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relevance_equals_reference(family, exporter, rules, tiny_model, converted, reference):
+    _, path = tiny_model(family, exporter)
     assert lrp_onnx.inspect_model(path, rules=rules).supported
-    result = run(converted(FAMILY, exporter, rules), FAMILY)
-    ref = reference(FAMILY, rules)
+    result = run(converted(family, exporter, rules), family)
+    ref = reference(family, rules)
     ratio = result.relevance.sum(axis=(1, 2)) / result.logit
-    CONSERVATION[(FAMILY, exporter, rules)] = ratio
-    check_parity(result, ref, FAMILY, rules)
+    CONSERVATION[(family, exporter, rules)] = ratio
+    check_parity(result, ref, family, rules)
     # the converted graph's original output equals the exported graph's
-    inputs = explain_inputs(FAMILY)
+    inputs = explain_inputs(family)
     original = tiny.onnx_logits(path, {k: inputs[k] for k in ("input_ids", "attention_mask")})
     np.testing.assert_allclose(result.outputs["logits"], original, rtol=0, atol=1e-5)
-    if rules == "cp-lrp":  # router, gates and attention constant, no biases: a linear model
+    if rules == "cp-lrp" and family in BIAS_FREE:  # router, gates and attention constant: a linear model
         np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_router_and_expert_products_are_classified(exporter, tiny_model):
-    _, path = tiny_model(FAMILY, exporter)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_and_expert_products_are_classified(family, exporter, tiny_model):
+    _, path = tiny_model(family, exporter)
+    shared = tiny.NUM_LAYERS if family in SHARED_EXPERT else 0  # shared experts (one per layer)
     attn = lrp_onnx.inspect_model(path, rules="attnlrp").rows
     routers = [rule for _, cats, rule in attn if cats[0] == "router"]
     assert routers == ["gradient"] * tiny.NUM_LAYERS
-    # per (layer, expert): the gate product act(w1 x) * w3 x and routing weight * expert output
+    # per (layer, expert): the gate product act(w1 x) * w3 x and routing weight * expert output;
+    # per shared expert: its gate product and sigmoid(shared_expert_gate(x)) * its output
     uniform_muls = [desc for desc, cats, rule in attn if cats == ["product", "Mul"] and rule == "uniform"]
-    assert len(uniform_muls) == 2 * MOE_LAYERS
+    assert len(uniform_muls) == 2 * MOE_LAYERS + 2 * shared
+    # gates: each expert's (and shared expert's) SiLU, and the shared expert's sigmoid gate
     gates = [rule for _, cats, rule in attn if cats[0] == "gate"]
-    assert gates == ["identity"] * MOE_LAYERS
+    assert gates == ["identity"] * (MOE_LAYERS + 2 * shared)
+    sigmoid_gates = [rule for _, cats, rule in attn if cats == ["gate", "activation", "Sigmoid"]]
+    assert sigmoid_gates == ["identity"] * shared
     cp = lrp_onnx.inspect_model(path, rules="cp-lrp").rows
     assert [rule for _, cats, rule in cp if cats[0] == "router"] == ["constant"] * tiny.NUM_LAYERS
-    assert [rule for _, cats, rule in cp if cats[0] == "gate"] == ["constant"] * MOE_LAYERS
+    assert [rule for _, cats, rule in cp if cats[0] == "gate"] == ["constant"] * (MOE_LAYERS + 2 * shared)
     # with router and gates constant, no Mul in the MoE block has two relevance-carrying operands
     assert not [desc for desc, cats, rule in cp if cats == ["product", "Mul"] and rule == "uniform"]
 
 
-def test_export_routes_at_run_time(tmp_path):
+@pytest.mark.parametrize("rules, override", [("attnlrp", "gradient"), ("cp-lrp", "identity")])
+def test_shared_expert_gate_rule_is_what_the_reference_checks(rules, override, converted, reference, tiny_model,
+                                                               workdir):
+    """qwen2_moe's sigmoid(shared_expert_gate(x)): the reference pins its rule down. Another rule on
+    the Sigmoid (plain gradient under attnlrp, identity instead of constant under cp-lrp) moves the
+    relevance far outside the tolerance (~0.1 and ~0.26 rel L2 seen)."""
+    _, path = tiny_model("qwen2_moe", "torchscript")
+    out = workdir / "qwen2_moe-torchscript" / f"model.{rules}.sigmoid-{override}.onnx"
+    lrp_onnx.convert(path, out, rules=rules, overrides={"Sigmoid": override})
+    result = run(lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"]), "qwen2_moe")
+    assert rel_l2(result.relevance, reference("qwen2_moe", rules)["relevance"]) > 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_routes_at_run_time(family, tmp_path):
     """Exported from ONE token (2 of 4 experts hit per layer), the graph still computes every expert
-    for other inputs: models.tiny exports a forward that loops over all experts. (transformers'
-    own forward loops over the experts hit by the example, so such an export would lose two.)"""
-    model = tiny.build(FAMILY, seed=0)
+    for other inputs: models.tiny exports a forward that loops over all experts. (The Mixtral and
+    Qwen2-MoE forwards of transformers loop over the experts hit by the example, so such an export
+    would lose two.)"""
+    model = tiny.build(family, seed=0)
     with tiny._moe_loops_over_all_experts(model):
         path = export_onnx(LogitsOnly(model), tmp_path / "one_token.onnx", tiny.example_inputs(1, 1), ["logits"])
     assert tiny.verify_export(model, path) < 1e-4  # batch 2 x 7, row 1 padded
@@ -78,15 +106,16 @@ def test_export_routes_at_run_time(tmp_path):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_experts_without_tokens(exporter, tiny_model, converted):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_without_tokens(family, exporter, tiny_model, converted):
     """One token: top-2 of 4, so two experts per layer gather an empty batch, forward and backward."""
-    hf_dir, _ = tiny_model(FAMILY, exporter)
+    hf_dir, _ = tiny_model(family, exporter)
     ids = np.array([[17]], dtype=np.int64)
     mask = np.ones_like(ids)
-    result = converted(FAMILY, exporter, "gradient").run(target=np.array([5]), position=np.array([-1]),
+    result = converted(family, exporter, "gradient").run(target=np.array([5]), position=np.array([-1]),
                                                           input_ids=ids, attention_mask=mask)
     with torch.enable_grad():
-        ref = compute_relevance(tiny.load(FAMILY, hf_dir), FAMILY, ids, mask, np.array([5]), np.array([-1]))
+        ref = compute_relevance(tiny.load(family, hf_dir), family, ids, mask, np.array([5]), np.array([-1]))
     np.testing.assert_allclose(result.logit, ref["explained"], rtol=1e-4, atol=1e-5)
     assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE["gradient"]
 
