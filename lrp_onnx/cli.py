@@ -184,8 +184,11 @@ def cmd_explain(args) -> int:
     if args.html or args.png:
         from .heatmap import token_pieces, write_tokens_html, write_tokens_png
 
+        def label(r):  # a vocabulary token as text (byte-level BPE's 'Ġ' is a space), else the class index
+            return repr(tok.decode([r["target"]])) if has_position and r["target"] is not None else r["target"]
+
         rows = [{"pieces": token_pieces(text, e.offsets, e.tokens), "relevance": per_token[k, :len(e.tokens)],
-                 "title": f"explained: {r['target_label']!r} (logit {r['logit']:.3f}), "
+                 "title": f"explained: {label(r)} (logit {r['logit']:.3f}), "
                           f"sum of relevance {r['relevance_sum']:.3f}"}
                 for k, (text, e, r) in enumerate(zip(args.text, encodings, report))]
         if args.html:
