@@ -1,4 +1,4 @@
-"""The dynamo exporter at opset 20: BERT's GELU becomes the opset-20 `Gelu` op (TorchScript and
+"""The dynamo exporter at opset 20, and with SDPA attention: BERT's GELU becomes the opset-20 `Gelu` op (TorchScript and
 opset 18 write it out with Erf), alongside LayerNormalization and Split. Relevance equals the same
 references as test_parity's (torch.autograd, LXT 2.1)."""
 import numpy as np
@@ -41,3 +41,24 @@ def test_opset20_relevance_equals_reference(family, rules, opset20_models, refer
     ref = reference(family, rules)
     assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE[rules]
     np.testing.assert_allclose(result.outputs["logits"], ref["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sdpa_attention_export_equals_eager_export(family, tiny_model, converted, workdir):
+    """With transformers' SDPA attention the dynamo graph computes attention differently (masks as
+    additive Where guards, scaling folded into the query); relevance equals the eager export's."""
+    from models import tiny
+    from tests.conftest import explain_inputs
+
+    hf_dir, _ = tiny_model(family)
+    model = tiny.load(family, hf_dir)
+    model.config._attn_implementation = "sdpa"  # chosen per forward call in transformers 4.52
+    path = tiny.export(model, workdir / f"{family}-sdpa" / "model.onnx", exporter="dynamo")
+    inputs = explain_inputs(family)
+    for rules in RULES:
+        sdpa = run(lrp_onnx.Explainer.from_model(lrp_onnx.convert(path, rules=rules),
+                                                 providers=["CPUExecutionProvider"]), family)
+        eager = run(converted(family, "dynamo", rules), family)
+        assert rel_l2(sdpa.relevance, eager.relevance) <= 1e-4
+        np.testing.assert_allclose(sdpa.outputs["logits"], eager.outputs["logits"], rtol=1e-4, atol=1e-4)
+    assert inputs["attention_mask"][1].sum() < inputs["attention_mask"].shape[1]  # the padded row is in it
