@@ -1,6 +1,7 @@
-"""The dynamo exporter at opset 20, and with SDPA attention: BERT's GELU becomes the opset-20 `Gelu` op (TorchScript and
-opset 18 write it out with Erf), alongside LayerNormalization and Split. Relevance equals the same
-references as test_parity's (torch.autograd, LXT 2.1)."""
+"""Dynamo exports beyond test_parity's opset 18: at opset 20 BERT's GELU becomes the `Gelu` op
+(TorchScript and opset 18 write it out with Erf), and with transformers' SDPA attention the graph
+masks and scales attention differently. Relevance equals the same references (torch.autograd,
+LXT 2.1) or the eager export's."""
 import numpy as np
 import onnx
 import pytest
