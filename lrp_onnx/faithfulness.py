@@ -418,10 +418,11 @@ def plot_curves(evaluation: Evaluation, path: str, title: str | None = None) -> 
 def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", methods=METHODS,
              workdir=None, output: str | None = None, source: str | None = None, limit: int | None = None,
              ig_steps: int = 16, batch_size: int = 64, threads: int | None = None, seed: int = 0,
-             progress: bool = True) -> Evaluation:
+             progress: bool = True, both_ways: bool = False) -> Evaluation:
     """MoRF/LeRF curves and ABPC of each method on the texts (a file of lines, or a list of strings or
     (text, reference) pairs), computed in onnxruntime. `workdir` receives the graphs (default: a
-    temporary directory)."""
+    temporary directory). both_ways: each (text, reference) pair also as (reference, text), after
+    `limit` is applied."""
     import tempfile
 
     unknown = [m for m in methods if m not in METHODS]
@@ -431,6 +432,11 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
         pairs = read_sentence_pairs(texts, limit)
     else:
         pairs = [(t, None) if isinstance(t, str) else tuple(t) for t in texts][:limit]
+    if both_ways:
+        missing = [a for a, b in pairs if b is None]
+        if missing:
+            raise LRPError(f"both ways needs 'text<TAB>reference' lines; no reference for {missing[0]!r}")
+        pairs = [p for a, b in pairs for p in ((a, b), (b, a))]
     examples = make_examples(tokenizer_path, pairs, task)
     tmp = None
     if workdir is None:
@@ -471,7 +477,7 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
         if tmp is not None:
             tmp.cleanup()
     settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
-                "examples": len(examples), "source": graphs.source, "random_seed": seed,
+                "examples": len(examples), "both_ways": both_ways, "source": graphs.source, "random_seed": seed,
                 "removal": "the token's source embedding is multiplied by 0",
                 "abpc": "trapezoid area of (LeRF - MoRF) over the removed fraction 0..1"}
     return Evaluation(task, results, examples, settings)

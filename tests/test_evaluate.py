@@ -139,6 +139,17 @@ def test_similarity_task_explains_dot_product_with_reference(tiny_model, word_to
                                    rtol=1e-4, atol=1e-6)
 
 
+def test_similarity_both_ways(tiny_model, word_tokenizer, workdir):
+    _, path = tiny_model("bert")
+    pairs = [("w5 w17 w3", "w9 w2"), ("w8 w61", "w30 w2 w4")]
+    ev = evaluate(path, word_tokenizer, pairs, task="similarity", methods=["random"], both_ways=True, limit=1,
+                  workdir=workdir / "eval-bert-both", progress=False)
+    assert [e.text for e in ev.examples] == ["w5 w17 w3", "w9 w2"]  # limit first, then both ways
+    np.testing.assert_array_equal(ev.examples[1].reference_ids, ids_of("w5 w17 w3"))
+    with pytest.raises(lrp_onnx.LRPError, match="both ways needs"):
+        evaluate(path, word_tokenizer, ["w5 w17"], task="similarity", both_ways=True, progress=False)
+
+
 def lrp_onnx_cli(*args):
     return subprocess.run([sys.executable, "-m", "lrp_onnx", *map(str, args)], capture_output=True, text=True)
 

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lxt", action="store_true", help="skip the PyTorch LXT comparison")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from lrp_onnx.faithfulness import evaluate, read_sentence_pairs
+    from lrp_onnx.faithfulness import evaluate
 
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,12 +161,9 @@ def main(argv=None) -> int:
         directory = ensure_export(recipe, cache)
         start = time.time()
         log(f"{name}: lrp_onnx.evaluate ({task})")
-        texts = TEXTS
-        if task == "similarity":  # each pair both ways round
-            pairs = read_sentence_pairs(TEXTS)
-            texts = [p for a, b in pairs for p in ((a, b), (b, a))]
-        ev = evaluate(directory / "model.onnx", directory / "tokenizer.json", texts, task=task,
-                      workdir=out / recipe / "graphs", limit=limits[name])
+        # = lrp-onnx evaluate MODEL --tokenizer TOK --texts TEXTS --task TASK [--both-ways] --out DIR
+        ev = evaluate(directory / "model.onnx", directory / "tokenizer.json", TEXTS, task=task,
+                      workdir=out / recipe / "graphs", limit=limits[name], both_ways=task == "similarity")
         seconds[f"{name} evaluate"] = time.time() - start
         ev.write(out / recipe, title=f"{name} ({task})")
         evaluations[name] = ev
