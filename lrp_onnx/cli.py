@@ -216,7 +216,7 @@ def cmd_evaluate(args) -> int:
     result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,
                       workdir=args.workdir, output=args.output, source=args.source, limit=args.limit,
                       ig_steps=args.ig_steps, batch_size=args.batch_size, progress=not args.quiet,
-                      both_ways=args.both_ways)
+                      both_ways=args.both_ways, score=args.score)
     written = result.write(args.out, title=args.title)
     print(f"{'method':<10} {'ABPC':>9} {'std':>8} {'sem':>8}   n={len(result.examples)} ({args.task})")
     for m, r in result.methods.items():
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "similarity: the embedding's dot product with the reference's (default next-token)")
     p.add_argument("--methods", help="comma-separated subset of attnlrp,cp-lrp,gradient,ig,random (default all)")
     p.add_argument("--limit", type=int, help="use the first N texts")
+    p.add_argument("--score", choices=["logit", "logprob", "dot"],
+                   help="what the curves track: next-token logit (default) or logprob; similarity: dot")
     p.add_argument("--both-ways", action="store_true",
                    help="similarity: explain each text<TAB>reference line both ways round")
     p.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps (default 16)")

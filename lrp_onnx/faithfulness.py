@@ -35,6 +35,7 @@ from .errors import LRPError
 METHODS = ("attnlrp", "cp-lrp", "gradient", "ig", "random")
 CONVERTED_METHODS = {"attnlrp": "attnlrp", "cp-lrp": "cp-lrp", "gradient": "gradient", "ig": "gradient"}
 TASKS = ("next-token", "similarity")
+SCORES = {"next-token": ("logit", "logprob"), "similarity": ("dot",)}
 SCALE_INPUT = "lrp_source_scale"
 WEIGHTS_FILE = "weights.data"
 
@@ -253,8 +254,9 @@ def _model_feed(input_names, ids: np.ndarray) -> dict:
 
 
 def _forward_scores(sessions: _Sessions, graphs: Graphs, ids: np.ndarray, scales: np.ndarray,
-                    example: Example, batch_size: int) -> np.ndarray:
-    """The explained score of each row of `scales` [rows, sequence] (token ids shared by all rows)."""
+                    example: Example, batch_size: int, score: str = "logit") -> np.ndarray:
+    """The explained score of each row of `scales` [rows, sequence] (token ids shared by all rows):
+    the target's logit or log-probability (next-token), the dot product with the seed (similarity)."""
     scores = []
     for start in range(0, len(scales), batch_size):
         chunk = scales[start:start + batch_size].astype(np.float32)
@@ -263,7 +265,12 @@ def _forward_scores(sessions: _Sessions, graphs: Graphs, ids: np.ndarray, scales
         if "lrp_position" in sessions.forward_inputs:
             feed["lrp_position"] = np.full(len(chunk), -1, np.int64)
         out = sessions.forward.run([graphs.score_output], feed)[0]
-        if graphs.task == "next-token":
+        if graphs.task == "next-token" and score == "logprob":
+            logits = out[:, 0].astype(np.float64)
+            peak = logits.max(axis=1)
+            log_norm = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+            scores.append(logits[:, example.target] - log_norm)
+        elif graphs.task == "next-token":
             scores.append(out[:, 0, example.target])
         else:
             scores.append(out @ example.seed)
@@ -418,13 +425,19 @@ def plot_curves(evaluation: Evaluation, path: str, title: str | None = None) -> 
 def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", methods=METHODS,
              workdir=None, output: str | None = None, source: str | None = None, limit: int | None = None,
              ig_steps: int = 16, batch_size: int = 64, threads: int | None = None, seed: int = 0,
-             progress: bool = True, both_ways: bool = False) -> Evaluation:
+             progress: bool = True, both_ways: bool = False, score: str | None = None) -> Evaluation:
     """MoRF/LeRF curves and ABPC of each method on the texts (a file of lines, or a list of strings or
     (text, reference) pairs), computed in onnxruntime. `workdir` receives the graphs (default: a
     temporary directory). both_ways: each (text, reference) pair also as (reference, text), after
-    `limit` is applied."""
+    `limit` is applied. score (next-token): what the curves track, "logit" (the explained logit, the
+    paper's protocol) or "logprob" (its log-probability); the relevance always explains the logit."""
     import tempfile
 
+    if task not in TASKS:
+        raise LRPError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    score = score or SCORES[task][0]
+    if score not in SCORES[task]:
+        raise LRPError(f"score '{score}' does not apply to task {task}; choose one of: {', '.join(SCORES[task])}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LRPError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
@@ -460,7 +473,7 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
                 spans[m] = (len(rows), len(scales))
                 rows.extend(scales)
             unique, inverse = np.unique(np.stack(rows), axis=0, return_inverse=True)
-            scores = _forward_scores(sessions, graphs, example.input_ids, unique, example, batch_size)
+            scores = _forward_scores(sessions, graphs, example.input_ids, unique, example, batch_size, score)
             scores = scores[np.asarray(inverse).reshape(-1)]
             for m in methods:
                 start, n = spans[m]
@@ -477,7 +490,7 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
         if tmp is not None:
             tmp.cleanup()
     settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
-                "examples": len(examples), "both_ways": both_ways, "source": graphs.source, "random_seed": seed,
+                "examples": len(examples), "both_ways": both_ways, "score": score, "source": graphs.source, "random_seed": seed,
                 "removal": "the token's source embedding is multiplied by 0",
                 "abpc": "trapezoid area of (LeRF - MoRF) over the removed fraction 0..1"}
     return Evaluation(task, results, examples, settings)

@@ -72,6 +72,23 @@ def test_curves_equal_pytorch_with_zeroed_embeddings(llama_evaluation, tiny_mode
             assert result.abpc[k] == pytest.approx(abpc(result.morf[k], result.lerf[k]))
 
 
+def test_logprob_score_equals_pytorch_log_softmax(tiny_model, word_tokenizer, workdir):
+    from models import tiny
+
+    hf_dir, path = tiny_model("llama")
+    ev = evaluate(path, word_tokenizer, TEXTS[:2], task="next-token", methods=["attnlrp"], score="logprob",
+                  workdir=workdir / "eval-llama-logprob", progress=False)
+    model = tiny.load("llama", hf_dir)
+    for k, example in enumerate(ev.examples):
+        result = ev.methods["attnlrp"]
+        scales = perturbation_curves(np.asarray(result.relevance[k]), example.removable, len(example.input_ids))
+        logits = torch_logits(model, example.input_ids, scales)[:, -1]
+        expected = torch.log_softmax(logits.double(), -1)[:, example.target].numpy()
+        np.testing.assert_allclose(np.concatenate([result.morf[k], result.lerf[k]]), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(lrp_onnx.LRPError, match="score 'logprob' does not apply to task similarity"):
+        evaluate(path, word_tokenizer, [("w5", "w6")], task="similarity", score="logprob", progress=False)
+
+
 @pytest.mark.parametrize("method", ["attnlrp", "cp-lrp", "gradient"])
 def test_relevance_equals_converted_original(method, llama_evaluation, tiny_model, workdir):
     _, path = tiny_model("llama")

@@ -142,6 +142,20 @@ def table(evaluations: dict, lxt: dict, seconds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sensitivity_table(evaluation) -> str:
+    methods = list(evaluation.methods)
+    lines = ["Sensitivity: SmolLM2-135M with the explained token's log-probability as the score "
+             "(same texts, targets and relevance; only the tracked score differs):", "",
+             "| score | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |",
+             "|" + "---|" * (len(methods) + 1)]
+    cells = []
+    for m in methods:
+        s = evaluation.methods[m].summary()
+        cells.append(f"{s['abpc_mean']:.3f} ± {s['abpc_sem']:.3f}")
+    lines.append("| log-probability | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="faithfulness table, plot and heatmaps for README")
     parser.add_argument("--out", default="build/faithfulness")
@@ -173,8 +187,17 @@ def main(argv=None) -> int:
             log(f"{name}: LXT AttnLRP in PyTorch on the same examples")
             lxt[name] = run_lxt(recipe, directory, out / recipe / "results.json", out / recipe / "lxt.json")
             seconds[f"{name} LXT"] = time.time() - start
+    # sensitivity of the SmolLM2 result to the score the curves track (the relevance is the same)
+    directory = ensure_export("smollm2", cache)
+    start = time.time()
+    log("SmolLM2-135M: lrp_onnx.evaluate (next-token, score = log-probability)")
+    logprob = evaluate(directory / "model.onnx", directory / "tokenizer.json", TEXTS, task="next-token",
+                       workdir=out / "smollm2" / "graphs", limit=limits["SmolLM2-135M"], score="logprob")
+    logprob.write(out / "smollm2-logprob", title="SmolLM2-135M (next-token, score = log-probability)")
+    seconds["SmolLM2-135M logprob evaluate"] = time.time() - start
     plot(evaluations, lxt, out / "faithfulness.png")
     text = table(evaluations, lxt, seconds)
+    text += "\n" + sensitivity_table(logprob)
     (out / "table.md").write_text(text)
     print(text)
     log(f"wrote {out / 'table.md'}, {out / 'faithfulness.png'}, heatmaps in {out}")
