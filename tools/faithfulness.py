@@ -7,8 +7,10 @@
    prediction after the first sentence of each pair in tools/data/sentence_pairs.tsv minus its last
    word; MiniLM explains the similarity of each sentence to its paraphrase, both ways round;
 3. LXT's AttnLRP in PyTorch on the same examples (tools/lxt_perturbation.py, a fresh process);
-4. writes table.md (ABPC mean ± standard error per method and model, next to LXT's), faithfulness.png
-   (the mean MoRF/LeRF curves) and a token heatmap per model (heatmap_<model>.png / .html).
+4. a sensitivity run: SmolLM2 again with the explained token's log-probability as the score;
+5. writes table.md (ABPC mean ± standard error per method and model, next to LXT's; where each method
+   puts its top token; the sensitivity table), faithfulness.png (the mean MoRF/LeRF curves) and a
+   token heatmap per model (heatmap_<model>.png / .html).
 """
 from __future__ import annotations
 
