@@ -137,7 +137,7 @@ def _image_feed(explainer, args):
 
 
 def cmd_explain(args) -> int:
-    from .runner import Explainer
+    from .runner import Explainer, text_inputs
 
     if (args.image is None) == (args.text is None):
         raise LRPError("explain needs either --text (with --tokenizer) or --image")
@@ -147,16 +147,7 @@ def cmd_explain(args) -> int:
     if args.image is not None:
         return _explain_image(explainer, args)
     tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
-    feed = {}
-    for name in explainer.input_names:
-        if name == "input_ids":
-            feed[name] = ids
-        elif name == "attention_mask":
-            feed[name] = mask
-        elif name == "token_type_ids":
-            feed[name] = np.zeros_like(ids)
-        elif name == "position_ids":
-            feed[name] = np.cumsum(mask, axis=1) - 1
+    feed = text_inputs(explainer.input_names, ids, mask)
     missing = [i.name for i in explainer.session.get_inputs() if i.name not in feed]
     if missing:
         raise LRPError(f"{args.model}: cannot feed input(s) {', '.join(missing)} from text")

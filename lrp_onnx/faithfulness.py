@@ -21,6 +21,7 @@ explained through the seed input).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -31,6 +32,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import LRPError
+from .files import write_atomically
+from .runner import text_inputs
 
 METHODS = ("attnlrp", "cp-lrp", "gradient", "ig", "random")
 CONVERTED_METHODS = {"attnlrp": "attnlrp", "cp-lrp": "cp-lrp", "gradient": "gradient", "ig": "gradient"}
@@ -211,46 +214,14 @@ def make_examples(tokenizer_path, pairs, task: str) -> list[Example]:
 
 # -- running -------------------------------------------------------------------------------------
 class _Sessions:
+    """The forward graph's session and one Explainer per converted graph (ig shares gradient's)."""
+
     def __init__(self, graphs: Graphs, threads: int | None):
-        import onnxruntime as ort
+        from .runner import Explainer, open_session
 
-        from .runner import Explainer
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        self.forward = ort.InferenceSession(graphs.forward, options, providers=_providers(ort))
-        self.forward_inputs = {i.name for i in self.forward.get_inputs()}
-        self.explainers = {}
-        for method, path in graphs.explain.items():
-            for other, existing in self.explainers.items():
-                if graphs.explain[other] == path:
-                    self.explainers[method] = existing
-                    break
-            else:
-                self.explainers[method] = Explainer(path, threads=threads)
-
-
-def _providers(ort):
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def _model_feed(input_names, ids: np.ndarray) -> dict:
-    """Inputs of a text model from token ids [batch, sequence] (no padding)."""
-    feed = {}
-    for name in input_names:
-        if name == "input_ids":
-            feed[name] = ids
-        elif name == "attention_mask":
-            feed[name] = np.ones_like(ids)
-        elif name == "token_type_ids":
-            feed[name] = np.zeros_like(ids)
-        elif name == "position_ids":
-            feed[name] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-    return feed
+        self.forward, self.forward_inputs = open_session(graphs.forward, threads=threads, label=graphs.forward)
+        by_path = {path: Explainer(path, threads=threads) for path in set(graphs.explain.values())}
+        self.explainers = {method: by_path[path] for method, path in graphs.explain.items()}
 
 
 def _forward_scores(sessions: _Sessions, graphs: Graphs, ids: np.ndarray, scales: np.ndarray,
@@ -260,7 +231,7 @@ def _forward_scores(sessions: _Sessions, graphs: Graphs, ids: np.ndarray, scales
     scores = []
     for start in range(0, len(scales), batch_size):
         chunk = scales[start:start + batch_size].astype(np.float32)
-        feed = _model_feed(sessions.forward_inputs, np.repeat(ids[None], len(chunk), axis=0))
+        feed = text_inputs(sessions.forward_inputs, np.repeat(ids[None], len(chunk), axis=0))
         feed[SCALE_INPUT] = chunk
         if "lrp_position" in sessions.forward_inputs:
             feed["lrp_position"] = np.full(len(chunk), -1, np.int64)
@@ -287,9 +258,8 @@ def _relevance(sessions: _Sessions, graphs: Graphs, method: str, example: Exampl
     rows = ig_steps if method == "ig" else 1
     alphas = (np.arange(rows) + 0.5) / rows if method == "ig" else np.ones(1)
     ids = np.repeat(example.input_ids[None], rows, axis=0)
-    feed = _model_feed(explainer.input_names, ids)
+    feed = text_inputs(explainer.input_names, ids)
     feed[SCALE_INPUT] = np.repeat(alphas[:, None], length, axis=1).astype(np.float32)
-    kwargs = {}
     if graphs.task == "next-token":
         kwargs = dict(target=np.full(rows, example.target), position=np.full(rows, -1))
     else:
@@ -373,10 +343,7 @@ class Evaluation:
 
         def put(name, text):
             path = os.path.join(out_dir, name)
-            tmp = path + ".partial"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            write_atomically(path, text.encode("utf-8"))
             written.append(path)
 
         put("results.json", json.dumps(self.to_dict(), indent=1))
@@ -415,10 +382,10 @@ def plot_curves(evaluation: Evaluation, path: str, title: str | None = None) -> 
     ax.set_title(title or f"perturbation curves, {evaluation.task}, n={len(evaluation.examples)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".partial.png"
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomically(path, buffer.getvalue())
     return path
 
 
@@ -499,13 +466,13 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
 def _fill_explained(sessions: _Sessions, graphs: Graphs, example: Example) -> None:
     """next-token: the model's own argmax at the last position; similarity: the reference embedding."""
     if graphs.task == "next-token":
-        feed = _model_feed(sessions.forward_inputs, example.input_ids[None])
+        feed = text_inputs(sessions.forward_inputs, example.input_ids[None])
         feed[SCALE_INPUT] = np.ones((1, len(example.input_ids)), np.float32)
         feed["lrp_position"] = np.array([-1], np.int64)
         logits = sessions.forward.run([graphs.score_output], feed)[0]
         example.target = int(logits[0, 0].argmax())
     else:
-        feed = _model_feed(sessions.forward_inputs, example.reference_ids[None])
+        feed = text_inputs(sessions.forward_inputs, example.reference_ids[None])
         feed[SCALE_INPUT] = np.ones((1, len(example.reference_ids)), np.float32)
         example.seed = sessions.forward.run([graphs.score_output], feed)[0][0].astype(np.float64)
 

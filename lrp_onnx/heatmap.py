@@ -7,11 +7,11 @@ Files are written whole or not at all.
 from __future__ import annotations
 
 import html
-import os
 
 import numpy as np
 
 from .errors import LRPError
+from .files import write_atomically
 
 
 def relevance_color(value: float, peak: float) -> tuple[int, int, int]:
@@ -24,20 +24,6 @@ def relevance_color(value: float, peak: float) -> tuple[int, int, int]:
 def _peak(values) -> float:
     values = np.asarray(values, np.float64)
     return float(np.abs(values).max()) if values.size else 0.0
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise LRPError(f"{path}: the output directory does not exist")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def token_pieces(text: str, offsets, tokens) -> list[str]:
@@ -75,7 +61,7 @@ def tokens_html(rows: list[dict]) -> str:
 
 
 def write_tokens_html(rows: list[dict], path: str) -> None:
-    _write_atomically(path, tokens_html(rows).encode("utf-8"))
+    write_atomically(path, tokens_html(rows).encode("utf-8"))
 
 
 def _font(size: int):
@@ -129,7 +115,7 @@ def _save_png(image, path: str) -> None:
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
 
 
 def write_image_overlay_png(pixels: np.ndarray, relevance: np.ndarray, path: str, alpha: float = 0.6) -> None:
