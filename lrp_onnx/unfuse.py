@@ -60,9 +60,7 @@ def _embed_layer_norm(model, node, e: _Emitter):
     if position_ids:
         pos_index = position_ids
     else:
-        length = e.op("Gather", [e.op("Shape", [ids]), e.const(1, np.int64)], axis=0)
-        pos_index = e.op("Unsqueeze", [e.op("Range", [e.const(0, np.int64), length, e.const(1, np.int64)]),
-                                       e.const([0], np.int64)])
+        pos_index = _positions(e, e.op("Gather", [e.op("Shape", [ids]), e.const(1, np.int64)], axis=0))
     total = e.op("Add", [total, e.op("Gather", [position, pos_index], axis=0)])
     if segment_ids and segment:
         total = e.op("Add", [total, e.op("Gather", [segment, segment_ids], axis=0)])
@@ -140,47 +138,42 @@ def _unpack(e: _Emitter, packed, n):
 def _scaled_dot_product(model, node, e: _Emitter, q, k, v, sizes, mask_index, attention_bias):
     """softmax(q kᵀ * scale + bias + mask) v over heads, written out, into node.output[0]."""
     heads = attr(node, "num_heads")
-    head_size = sizes[0] // heads
-    scale = attr(node, "scale", 0.0) or 1.0 / np.sqrt(head_size)
-
-    def heads_first(t, size, perm):
-        shaped = e.op("Reshape", [t, e.const([0, 0, heads, size // heads], np.int64)])
-        return e.op("Transpose", [shaped], perm=perm)
-
-    q = heads_first(q, sizes[0], [0, 2, 1, 3])
-    k = heads_first(k, sizes[1], [0, 2, 3, 1])
-    v = heads_first(v, sizes[2], [0, 2, 1, 3])
-    scores = e.op("Mul", [e.op("MatMul", [q, k]), e.const(np.float32(scale))])
+    scale = attr(node, "scale", 0.0) or 1.0 / np.sqrt(sizes[0] // heads)
+    dtype = _np_dtype(e, node.input[0], np.float32)
+    filter_value = e.const(np.asarray(attr(node, "mask_filter_value", -10000.0), dtype))
+    zero = e.const(np.asarray(0, dtype))
+    masks = []  # additive float biases: masked keys get mask_filter_value, not the lowest float
     if attention_bias:
-        scores = e.op("Add", [scores, attention_bias])
-    filter_value = e.const(np.float32(attr(node, "mask_filter_value", -10000.0)))
-    zero = e.const(np.float32(0.0))
+        masks.append(lambda scores: (attention_bias, False))
     if mask_index:
-        scores = e.op("Add", [scores, _additive_mask(model, node, e, mask_index, k, filter_value, zero)])
+        masks.append(lambda scores: (_additive_mask(model, node, e, mask_index, scores, filter_value, zero), False))
     if attr(node, "unidirectional", 0):
-        ones = e.op("ConstantOfShape", [e.op("Slice", [e.op("Shape", [scores]), e.const([2], np.int64),
-                                                        e.const([4], np.int64)])],
-                    value=helper.make_tensor("value", TensorProto.FLOAT, [1], [1.0]))
-        causal = e.op("Cast", [e.op("Trilu", [ones], upper=0)], to=TensorProto.BOOL)
-        scores = e.op("Add", [scores, e.op("Where", [causal, zero, filter_value])])
-    probs = e.op("Softmax", [scores], axis=-1)
-    context = e.op("Transpose", [e.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
-    e.op("Reshape", [context, e.const([0, 0, sizes[2]], np.int64)], out=node.output[0])
+        masks.append(lambda scores: (e.op("Where", [_causal_valid(e, scores), zero, filter_value]), False))
+    context = _attend(e, _split_heads(e, q, heads), _split_heads(e, k, heads), _split_heads(e, v, heads),
+                      scale, 0.0, masks, dtype)
+    _merge_heads(e, context, out=node.output[0])
 
 
-def _additive_mask(model, node, e, mask_index, k, filter_value, zero):
+def _keys_before(e: _Emitter, scores, ends):
+    """bool [batch, keys]: key j < ends[b] (right padding); ends [batch] int64."""
+    length = e.op("Gather", [e.op("Shape", [scores]), e.const(3, np.int64)], axis=0)
+    positions = e.op("Range", [e.const(0, np.int64), length, e.const(1, np.int64)])
+    ends = e.op("Unsqueeze", [ends, e.const([1], np.int64)])
+    return e.op("Less", [e.op("Unsqueeze", [positions, e.const([0], np.int64)]), ends])
+
+
+def _additive_mask(model, node, e, mask_index, scores, filter_value, zero):
     """0 where a key may be attended, mask_filter_value elsewhere, broadcastable to the scores."""
     rank = _rank_of(e, mask_index)
     if rank == 1:  # end position (valid length) per row, right padding
-        length = e.op("Gather", [e.op("Shape", [k]), e.const(3, np.int64)], axis=0)
-        positions = e.op("Range", [e.const(0, np.int64), length, e.const(1, np.int64)])
-        ends = e.op("Unsqueeze", [e.op("Cast", [mask_index], to=TensorProto.INT64), e.const([1], np.int64)])
-        valid = e.op("Less", [e.op("Unsqueeze", [positions, e.const([0], np.int64)]), ends])
+        valid = _keys_before(e, scores, e.op("Cast", [mask_index], to=TensorProto.INT64))
         axes = [1, 2]
     elif rank == 2:  # raw 0/1 mask [batch, keys]
-        valid, axes = e.op("Greater", [mask_index, e.const(np.zeros((), _np_dtype(e, mask_index)))]), [1, 2]
+        zeros = e.const(np.zeros((), _np_dtype(e, mask_index, np.int32)))
+        valid, axes = e.op("Greater", [mask_index, zeros]), [1, 2]
     elif rank == 3:  # raw mask [batch, queries, keys]
-        valid, axes = e.op("Greater", [mask_index, e.const(np.zeros((), _np_dtype(e, mask_index)))]), [1]
+        zeros = e.const(np.zeros((), _np_dtype(e, mask_index, np.int32)))
+        valid, axes = e.op("Greater", [mask_index, zeros]), [1]
     else:
         raise LRPError(f"{node_label(node)}: mask_index of rank {rank} is not supported")
     return e.op("Unsqueeze", [e.op("Where", [valid, zero, filter_value]), e.const(axes, np.int64)])
@@ -199,39 +192,24 @@ def _rank_of(e: _Emitter, name: str) -> int:
 
 
 def _last_dim(e: _Emitter, name: str) -> int:
-    if name in e.known_dims:
-        return e.known_dims[name]
-    dims = _dims(e.model, name)
-    if dims is None:
+    """The static last dim of `name` (also of tensors written in this pass); raises if it is dynamic."""
+    last = e.known_dims[name] if name in e.known_dims else _static_dim(e, name, -1)
+    if last is None:
+        raise LRPError(f"the hidden size of '{name}' must be static")
+    return last
+
+
+def _np_dtype(e: _Emitter, name: str, default):
+    """The numpy dtype of `name` (an initializer's, else the inferred one), `default` if unknown."""
+    elem = next((t.data_type for t in e.model.graph.initializer if t.name == name), None)
+    if elem is None:
         vi = e.shapes.get(name)
-        last = vi.type.tensor_type.shape.dim[-1] if vi is not None and vi.type.tensor_type.shape.dim else None
-        if last is None or not last.HasField("dim_value"):
-            raise LRPError(f"the hidden size of '{name}' must be static")
-        return last.dim_value
-    return dims[-1]
-
-
-def _np_dtype(e: _Emitter, name: str):
-    vi = e.shapes.get(name)
-    elem = vi.type.tensor_type.elem_type if vi is not None else TensorProto.INT32
-    for t in e.model.graph.initializer:
-        if t.name == name:
-            elem = t.data_type
-    return helper.tensor_dtype_to_np_dtype(elem)
+        elem = vi.type.tensor_type.elem_type if vi is not None else None
+    return helper.tensor_dtype_to_np_dtype(elem) if elem else default
 
 
 # -- ONNX opset-23 Attention, RotaryEmbedding; onnxruntime GroupQueryAttention, RotaryEmbedding ----
 INT64_MAX = np.iinfo(np.int64).max
-
-
-def _float_np(e: _Emitter, name: str):
-    vi = e.shapes.get(name)
-    elem = vi.type.tensor_type.elem_type if vi is not None and vi.type.tensor_type.elem_type else None
-    if elem is None:
-        for t in e.model.graph.initializer:
-            if t.name == name:
-                elem = t.data_type
-    return helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32
 
 
 def _static_dim(e: _Emitter, name: str, axis: int):
@@ -324,7 +302,7 @@ def _onnx_attention(model, node, e: _Emitter):
                        f"{attr(node, 'qk_matmul_output_mode', 0)}) is not supported")
     if attr(node, "left_window_size", -1) != -1 or attr(node, "right_window_size", -1) != -1:
         raise LRPError(f"{node_label(node)}: Attention with a sliding window is not supported")
-    dtype = _float_np(e, q)
+    dtype = _np_dtype(e, q, np.float32)
     rank = _rank_of(e, q)
     if rank == 3:
         q_heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
@@ -350,7 +328,7 @@ def _onnx_attention(model, node, e: _Emitter):
         scale = 1.0 / np.sqrt(head_size)
     masks = []
     if mask:
-        is_bool = _np_dtype(e, mask) == np.bool_
+        is_bool = _np_dtype(e, mask, np.int32) == np.bool_
         mask_len, kv_len = _static_dim(e, mask, -1), _static_dim(e, k, 1 if rank == 3 else 2)
         if mask_len is not None and kv_len is not None and mask_len != kv_len:
             raise LRPError(f"{node_label(node)}: an attn_mask shorter than the key sequence is not supported")
@@ -362,7 +340,13 @@ def _onnx_attention(model, node, e: _Emitter):
         _merge_heads(e, context, out=node.output[0])
     else:
         e.op("Identity", [context], out=node.output[0])
-    for t, out in zip((k4, v4), node.output[1:3]):  # present key/value [b, kv_heads, s, d] without a cache
+    _write_present(e, node, k4, v4)
+
+
+def _write_present(e: _Emitter, node, k4, v4):
+    """present_key / present_value (outputs 1, 2) without a cache: the heads-first [b, kv_heads, s, d] key
+    and value, written whenever the node names them (an unused one is a harmless dangling Identity)."""
+    for t, out in zip((k4, v4), node.output[1:3]):
         if out:
             e.op("Identity", [t], out=out)
 
@@ -391,8 +375,10 @@ def _rotate(e: _Emitter, x, cos, sin, interleaved, rotary_dim, half):
     return out
 
 
-def _rotary_dims(node, e: _Emitter, cos, head_size):
-    """(rotary_dim or None for the whole head, half): from the attribute or the cache's last axis."""
+def _rotary_dims(node, e: _Emitter, cos, head_size, whole_by_default=True):
+    """(rotary_dim or None for the whole head, half): from the attribute or the cache's last axis.
+    With the head size unknown and no attribute the whole head rotates (the RotaryEmbedding specs'
+    default), or, with whole_by_default=False (GroupQueryAttention), the caches' width."""
     attr_dim = attr(node, "rotary_embedding_dim", 0)
     half = _static_dim(e, cos, -1)
     if half is None:
@@ -403,9 +389,33 @@ def _rotary_dims(node, e: _Emitter, cos, head_size):
                        f"(last axis {half})")
     if head_size is not None and rotary_dim == head_size:
         return None, half
-    if head_size is None and not attr_dim:
+    if head_size is None and not attr_dim and whole_by_default:
         return None, half  # the whole head rotates (the spec's default)
     return rotary_dim, half
+
+
+def _apply_rotary(node, e: _Emitter, xs, cos, sin, cache, head_size, interleaved, heads_axis,
+                  whole_by_default=True):
+    """RoPE on heads-split tensors xs ([b, heads, s, d]: heads_axis 1; [b, s, heads, d]: 2); cos/sin
+    [b or 1, s, r/2] gain the heads axis; the rotary width comes from `cache` (see _rotary_dims)."""
+    cos = e.op("Unsqueeze", [cos, e.const([heads_axis], np.int64)])
+    sin = e.op("Unsqueeze", [sin, e.const([heads_axis], np.int64)])
+    rotary_dim, half = _rotary_dims(node, e, cache, head_size, whole_by_default)
+    return [_rotate(e, x, cos, sin, interleaved, rotary_dim, half) for x in xs]
+
+
+def _rotary_embedding_output(node, e: _Emitter, x, rank, heads, cos, sin, cache):
+    """A RotaryEmbedding op's output: x [b, heads, s, d] rotated as is, or [b, s, hidden] split into `heads`,
+    rotated and merged back."""
+    interleaved = attr(node, "interleaved", 0)
+    if rank == 4:
+        (out,) = _apply_rotary(node, e, [x], cos, sin, cache, _static_dim(e, x, 3), interleaved, 1)
+        e.op("Identity", [out], out=node.output[0])
+    else:
+        hidden = _static_dim(e, x, 2)
+        xh = e.op("Reshape", [x, e.const([0, 0, heads, -1], np.int64)])
+        (out,) = _apply_rotary(node, e, [xh], cos, sin, cache, hidden // heads if hidden else None, interleaved, 2)
+        e.op("Reshape", [out, e.const([0, 0, -1], np.int64)], out=node.output[0])
 
 
 def _onnx_rotary_embedding(model, node, e: _Emitter):
@@ -417,26 +427,12 @@ def _onnx_rotary_embedding(model, node, e: _Emitter):
         cos = e.op("Gather", [cos, position_ids], axis=0)
         sin = e.op("Gather", [sin, position_ids], axis=0)
     rank = _rank_of(e, x)
-    if rank == 4:  # [b, heads, s, d]: the caches broadcast over heads
-        cos4 = e.op("Unsqueeze", [cos, e.const([1], np.int64)])
-        sin4 = e.op("Unsqueeze", [sin, e.const([1], np.int64)])
-        rotary_dim, half = _rotary_dims(node, e, inputs[1], _static_dim(e, x, 3))
-        e.op("Identity", [_rotate(e, x, cos4, sin4, attr(node, "interleaved", 0), rotary_dim, half)],
-             out=node.output[0])
-    elif rank == 3:
-        heads = attr(node, "num_heads")
-        if not heads:
-            raise LRPError(f"{node_label(node)}: RotaryEmbedding on a 3D input needs the num_heads attribute")
-        hidden = _static_dim(e, x, 2)
-        xh = e.op("Reshape", [x, e.const([0, 0, heads, -1], np.int64)])
-        cos4 = e.op("Unsqueeze", [cos, e.const([2], np.int64)])
-        sin4 = e.op("Unsqueeze", [sin, e.const([2], np.int64)])
-        rotary_dim, half = _rotary_dims(node, e, inputs[1],
-                                        hidden // heads if hidden else None)
-        out = _rotate(e, xh, cos4, sin4, attr(node, "interleaved", 0), rotary_dim, half)
-        e.op("Reshape", [out, e.const([0, 0, -1], np.int64)], out=node.output[0])
-    else:
+    if rank not in (3, 4):
         raise LRPError(f"{node_label(node)}: RotaryEmbedding on a rank-{rank} input is not supported")
+    heads = attr(node, "num_heads")
+    if rank == 3 and not heads:
+        raise LRPError(f"{node_label(node)}: RotaryEmbedding on a 3D input needs the num_heads attribute")
+    _rotary_embedding_output(node, e, x, rank, heads, cos, sin, inputs[1])
 
 
 def _positions(e: _Emitter, length, offset=None):
@@ -465,26 +461,12 @@ def _ms_rotary_embedding(model, node, e: _Emitter):
     cos = e.op("Gather", [cos_cache, position_ids], axis=0)  # [b or 1, s, r/2]
     sin = e.op("Gather", [sin_cache, position_ids], axis=0)
     heads = attr(node, "num_heads", 0)
-    if rank == 3:
-        hidden = _static_dim(e, x, 2)
-        if not heads:  # onnxruntime's default: the head size is the caches' rotary width
-            half = _static_dim(e, cos_cache, -1)
-            if attr(node, "rotary_embedding_dim", 0) or not hidden or not half:
-                raise LRPError(f"{node_label(node)}: num_heads is needed to rotate this 3D input")
-            heads = hidden // (2 * half)
-        xh = e.op("Reshape", [x, e.const([0, 0, heads, -1], np.int64)])
-        head_size = hidden // heads if hidden else None
-        axis = 2
-    else:
-        xh, head_size, axis = x, _static_dim(e, x, 3), 1
-    cos = e.op("Unsqueeze", [cos, e.const([axis], np.int64)])
-    sin = e.op("Unsqueeze", [sin, e.const([axis], np.int64)])
-    rotary_dim, half = _rotary_dims(node, e, cos_cache, head_size)
-    out = _rotate(e, xh, cos, sin, attr(node, "interleaved", 0), rotary_dim, half)
-    if rank == 3:
-        e.op("Reshape", [out, e.const([0, 0, -1], np.int64)], out=node.output[0])
-    else:
-        e.op("Identity", [out], out=node.output[0])
+    if rank == 3 and not heads:  # onnxruntime's default: the head size is the caches' rotary width
+        hidden, half = _static_dim(e, x, 2), _static_dim(e, cos_cache, -1)
+        if attr(node, "rotary_embedding_dim", 0) or not hidden or not half:
+            raise LRPError(f"{node_label(node)}: num_heads is needed to rotate this 3D input")
+        heads = hidden // (2 * half)
+    _rotary_embedding_output(node, e, x, rank, heads, cos, sin, cos_cache)
 
 
 def _group_query_attention(model, node, e: _Emitter):
@@ -503,7 +485,7 @@ def _group_query_attention(model, node, e: _Emitter):
     if head_sink:
         raise LRPError(f"{label}: GroupQueryAttention with a head_sink input is not supported")
     heads, kv_heads = attr(node, "num_heads"), attr(node, "kv_num_heads")
-    dtype = _float_np(e, query)
+    dtype = _np_dtype(e, query, np.float32)
     if bool(key) != bool(value):
         raise LRPError(f"{label}: key and value must both be given, or both absent (packed QKV)")
     if not key:  # packed [b, s, (heads + 2 kv_heads) * d]
@@ -526,15 +508,10 @@ def _group_query_attention(model, node, e: _Emitter):
             pos = position_ids
         else:  # a prompt without cache: positions 0..s-1
             pos = _positions(e, e.op("Gather", [e.op("Shape", [query]), e.const(1, np.int64)], axis=0))
-        cos = e.op("Unsqueeze", [e.op("Gather", [cos_cache, pos], axis=0), e.const([2], np.int64)])
-        sin = e.op("Unsqueeze", [e.op("Gather", [sin_cache, pos], axis=0), e.const([2], np.int64)])
-        half = _static_dim(e, cos_cache, -1)
-        if half is None:
-            raise LRPError(f"{label}: the last axis of the cos/sin caches must be static")
-        rotary_dim = None if d is not None and 2 * half == d else 2 * half
-        interleaved = attr(node, "rotary_interleaved", 0)
-        qh = _rotate(e, qh, cos, sin, interleaved, rotary_dim, half)
-        kh = _rotate(e, kh, cos, sin, interleaved, rotary_dim, half)
+        cos = e.op("Gather", [cos_cache, pos], axis=0)
+        sin = e.op("Gather", [sin_cache, pos], axis=0)
+        qh, kh = _apply_rotary(node, e, [qh, kh], cos, sin, cos_cache, d, attr(node, "rotary_interleaved", 0), 2,
+                               whole_by_default=False)
     q4, k4, v4 = (e.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in (qh, kh, vh))
     scale = attr(node, "scale", 0.0)
     if not scale:
@@ -543,23 +520,15 @@ def _group_query_attention(model, node, e: _Emitter):
         scale = 1.0 / np.sqrt(d)
 
     def key_padding(scores):  # key j is valid for row b iff j <= seqlens_k[b]
-        kv_len = e.op("Gather", [e.op("Shape", [scores]), e.const(3, np.int64)], axis=0)
-        j = e.op("Range", [e.const(0, np.int64), kv_len, e.const(1, np.int64)])
-        last = e.op("Reshape", [e.op("Cast", [seqlens_k], to=TensorProto.INT64), e.const([-1, 1, 1, 1], np.int64)])
-        return e.op("LessOrEqual", [j, last]), True
+        ends = e.op("Add", [e.op("Cast", [seqlens_k], to=TensorProto.INT64), e.const(1, np.int64)])
+        return e.op("Unsqueeze", [_keys_before(e, scores, ends), e.const([1, 2], np.int64)]), True
 
     masks = [lambda scores: (_causal_valid(e, scores, attr(node, "local_window_size", -1)), True), key_padding]
     if attention_bias:
         masks.append(lambda scores: (attention_bias, False))
     context = _attend(e, q4, k4, v4, scale, attr(node, "softcap", 0.0), masks, dtype, heads // kv_heads)
     _merge_heads(e, context, out=node.output[0])
-    for t, out in zip((k4, v4), node.output[1:3]):  # present key/value [b, kv_heads, s, d]
-        if out and _is_used(model, out):
-            e.op("Identity", [t], out=out)
-
-
-def _is_used(model, name):
-    return any(name in n.input for n in model.graph.node) or any(o.name == name for o in model.graph.output)
+    _write_present(e, node, k4, v4)
 
 
 def _fused_gemm(model, node, e: _Emitter):
