@@ -11,15 +11,41 @@ from dataclasses import dataclass, field
 from .graph import GraphView, attr
 from .patterns import ACTIVATION_OPS, Region
 
-PRODUCT_OPS = {"MatMul", "Mul", "Einsum", "Gemm", "FusedMatMul"}
+# -- what each op computes in its relevance-carrying inputs (rules are chosen by this, not by name) --
+# Ops linear (or affine: plus a constant) in every relevance-carrying input: the plain gradient is
+# LRP's rule for them (a constant term absorbs its share, as a bias does).
+AFFINE_OPS = {"Identity", "Dropout", "Cast", "CastLike", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
+              "Expand", "Concat", "Split", "Slice", "Gather", "GatherElements", "GatherND", "ScatterElements",
+              "ScatterND", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "Where", "Add", "Sub", "Neg", "Sum",
+              "Mean", "ReduceSum", "ReduceMean", "CumSum", "Resize", "Upsample", "AveragePool", "GlobalAveragePool",
+              "BatchNormalization", "Conv", "ConvTranspose", "Compress", "ReverseSequence", "Trilu"}
+# Multilinear: linear in each operand. With one relevance-carrying operand a linear map; with two or
+# more a product (AttnLRP's uniform rule).
+MULTILINEAR_OPS = {"Mul", "MatMul", "Gemm", "Einsum", "FusedMatMul"}
+PRODUCT_OPS = MULTILINEAR_OPS
+# Positively homogeneous of degree 1 and piecewise linear or a norm (max, min, top-k, max-pooling,
+# L1/L2 norms): Gradient x Input conserves exactly (Euler), so the plain gradient is the rule.
+HOMOGENEOUS_OPS = {"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK", "ReduceL1", "ReduceL2"}
+# Elementwise functions of one tensor (other inputs constant or not relevance-carrying): AttnLRP's
+# identity rule. Max/Min/Div/Pow are elementwise in each input; which inputs carry relevance decides.
+ELEMENTWISE_OPS = ACTIVATION_OPS | {
+    "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh",
+    "Asinh", "Acosh", "Atanh", "Sign", "Floor", "Ceil", "Round", "Clip", "Pow", "Max", "Min", "Div", "Shrink"}
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-            "SkipSimplifiedLayerNormalization"}
+            "SkipSimplifiedLayerNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization",
+            "MeanVarianceNormalization"}
+SOFTMAX_OPS = {"Softmax", "LogSoftmax", "ReduceLogSumExp"}
 ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                "Expand"}
 # ops between an MoE router's softmax and the product with an expert's output: top-k selection,
 # renormalisation by the sum of the selected weights, per-expert gathers of the tokens' weights
 ROUTER_WEIGHT_OPS = ROUTING_OPS | {"TopK", "ReduceSum", "Div", "Gather", "GatherND", "GatherElements", "Flatten",
                                    "Slice", "Split", "Concat"}
+# categories that say what a unit computes; a unit on the path with none of them is refused by the
+# LRP rule sets (the `gradient` rule set needs only an exact derivative)
+CLASS_CATEGORIES = ("affine", "homogeneous", "activation", "product", "norm", "norm_scale", "softmax",
+                    "fake_quantization", "quantized_matmul", "linear", "conv", "softcap")
+UNCLASSIFIED = "unclassified"
 
 
 @dataclass
@@ -92,42 +118,61 @@ def on_path(unit: Unit, path: set[str]) -> bool:
 
 
 def classify(view: GraphView, units: list[Unit], path: set[str]) -> None:
-    """Give each unit its categories, most specific first; the rule set maps categories to rules."""
-    producer_unit = {}
+    """Give each unit its categories, most specific first; the rule set maps categories to rules.
+    The last category is the op type (overrides name op types); a unit whose computation is not
+    known gets UNCLASSIFIED before it, which the LRP rule sets refuse."""
     for u in units:
-        for o in u.outputs:
-            producer_unit[o] = u
-    for u in units:
-        cats = []
         if u.region is not None:
             cats = [u.region.kind]
             if u.region.kind == "activation" and _feeds_gate(view, u.outputs[0], path):
                 cats.insert(0, "gate")
-        else:
-            op = u.op_type
-            if op == "Tanh" and _is_softcap(view, u.nodes[0]):
-                cats = ["softcap"]  # c * tanh(x / c): a bound on logits, not an activation
-            elif op == "Conv" and view.is_constant(u.inputs[1]) and all(view.is_constant(t) for t in u.inputs[2:] if t):
-                cats = ["conv"]
-            elif op == "Gemm" and _is_linear_gemm(view, u.nodes[0]):
-                cats = ["linear"]
-            elif op in ACTIVATION_OPS:
-                cats = ["activation"]
-                if _feeds_gate(view, u.outputs[0], path):
-                    cats.insert(0, "gate")
-            elif op in PRODUCT_OPS and sum(1 for t in u.inputs if t in path) >= 2:
-                cats = ["product"]
-            elif op in NORM_OPS:
-                cats = ["norm"]
-            elif op == "Softmax":
-                if _feeds_attention(view, u.outputs[0], path):
-                    cats = ["attention_probs", "softmax"]
-                elif _weights_experts(view, u.outputs[0], path):
-                    cats = ["router", "softmax"]
-                else:
-                    cats = ["softmax"]
-            cats.append(op)
-        u.categories = cats
+            u.categories = cats
+            continue
+        k = u.nodes[0]
+        cats = _op_categories(view, view.nodes[k], k, u, path)
+        if "activation" in cats and _feeds_gate(view, u.outputs[0], path):
+            cats.insert(0, "gate")
+        u.categories = cats + [u.op_type]
+
+
+def _op_categories(view: GraphView, node, k: int, u: Unit, path: set[str]) -> list[str]:
+    """What one node computes in its relevance-carrying inputs."""
+    op = node.op_type
+    relevant = [i for i, t in enumerate(u.inputs) if t and t in path]
+    n = len({u.inputs[i] for i in relevant})
+    if op == "Tanh" and _is_softcap(view, k):
+        return ["softcap"]  # c * tanh(x / c): a bound on logits, not an activation
+    if op == "Conv" and view.is_constant(u.inputs[1]) and all(view.is_constant(t) for t in u.inputs[2:] if t):
+        return ["conv"]
+    if op == "Gemm" and _is_linear_gemm(view, k):
+        return ["linear"]
+    if op in NORM_OPS:
+        return ["norm"]
+    if op in SOFTMAX_OPS:
+        if op == "Softmax" and _feeds_attention(view, u.outputs[0], path):
+            return ["attention_probs", "softmax"]
+        if op == "Softmax" and _weights_experts(view, u.outputs[0], path):
+            return ["router", "softmax"]
+        return ["softmax"]
+    if op in MULTILINEAR_OPS:
+        return ["product"] if n >= 2 else ["affine"]
+    if op in ("Max", "Min"):  # of two or more tensors: routing; of one tensor and constants: elementwise
+        return ["homogeneous"] if n >= 2 else ["activation"]
+    if op == "Div":  # a / c is linear in a; c -> a / c is elementwise; a / b of two tensors is neither
+        if relevant == [0]:
+            return ["affine"]
+        return ["activation"] if relevant == [1] else [UNCLASSIFIED]
+    if op == "Pow":  # x ** c and c ** x are elementwise; x ** y of two tensors is not
+        return ["activation"] if n == 1 else [UNCLASSIFIED]
+    if op in ("Conv", "ConvTranspose"):  # linear in the input; a relevance-carrying kernel is not covered
+        return ["affine"] if relevant == [0] else [UNCLASSIFIED]
+    if op in AFFINE_OPS:
+        return ["affine"]
+    if op in HOMOGENEOUS_OPS:
+        return ["homogeneous"]
+    if op in ELEMENTWISE_OPS:
+        return ["activation"] if n == 1 else [UNCLASSIFIED]
+    return [UNCLASSIFIED]
 
 
 def _is_linear_gemm(view: GraphView, k: int) -> bool:

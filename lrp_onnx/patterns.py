@@ -13,12 +13,17 @@ import numpy as np
 
 from .graph import GraphView
 
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Erf", "Tanh", "Sigmoid", "Exp", "Sqrt",
-               "Reciprocal", "Softplus", "Relu", "Cast", "Abs", "HardSigmoid", "Identity"}
-NONLINEAR = {"Erf", "Tanh", "Sigmoid", "Exp", "Softplus", "Relu", "HardSigmoid", "Abs"}
 ACTIVATION_OPS = {"Gelu", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus",
                   "Softsign", "HardSigmoid", "HardSwish", "Mish", "Erf", "ThresholdedRelu", "PRelu",
                   "FastGelu", "BiasGelu", "QuickGelu"}
+# elementwise ops of the standard domain: one output element from the same element of each input
+UNARY_NONLINEAR = (ACTIVATION_OPS - {"FastGelu", "BiasGelu", "QuickGelu"}) | {
+    "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh",
+    "Asinh", "Acosh", "Atanh", "Sign", "Floor", "Ceil", "Round", "Clip", "Shrink"}
+COMPARISONS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Not", "And", "Or", "Xor", "IsNaN",
+               "IsInf"}
+ELEMENTWISE = UNARY_NONLINEAR | COMPARISONS | {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Max", "Min", "Where",
+                                               "Cast", "Identity", "Sum", "Mean"}
 MAX_REGION_NODES = 24
 
 
@@ -47,52 +52,118 @@ def _pattern_name(view: GraphView, nodes: list) -> str:
         return "GELU (erf form)"
     if "Tanh" in ops and "Pow" in ops or ("Tanh" in ops and len(nodes) >= 6):
         return "GELU (tanh form)"
-    if "Sigmoid" in ops and len(nodes) == 2:
+    if "Sigmoid" in ops and len(nodes) == 2 and "Mul" in ops:
         return "SiLU (x*sigmoid(x))"
-    if "Sigmoid" in ops:
+    if "Sigmoid" in ops and "Mul" in ops:
         return "x*sigmoid(a*x) (QuickGELU/SiLU form)"
     return "elementwise activation (" + "+".join(sorted(ops)) + ")"
 
 
+def _non_constant(view: GraphView, node) -> set:
+    return {t for t in node.input if t and not view.is_constant(t)}
+
+
+def _is_nonlinear(view: GraphView, node) -> bool:
+    """A nonlinear elementwise op: a nonlinear function, a product or quotient of two non-constant
+    tensors, a division by a non-constant tensor, a power other than 1, a selection by a computed
+    condition."""
+    op = node.op_type
+    if op in UNARY_NONLINEAR or op in ("Max", "Min"):
+        return True
+    if op in ("Mul", "Div"):
+        return len(_non_constant(view, node)) >= 2 or op == "Div" and not view.is_constant(node.input[1])
+    if op == "Pow":
+        return view.scalar(node.input[1]) != 1
+    return op == "Where" and not view.is_constant(node.input[0])
+
+
+def _constants_keep_shape(view: GraphView, node) -> bool:
+    """Every constant input of `node` is a scalar or broadcasts into each non-constant input's shape
+    without enlarging it: the node maps its operand(s) elementwise."""
+    varying = [view.shape(t) for t in _non_constant(view, node)]
+    for t in node.input:
+        if not t or not view.is_constant(t) or _is_scalar_const(view, t):
+            continue
+        cs = view.shape(t)
+        if cs is None or any(not isinstance(d, int) for d in cs):
+            return False
+        for vs in varying:
+            if vs is None or len(cs) > len(vs):
+                return False
+            if any(c != 1 and c != v for c, v in zip(reversed(cs), reversed(vs))):
+                return False
+    return True
+
+
+def _growable(view: GraphView, p, t: str, region: set, claimed: set) -> bool:
+    """Can the region (which reads t) take in t's producer p?"""
+    if p is None or p in claimed or p in region:
+        return False
+    n = view.nodes[p]
+    if n.op_type not in ELEMENTWISE or n.domain not in ("", "ai.onnx"):
+        return False
+    if any(c not in region for c in view.consumers.get(t, [])) or t in view.graph_outputs:
+        return False
+    return len([o for o in n.output if o]) == 1 and _constants_keep_shape(view, n)
+
+
+def _chain_to_nonlinear(view: GraphView, t: str, region: set, claimed: set):
+    """Walk back from t through single-operand elementwise ops while they are linear; if the walk
+    reaches a nonlinear one, return (the nodes walked, the tensor it reads), else None. A linear op
+    between two nonlinear ones belongs to the function (GELU's 1 + erf); one before the first
+    nonlinear op is the input's affine map (a bias), which keeps its own rule."""
+    walked = []
+    while len(region) + len(walked) < MAX_REGION_NODES:
+        p = view.producer.get(t)
+        if not _growable(view, p, t, region | set(walked), claimed):
+            return None
+        operands = _non_constant(view, view.nodes[p])
+        if len(operands) != 1:
+            return None
+        walked.append(p)
+        t = next(iter(operands))
+        if _is_nonlinear(view, view.nodes[p]):
+            return walked, t
+    return None
+
+
 def find_activation(view: GraphView, end: int, claimed: set) -> Region | None:
-    """Grow a region backward from node `end` (a Mul) until all its non-constant inputs collapse
-    into one tensor x: then the region computes y = f(x) elementwise."""
+    """An elementwise function of one tensor written out of several ops, ending at node `end`: grown
+    backward until every non-constant input collapses into one tensor x, and through chains of
+    elementwise ops up to the earliest nonlinear one (log(1 + exp(x)), relu(x) ** 2, x * sigmoid(x),
+    GELU's erf and tanh forms). The region computes y = f(x) elementwise and gets the identity rule
+    as a whole; a single nonlinear op needs no region."""
     node = view.nodes[end]
-    if node.op_type != "Mul" or end in claimed:
+    if end in claimed or node.op_type not in ELEMENTWISE or node.domain not in ("", "ai.onnx") \
+            or len([o for o in node.output if o]) != 1 or not _constants_keep_shape(view, node):
+        return None
+    frontier = _non_constant(view, node)
+    if not frontier or len(frontier) < 2 and not _is_nonlinear(view, node):
         return None
     region = {end}
-    frontier = {t for t in node.input if t and not _is_scalar_const(view, t)}
-    if len(frontier) < 2:
-        return None
     while True:
-        if len(frontier) == 1 and any(view.nodes[i].op_type in NONLINEAR for i in region):
-            x = next(iter(frontier))
-            if not view.is_float(x):
-                return None
-            y = node.output[0]
-            y = _absorb_scalings(view, region, y, claimed)
-            nodes = sorted(region)
-            return Region("activation", _pattern_name(view, nodes), nodes, x, y)
-        if not frontier or len(region) >= MAX_REGION_NODES:
+        if len(frontier) == 1:
+            chain = _chain_to_nonlinear(view, next(iter(frontier)), region, claimed)
+            if chain is None:
+                break
+            region.update(chain[0])
+            frontier = {chain[1]}
+            continue
+        if len(region) >= MAX_REGION_NODES:
             return None
         t = max(frontier, key=lambda name: view.producer.get(name, -1))
         p = view.producer.get(t)
-        if p is None or p in claimed or view.nodes[p].op_type not in ELEMENTWISE:
+        if not _growable(view, p, t, region, claimed):
             return None
-        if view.nodes[p].domain not in ("", "ai.onnx"):
-            return None
-        if any(c not in region for c in view.consumers.get(t, [])):
-            return None
-        if len([o for o in view.nodes[p].output if o]) != 1:
-            return None
-        for i in view.nodes[p].input:
-            if i and not view.is_constant(i):
-                pass
-            elif i and not _is_scalar_const(view, i):
-                return None  # a non-scalar constant would broadcast: not an elementwise function of x
         region.add(p)
         frontier.discard(t)
-        frontier |= {i for i in view.nodes[p].input if i and not view.is_constant(i)}
+        frontier |= _non_constant(view, view.nodes[p])
+    x = next(iter(frontier))
+    if len(region) < 2 or not view.is_float(x) or not any(_is_nonlinear(view, view.nodes[i]) for i in region):
+        return None
+    y = _absorb_scalings(view, region, node.output[0], claimed)
+    nodes = sorted(region)
+    return Region("activation", _pattern_name(view, nodes), nodes, x, y)
 
 
 def _absorb_scalings(view: GraphView, region: set, y: str, claimed: set) -> str:
@@ -114,7 +185,8 @@ def _absorb_scalings(view: GraphView, region: set, y: str, claimed: set) -> str:
 
 
 NORM_CONE_OPS = {"Cast", "Reciprocal", "Sqrt", "Add", "ReduceMean", "ReduceSum", "Pow", "Mul", "Div", "Identity",
-                 "Max", "Clip"}
+                 "Max", "Clip", "ReduceL2", "ReduceSumSquare", "Expand"}
+SQUARE_REDUCTIONS = {"ReduceL2", "ReduceSumSquare"}  # reductions that square the normalized tensor
 
 
 def _strip_casts(view: GraphView, t: str) -> str:
@@ -141,12 +213,13 @@ def find_norm_scale(view: GraphView, end: int, claimed: set) -> Region | None:
         if cone is None:
             continue
         ops = {view.nodes[i].op_type for i in cone}
-        if not ({"ReduceMean", "ReduceSum"} & ops) or not ({"Sqrt", "Pow"} & ops):
+        if "ReduceL2" not in ops and (not ({"ReduceMean", "ReduceSum", "ReduceSumSquare"} & ops)
+                                      or not ({"Sqrt", "Pow"} & ops)):
             continue
         if any(c not in cone and c != end for i in cone for o in view.nodes[i].output
                for c in view.consumers.get(o, []) if o != d):
             continue
-        if "ReduceSum" in ops and "ReduceMean" not in ops:
+        if ({"ReduceSum"} | SQUARE_REDUCTIONS) & ops and "ReduceMean" not in ops:
             pattern = "L2 norm"
         else:
             pattern = "RMSNorm rms" if node.op_type == "Mul" else "LayerNorm std"
@@ -178,6 +251,10 @@ def _norm_cone(view: GraphView, d: str, leaf: str, claimed: set):
                 saw_square = True
             elif exponent not in (0.5, -0.5):
                 return None
+        if n.op_type in SQUARE_REDUCTIONS:
+            if _strip_casts(view, n.input[0]) != leaf:
+                return None
+            saw_square = True
         if n.op_type == "Mul" and not any(view.is_constant(i) for i in n.input):
             if not (n.input[0] == n.input[1] and _strip_casts(view, n.input[0]) == leaf):
                 return None
@@ -187,7 +264,7 @@ def _norm_cone(view: GraphView, d: str, leaf: str, claimed: set):
         if n.op_type in ("Add", "Max") and not any(view.is_constant(i) for i in n.input):
             return None  # only a constant epsilon may be added (or clamped to)
         cone.add(p)
-        stack.extend(i for i in n.input if i)
+        stack.extend(i for i in n.input if i and view.may_carry_relevance(i))  # not shapes or axes
         if len(cone) > MAX_REGION_NODES:
             return None
     return cone if saw_square else None

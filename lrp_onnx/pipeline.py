@@ -148,6 +148,11 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
         regions = [r for r in regions if r not in dissolved]
     blocked = {k for k, u in enumerate(units) if u.rule == "constant"}
     path = relevance_path(view, units, sources, output, blocked)
+    unclassified = [u for u in units if u.rule is None]
+    if unclassified and blocked:  # a statistic held constant (a norm's std) leaves a linear op
+        classify(view, unclassified, path)
+        for u in unclassified:
+            u.rule = resolve_rule(u, rule_set, overrides)
     plan = Plan(view, rules if isinstance(rules, str) else "custom", output, sources, units, path)
     plan.blocked_units = [units[k] for k in sorted(blocked) if on_path(units[k], path0)]
     for k, u in enumerate(units):
@@ -164,6 +169,10 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
 
 
 def _rule_problem(view: GraphView, u: Unit) -> str | None:
+    if u.rule is None:
+        return (f"{u.describe(view)}: no rule: what this op computes in its relevance-carrying inputs is not "
+                f"known (not linear, elementwise in one tensor, a product or a normalization); "
+                f"give it one with --override '{u.name or u.op_type}=RULE' if you know it")
     if rule_base(u.rule) == "gamma" and not any(c in GAMMA_CATEGORIES for c in u.categories):
         return f"{u.describe(view)}: rule {u.rule} applies to Conv and linear layers (constant weights) only"
     if u.region is not None and u.region.kind == "linear" and rule_base(u.rule) not in ("gamma", "constant"):
@@ -173,8 +182,9 @@ def _rule_problem(view: GraphView, u: Unit) -> str | None:
     node = view.nodes[u.nodes[0]]
     if u.rule in ("gradient", "uniform") and lookup(node) is None:
         return f"{node_label(node)}: no gradient rule for this op"
-    if u.rule == "identity" and len([t for t in u.inputs if t]) > 2:
-        return f"{node_label(node)}: the identity rule needs an elementwise op of one input"
+    if u.rule == "identity" and u.n_relevant_inputs != 1:
+        return (f"{node_label(node)}: the identity rule needs an elementwise function of one "
+                f"relevance-carrying tensor; this op has {u.n_relevant_inputs}")
     if u.rule == "constant_std" and node.op_type not in NORM_VJPS:
         return f"{node_label(node)}: rule constant_std applies to normalization ops only"
     return None

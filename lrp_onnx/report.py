@@ -29,8 +29,8 @@ class Report:
         lines = [f"rules: {self.rules}   explained output: {self.output}   sources: {', '.join(self.sources)}",
                  f"{'rule':<13} {'category':<16} unit"]
         for desc, cats, rule in self.rows:
-            lines.append(f"{rule:<13} {cats[0] if cats else '-':<16} {desc}")
-        counts = Counter(rule for _, _, rule in self.rows)
+            lines.append(f"{rule or 'none':<13} {cats[0] if cats else '-':<16} {desc}")
+        counts = Counter(rule or "none" for _, _, rule in self.rows)
         lines.append(f"{len(self.rows)} units on the relevance path ("
                      + ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
                      + f"); {self.off_path} nodes off the path need no rule")

@@ -16,7 +16,15 @@ Zennit composites map layer types to rules. Categories come from analysis.classi
   linear          a fully-connected layer: Gemm, or MatMul by a constant matrix (+ constant bias Add)
   quantized_matmul  DynamicQuantizeLinear -> MatMulInteger (-> Cast -> Mul) / MatMulIntegerToFloat:
                   the float gradient with the dequantized weight (the rounding passes straight through)
-Unlisted categories get "gradient".
+  affine          linear (or affine) in every relevance-carrying input: reshapes, routing, additions,
+                  reductions by sum/mean, pooling by average, Resize, BatchNormalization (inference),
+                  a product with one relevance-carrying operand
+  homogeneous     positively homogeneous of degree 1 (max, min, top-k, max-pooling, L1/L2 norms):
+                  Gradient x Input conserves exactly
+  unclassified    what the op computes in its relevance-carrying inputs is not known (a division or
+                  power of two relevance-carrying tensors, an op outside the tables of analysis.py)
+Other categories not listed in a rule set get "gradient"; `unclassified` gets no rule unless the
+rule set (or an override of the node, op type or category) gives one: the unit is refused.
 
 A rule name may carry a parameter after a colon: "gamma:0.25" is the gamma rule with gamma 0.25
 ("gamma" alone: Zennit's default, 0.25).
@@ -28,13 +36,14 @@ import functools
 import math
 
 from .affine import affine_layer
-from .analysis import Unit
+from .analysis import UNCLASSIFIED, Unit
 from .builder import Builder
 from .vjp import NORM_VJPS, lookup
 from .vjp_contrib import activation_input, dequantized_input_gradient
 
 RULE_SETS: dict[str, dict[str, str]] = {
-    "gradient": {"fake_quantization": "straight_through", "quantized_matmul": "dequantized"},
+    # the exact derivative of every op that has one, whatever it computes
+    "gradient": {"fake_quantization": "straight_through", "quantized_matmul": "dequantized", UNCLASSIFIED: "gradient"},
     "attnlrp": {
         "fake_quantization": "straight_through",
         "quantized_matmul": "dequantized",
@@ -82,8 +91,9 @@ class RuleError(ValueError):
     pass
 
 
-def resolve_rule(unit: Unit, rule_set: dict[str, str], overrides: dict[str, str] | None = None) -> str:
-    """Name-pattern overrides first, then the unit's categories (most specific first)."""
+def resolve_rule(unit: Unit, rule_set: dict[str, str], overrides: dict[str, str] | None = None) -> str | None:
+    """Name-pattern overrides first, then the unit's categories (most specific first). None: the
+    unit is unclassified and nothing gives it a rule (the caller refuses it)."""
     overrides = overrides or {}
     for key, rule in overrides.items():
         if any(ch in key for ch in "*?[") and fnmatch.fnmatchcase(unit.name or "", key) or key == unit.name:
@@ -94,7 +104,7 @@ def resolve_rule(unit: Unit, rule_set: dict[str, str], overrides: dict[str, str]
     for cat in unit.categories:
         if cat in rule_set:
             return rule_set[cat]
-    return "gradient"
+    return None if UNCLASSIFIED in unit.categories else "gradient"
 
 
 # -- rule implementations --------------------------------------------------------------------
@@ -126,12 +136,14 @@ def uniform_rule(b: Builder, unit: Unit, gy: list, wants: list):
 
 @rule("identity")
 def identity_rule(b: Builder, unit: Unit, gy: list, wants: list):
-    x, y = unit.inputs[0], unit.outputs[0]
-    if unit.region is None:  # a single op; fused forms apply f to x + bias
+    """y = f(x) elementwise, x the one relevance-carrying input: local Jacobian f(x)/x."""
+    k = next((i for i, w in enumerate(wants) if w), 0)
+    x, y = unit.inputs[k], unit.outputs[0]
+    if unit.region is None and k == 0:  # a single op; fused forms apply f to x + bias
         x = activation_input(b, b.view.nodes[unit.nodes[0]])
-    ratio = b.op("Div", [y, b.add(x, b.scalar_like(IDENTITY_EPSILON, x))], like=x)
+    ratio = b.op("Div", [y, b.add(x, b.scalar_like(IDENTITY_EPSILON, x))], like=y)
     grads = [None] * len(unit.inputs)
-    grads[0] = b.mul(gy[0], ratio, like=x)
+    grads[k] = b.unbroadcast(b.mul(gy[0], ratio, like=y), unit.inputs[k])
     return grads
 
 
