@@ -41,10 +41,8 @@ ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "
 # renormalisation by the sum of the selected weights, per-expert gathers of the tokens' weights
 ROUTER_WEIGHT_OPS = ROUTING_OPS | {"TopK", "ReduceSum", "Div", "Gather", "GatherND", "GatherElements", "Flatten",
                                    "Slice", "Split", "Concat"}
-# categories that say what a unit computes; a unit on the path with none of them is refused by the
-# LRP rule sets (the `gradient` rule set needs only an exact derivative)
-CLASS_CATEGORIES = ("affine", "homogeneous", "activation", "product", "norm", "norm_scale", "softmax",
-                    "fake_quantization", "quantized_matmul", "linear", "conv", "softcap")
+# a unit on the path whose computation is none of the above: refused by the LRP rule sets (the
+# `gradient` rule set needs only an exact derivative)
 UNCLASSIFIED = "unclassified"
 
 
@@ -161,7 +159,9 @@ def _op_categories(view: GraphView, node, k: int, u: Unit, path: set[str]) -> li
     if op == "Div":  # a / c is linear in a; c -> a / c is elementwise; a / b of two tensors is neither
         if relevant == [0]:
             return ["affine"]
-        return ["activation"] if relevant == [1] else [UNCLASSIFIED]
+        if relevant == [1]:
+            return ["activation"]
+        return ["renormalization"] if _is_sum_renormalization(view, node) else [UNCLASSIFIED]
     if op == "Pow":  # x ** c and c ** x are elementwise; x ** y of two tensors is not
         return ["activation"] if n == 1 else [UNCLASSIFIED]
     if op in ("Conv", "ConvTranspose"):  # linear in the input; a relevance-carrying kernel is not covered
@@ -173,6 +173,34 @@ def _op_categories(view: GraphView, node, k: int, u: Unit, path: set[str]) -> li
     if op in ELEMENTWISE_OPS:
         return ["activation"] if n == 1 else [UNCLASSIFIED]
     return [UNCLASSIFIED]
+
+
+STATISTIC_ROUTING = {"Cast", "Identity", "Expand", "Unsqueeze", "Reshape", "Squeeze"}
+
+
+def _is_sum_renormalization(view: GraphView, node) -> bool:
+    """a / sum(a) (+ a constant epsilon, or clamped by one): weights renormalised to sum to one, as
+    an MoE block renormalises its top-k routing weights."""
+    a, t = node.input[0], node.input[1]
+    for _ in range(8):
+        p = view.producer.get(t)
+        if p is None:
+            return False
+        n = view.nodes[p]
+        if n.op_type == "ReduceSum":
+            return _strip_routing(view, n.input[0]) == _strip_routing(view, a)
+        if n.op_type in STATISTIC_ROUTING or n.op_type in ("Add", "Max", "Clip") and \
+                all(view.is_constant(i) for i in n.input[1:] if i):
+            t = n.input[0]
+        else:
+            return False
+    return False
+
+
+def _strip_routing(view: GraphView, t: str) -> str:
+    while (p := view.producer.get(t)) is not None and view.nodes[p].op_type in ("Cast", "Identity"):
+        t = view.nodes[p].input[0]
+    return t
 
 
 def _is_linear_gemm(view: GraphView, k: int) -> bool:
