@@ -153,7 +153,7 @@ int run(const Args& args) {
     names.push_back(name);
   }
   if (!position.empty() && !feedable.count("lrp_position"))
-    throw std::runtime_error("--position: the explained output has no sequence axis");
+    throw std::runtime_error("--position: the model has no input lrp_position (no sequence axis)");
   if (!target.empty()) {
     names.push_back("lrp_target");
     values.push_back(int64_tensor(target, {1}));
