@@ -69,8 +69,19 @@ def _args(path, ids, mask=None, target=None, position=None):
     return args
 
 
+_EXPLAINERS = {}  # one Python session per model, shared by the C++ and Node cases
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_sessions():
+    yield
+    _EXPLAINERS.clear()
+
+
 def _python(path, ids, mask=None, target=None, position=None):
-    explainer = lrp_onnx.Explainer(path, providers=["CPUExecutionProvider"])
+    if str(path) not in _EXPLAINERS:
+        _EXPLAINERS[str(path)] = lrp_onnx.Explainer(path, providers=["CPUExecutionProvider"])
+    explainer = _EXPLAINERS[str(path)]
     ids = np.asarray([ids], np.int64)
     mask = np.ones_like(ids) if mask is None else np.asarray([mask], np.int64)
     result = explainer.run(target=None if target is None else [target],
@@ -79,8 +90,9 @@ def _python(path, ids, mask=None, target=None, position=None):
     return result
 
 
-def _compare(command, path, **case):
-    done = subprocess.run(command + _args(path, **case), capture_output=True, text=True, timeout=600)
+def _compare(command, path, env=None, **case):
+    done = subprocess.run(command + _args(path, **case), capture_output=True, text=True, timeout=600,
+                          env=None if env is None else dict(os.environ, **env))
     assert done.returncode == 0, done.stderr
     assert done.stderr == "", f"the consumer printed to stderr: {done.stderr}"   # no onnxruntime warnings
     got = json.loads(done.stdout)
@@ -126,6 +138,14 @@ def test_decoder_lm(consumer, converted, workdir, decoder_relevance_only):
     _compare(consumer, path, ids=ids, mask=mask, target=42, position=last)
     _compare(consumer, path, ids=ids, target=7, position=-3)
     _compare(consumer, decoder_relevance_only, ids=ids, mask=mask, target=42, position=last)
+
+
+def test_cpp_runs_with_another_onnxruntime(cpp_explain, node_explain, converted, workdir):
+    """The binary dlopens onnxruntime (API 29): onnxruntime-node's 1.30 library works as well as the
+    wheel's 1.32 it was built beside."""
+    library = next((NODE / "node_modules" / "onnxruntime-node" / "bin").glob("napi-*/linux/x64/libonnxruntime.so.1"))
+    path = _path(converted, workdir, "llama")
+    _compare(cpp_explain, path, env={"ONNXRUNTIME_LIB": str(library)}, ids=[5, 17, 33, 8], target=9, position=2)
 
 
 @pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2} absent (README's Set-up first line builds it)")
