@@ -40,7 +40,9 @@ cp "$cache"/* "$dest/include/"
 
 capi=$("$python" -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))')
 version=$("$python" -c 'import onnxruntime; print(onnxruntime.__version__)')
-case $version in 1.2[0-8].*|1.1[0-9].*|0.*) echo "get_onnxruntime.sh: onnxruntime $version is older than 1.29" >&2; exit 2;; esac
+if ! "$python" -c 'import onnxruntime as o, sys; sys.exit(tuple(map(int, o.__version__.split(".")[:2])) < (1, 29))'; then
+  echo "get_onnxruntime.sh: onnxruntime $version is older than 1.29 (the headers' API version)" >&2; exit 2
+fi
 library=$(ls "$capi"/libonnxruntime.so.1.* | head -n 1)
 for f in "$capi"/libonnxruntime*.so*; do ln -sf "$f" "$dest/lib/"; done  # providers sit beside the library
 ln -sf "$library" "$dest/lib/libonnxruntime.so.1"
