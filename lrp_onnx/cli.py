@@ -148,7 +148,7 @@ def cmd_explain(args) -> int:
         return _explain_image(explainer, args)
     tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
     feed = text_inputs(explainer.input_names, ids, mask)
-    missing = [i.name for i in explainer.session.get_inputs() if i.name not in feed]
+    missing = [i.name for i in explainer.session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
     if missing:
         raise LRPError(f"{args.model}: cannot feed input(s) {', '.join(missing)} from text")
     has_position = "lrp_position" in explainer.input_names

@@ -29,7 +29,7 @@ from .errors import LRPError, UnsupportedOpsError
 from .graph import GraphView, node_label
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
-from .seed import build_seed
+from .seed import build_seed, optional_defaults
 from .vjp import NORM_VJPS, lookup
 
 RELEVANCE_OUTPUT = "lrp_relevance"
@@ -323,6 +323,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     model.metadata_props.add(key="lrp_onnx", value=json.dumps(meta))
     if relevance_only:
         drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
+    optional_defaults(model)
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model

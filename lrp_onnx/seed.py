@@ -98,3 +98,46 @@ def rename_output(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
         for k, o in enumerate(n.output):
             if o == old:
                 n.output[k] = new
+
+
+def optional_defaults(model: onnx.ModelProto, names=(TARGET_INPUT, POSITION_INPUT)) -> None:
+    """Turn the initializer-backed inputs `names` into inputs of type optional(tensor(int64)) resolved
+    in the graph: If(OptionalHasElement(x), OptionalGetElement(x), default). Feeding nothing still
+    gives the default, and onnxruntime no longer warns "Initializer ... appears in graph inputs".
+    Needs opset >= 15 (the Optional ops); older graphs keep the initializer form."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 15:
+        return
+    g = model.graph
+    defaults = {t.name: t for t in g.initializer if t.name in names}
+    inputs = {vi.name: vi for vi in g.input if vi.name in defaults}
+    new_nodes = []
+    for name, vi in inputs.items():
+        default = defaults[name]
+        resolved = f"{name}/resolved"
+        for n in g.node:
+            for k, i in enumerate(n.input):
+                if i == name:
+                    n.input[k] = resolved
+        tensor_type = onnx.TypeProto()
+        tensor_type.CopyFrom(vi.type)
+        vi.type.ClearField("tensor_type")
+        vi.type.optional_type.elem_type.CopyFrom(tensor_type)
+        given = helper.make_graph(
+            [helper.make_node("OptionalGetElement", [name], [f"{name}/given"])], f"{name}_given", [],
+            [helper.make_tensor_value_info(f"{name}/given", default.data_type, [None])])
+        fallback = helper.make_graph(
+            [helper.make_node("Constant", [], [f"{name}/default"], value=default)], f"{name}_default", [],
+            [helper.make_tensor_value_info(f"{name}/default", default.data_type, [None])])
+        new_nodes += [helper.make_node("OptionalHasElement", [name], [f"{name}/fed"], name=f"lrp/{name}/fed"),
+                      helper.make_node("If", [f"{name}/fed"], [resolved], name=f"lrp/{name}/default",
+                                       then_branch=given, else_branch=fallback)]
+    if not inputs:
+        return
+    kept = [t for t in g.initializer if t.name not in inputs]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    model.ir_version = max(model.ir_version, 8)  # optional types: IR version 8
