@@ -88,7 +88,7 @@ def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
 
 
 # inputs read only for their type (or shape): their values never reach the output
-TYPE_ONLY_INPUTS = {("CastLike", 1)}
+TYPE_ONLY_INPUTS = {("CastLike", 1), ("EyeLike", 0), ("RandomNormalLike", 0), ("RandomUniformLike", 0)}
 
 
 def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str,
