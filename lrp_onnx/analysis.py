@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .control import has_subgraph, outer_references
 from .graph import GraphView, attr
 from .patterns import ACTIVATION_OPS, Region
 
@@ -54,8 +55,9 @@ def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
     units = []
     for i, node in enumerate(view.nodes):
         r = in_region.get(i)
-        if r is None:
-            units.append(Unit([i], list(node.input), list(node.output), node.op_type, node.name))
+        if r is None:  # a node with subgraphs also reads the enclosing-scope tensors its branches use
+            inputs = list(node.input) + (outer_references(node) if has_subgraph(node) else [])
+            units.append(Unit([i], inputs, list(node.output), node.op_type, node.name))
         elif i == r.nodes[-1]:
             units.append(Unit(r.nodes, [r.input], [r.output], f"Region:{r.pattern}", node.name, region=r))
     # a region's output might not be produced by its last node (norm_scale outputs d): keep order by the
@@ -67,9 +69,10 @@ def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
 TYPE_ONLY_INPUTS = {("CastLike", 1)}
 
 
-def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str,
+def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str | list[str],
                    blocked: set[int] | None = None) -> set[str]:
-    """Float tensors reachable from `sources` and reaching `target`, skipping blocked units."""
+    """Float tensors reachable from `sources` and reaching `target` (one tensor or several), skipping
+    blocked units."""
     blocked = blocked or set()
     forward = set(sources)
     for k, u in enumerate(units):
@@ -77,7 +80,7 @@ def relevance_path(view: GraphView, units: list[Unit], sources: list[str], targe
             continue
         if any(t in forward for i, t in enumerate(u.inputs) if t and (u.op_type, i) not in TYPE_ONLY_INPUTS):
             forward.update(o for o in u.outputs if o and view.may_carry_relevance(o))
-    backward = {target}
+    backward = {target} if isinstance(target, str) else set(target)
     for k in range(len(units) - 1, -1, -1):
         u = units[k]
         if k in blocked:
