@@ -125,17 +125,23 @@ def source_inputs(view: GraphView, sources: list[str]) -> list[str | None]:
 
 
 # -- analyze -------------------------------------------------------------------------------------
-INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")
+# ops that move, copy or retype integer ids without computing new ones: input 0 is routed to the output
+INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Transpose", "Slice",
+                     "Expand", "Tile", "Gather", "GatherElements", "GatherND", "Split", "Pad", "Concat",
+                     "ReverseSequence", "DepthToSpace", "SpaceToDepth")
 
 
 def _integer_input_origins(view: GraphView) -> dict[str, str]:
-    """Tensor -> the integer graph input it is a cast or reshape of (token ids and their views)."""
+    """Tensor -> the integer graph input it is a view of: token ids cast, reshaped, transposed, sliced,
+    expanded, concatenated (with constants or other ids) on their way to the embedding lookup."""
     origin = {i: i for i in view.graph_inputs if not view.is_float(i)}
     for n in view.nodes:
-        if n.op_type in INDEX_ROUTING_OPS:
-            feeding = next((origin[t] for t in n.input if t in origin), None)
-            if feeding is not None:
-                origin.update((o, feeding) for o in n.output if o)
+        if n.op_type not in INDEX_ROUTING_OPS or n.domain not in ("", "ai.onnx") or not n.input:
+            continue
+        routed = [t for t in n.input if t] if n.op_type == "Concat" else n.input[:1]
+        feeding = next((origin[t] for t in routed if t in origin), None)
+        if feeding is not None:
+            origin.update((o, feeding) for o in n.output if o and not view.is_float(o))
     return origin
 
 
