@@ -219,10 +219,14 @@ class _Folder:
         inputs = [self.value(i, depth + 1) if i else None for i in n.input]
         if any(i and v is None for i, v in zip(n.input, inputs)):
             return None
-        return _run_node(n, inputs, t)
+        return _run_node(n, inputs, t, self.opset)
+
+    @property
+    def opset(self) -> int:
+        return next((o.version for o in self.view.model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
-def _run_node(node: onnx.NodeProto, inputs: list, wanted: str):
+def _run_node(node: onnx.NodeProto, inputs: list, wanted: str, opset: int):
     from onnx.reference import ReferenceEvaluator
 
     try:
@@ -235,7 +239,7 @@ def _run_node(node: onnx.NodeProto, inputs: list, wanted: str):
             [helper.make_tensor_value_info(nm, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), None)
              for nm, v in zip(names, inputs) if nm],
             [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs if o])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         results = ReferenceEvaluator(model).run(None, {nm: np.asarray(v) for nm, v in zip(names, inputs) if nm})
         k = [o for o in node.output if o].index(wanted)
         return np.asarray(results[k])

@@ -231,9 +231,12 @@ def _control_flow_problems(plan: Plan, u: Unit) -> list[str]:
     if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
         return [f"{label}: {node.op_type} on the relevance path is not supported (no backward through "
                 f"a loop body); re-export with the loop unrolled (fixed shapes) or pick another --source"]
-    if rule_base(u.rule) != "gradient":
+    if rule_base(u.rule) in ("identity", "uniform", "constant_std", "gamma", "straight_through", "dequantized"):
         return [f"{label}: an If takes rule gradient (its branches get the rule set's rules) or constant, "
                 f"not {u.rule}"]
+    if any(is_half(view, t) for t in list(u.inputs[1:]) + list(u.outputs) if t):
+        return [f"{label}: an If in a half-precision model is not supported (the backward runs in fp32 and "
+                f"would need fp32 copies of its branches)"]
     problems = []
     for name, branch_plan in _branch_plans(plan, u, [True] * len(u.outputs)):
         problems.extend(f"{label}: in its {name}: {p}" for p in branch_plan.problems)
