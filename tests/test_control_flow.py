@@ -174,6 +174,7 @@ FLAGS = [(True, True), (True, False), (False, True)]
 def test_if_with_outer_references_gradient_equals_finite_differences(nested, flags):
     converted = lrp_onnx.convert(if_graph(nested=nested), rules="gradient", seed_input=True)
     assert [n.op_type for n in converted.graph.node if n.name.startswith("lrp/")].count("If") == 1
+    onnx.checker.check_model(converted)  # names stay unique across the graph and its branches
     feed = {"x": RNG.standard_normal((2, 4)).astype(np.float32), "flag": np.array(flags[0])}
     if nested:
         feed["flag2"] = np.array(flags[1])
