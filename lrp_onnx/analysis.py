@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .control import has_subgraph, outer_references
 from .graph import GraphView, attr
 from .patterns import ACTIVATION_OPS, Region
 
@@ -78,8 +79,9 @@ def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
     units = []
     for i, node in enumerate(view.nodes):
         r = in_region.get(i)
-        if r is None:
-            units.append(Unit([i], list(node.input), list(node.output), node.op_type, node.name))
+        if r is None:  # a node with subgraphs also reads the enclosing-scope tensors its branches use
+            inputs = list(node.input) + (outer_references(node) if has_subgraph(node) else [])
+            units.append(Unit([i], inputs, list(node.output), node.op_type, node.name))
         elif i == r.nodes[-1]:
             units.append(Unit(r.nodes, [r.input], [r.output], f"Region:{r.pattern}", node.name, region=r))
     # a region's output might not be produced by its last node (norm_scale outputs d): keep order by the
@@ -91,9 +93,10 @@ def make_units(view: GraphView, regions: list[Region]) -> list[Unit]:
 TYPE_ONLY_INPUTS = {("CastLike", 1), ("EyeLike", 0), ("RandomNormalLike", 0), ("RandomUniformLike", 0)}
 
 
-def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str,
+def relevance_path(view: GraphView, units: list[Unit], sources: list[str], target: str | list[str],
                    blocked: set[int] | None = None) -> set[str]:
-    """Float tensors reachable from `sources` and reaching `target`, skipping blocked units."""
+    """Float tensors reachable from `sources` and reaching `target` (one tensor or several), skipping
+    blocked units."""
     blocked = blocked or set()
     forward = set(sources)
     for k, u in enumerate(units):
@@ -101,7 +104,7 @@ def relevance_path(view: GraphView, units: list[Unit], sources: list[str], targe
             continue
         if any(t in forward for i, t in enumerate(u.inputs) if t and (u.op_type, i) not in TYPE_ONLY_INPUTS):
             forward.update(o for o in u.outputs if o and view.may_carry_relevance(o))
-    backward = {target}
+    backward = {target} if isinstance(target, str) else set(target)
     for k in range(len(units) - 1, -1, -1):
         u = units[k]
         if k in blocked:
@@ -138,6 +141,8 @@ def _op_categories(view: GraphView, node, k: int, u: Unit, path: set[str]) -> li
     op = node.op_type
     relevant = [i for i, t in enumerate(u.inputs) if t and t in path]
     n = len({u.inputs[i] for i in relevant})
+    if op in ("If", "Loop", "Scan"):  # an If's branches get the rule set's rules (pipeline.py); loops are refused
+        return ["control_flow"]
     if op == "Tanh" and _is_softcap(view, k):
         return ["softcap"]  # c * tanh(x / c): a bound on logits, not an activation
     if op == "Conv" and view.is_constant(u.inputs[1]) and all(view.is_constant(t) for t in u.inputs[2:] if t):

@@ -57,6 +57,14 @@ def _add_analysis_options(p):
     p.add_argument("--override", action="append", metavar="KEY=RULE", help="one rule override; repeatable")
 
 
+def _add_conversion_options(p):
+    p.add_argument("--latent", action="append", help="also output the relevance of this tensor; repeatable")
+    p.add_argument("--seed-input", action="store_true",
+                   help="replace lrp_target/lrp_position by a float input lrp_seed of the output's shape")
+    p.add_argument("--relevance-only", action="store_true",
+                   help="drop the original outputs; run the LM head at the explained position only (faster)")
+
+
 def cmd_convert(args) -> int:
     from .pipeline import convert
 
@@ -71,7 +79,8 @@ def cmd_inspect(args) -> int:
     from .report import inspect_model
 
     report = inspect_model(args.model, rules=args.rules, source=args.source, output=args.output,
-                           overrides=_rule_overrides(args))
+                           overrides=_rule_overrides(args), latent=args.latent or (), seed_input=args.seed_input,
+                           relevance_only=args.relevance_only)
     print(report.format())
     return 0 if report.supported else 1
 
@@ -255,14 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write a model that also outputs relevance")
     _add_analysis_options(p)
     p.add_argument("-o", required=True, metavar="OUT", help="where to write the converted model")
-    p.add_argument("--latent", action="append", help="also output the relevance of this tensor; repeatable")
-    p.add_argument("--seed-input", action="store_true",
-                   help="replace lrp_target/lrp_position by a float input lrp_seed of the output's shape")
-    p.add_argument("--relevance-only", action="store_true",
-                   help="drop the original outputs; run the LM head at the explained position only (faster)")
+    _add_conversion_options(p)
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path")
+    p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path; exits non-zero "
+                       "exactly when `convert` with the same options would refuse")
     _add_analysis_options(p)
+    _add_conversion_options(p)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("explain", help="relevance per token of a text, from a converted model")
     p.add_argument("model", help="a model written by `lrp-onnx convert`")

@@ -11,6 +11,7 @@ import filecmp
 import json
 import os
 import shutil
+import sys
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -20,13 +21,15 @@ from onnx import TensorProto, helper
 
 from . import __version__
 from .analysis import Unit, classify, make_units, on_path, relevance_path
-from .builder import Builder
+from .builder import PREFIX as BACKWARD_PREFIX, Builder
 from .shapes import infer_shapes
 from .precision import HALF, is_half, promote_backward_to_fp32
 from .unfuse import unfuse_contrib_ops
+from .control import branch_model, free_names as outer_references_of_graph, has_subgraph, \
+    inline_constant_ifs, renamed_branch, subgraphs
 from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
-from .graph import GraphView, node_label
+from .graph import GraphView, TensorInfo, node_label
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .seed import build_seed, optional_defaults
@@ -48,6 +51,8 @@ class Plan:
     path_units: list = field(default_factory=list)
     blocked_units: list = field(default_factory=list)  # rule "constant" units that would be on the path
     problems: list = field(default_factory=list)
+    rule_set: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -70,6 +75,48 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     return loaded, os.path.dirname(os.path.abspath(path))
 
 
+def model_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def upgrade_opset(model: onnx.ModelProto) -> None:
+    """A model below opset 13 is upgraded in place (the private copy) with onnx's version converter,
+    which rewrites attributes into inputs (Squeeze/Unsqueeze/Split axes, ReduceSum axes...). The
+    converter sees a weight-free copy: the initializers become typed inputs, their data is never read."""
+    opset = model_opset(model)
+    if opset >= MIN_OPSET:
+        return
+    from onnx import version_converter
+
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.name = model.graph.name
+    for part in ("node", "input", "output", "value_info"):
+        getattr(light.graph, part).extend(getattr(model.graph, part))
+    inputs = {i.name for i in model.graph.input}
+    stubs = [i.name for i in model.graph.initializer if i.name not in inputs]
+    for init in model.graph.initializer:
+        if init.name not in inputs:
+            light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    try:
+        upgraded = version_converter.convert_version(light, MIN_OPSET)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise LRPError(f"the model uses opset {opset}; lrp-onnx needs opset >= {MIN_OPSET} and onnx's version "
+                       f"converter could not upgrade it ({reason}); re-export it "
+                       f"(torch.onnx.export(..., opset_version=17))") from None
+    graph = model.graph
+    del graph.node[:]
+    graph.node.extend(upgraded.graph.node)
+    graph.initializer.extend(t for t in upgraded.graph.initializer if t.name not in set(stubs))
+    del graph.value_info[:]
+    del model.opset_import[:]
+    model.opset_import.extend(upgraded.opset_import)
+    model.ir_version = max(model.ir_version, upgraded.ir_version)
+    print(f"lrp-onnx: upgraded from opset {opset} to {MIN_OPSET} in memory", file=sys.stderr)
+
+
 def source_inputs(view: GraphView, sources: list[str]) -> list[str | None]:
     """The graph input behind each source: the token-id input of an embedding lookup, the source
     itself if it is a graph input, else None."""
@@ -78,17 +125,23 @@ def source_inputs(view: GraphView, sources: list[str]) -> list[str | None]:
 
 
 # -- analyze -------------------------------------------------------------------------------------
-INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")
+# ops that move, copy or retype integer ids without computing new ones: input 0 is routed to the output
+INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Transpose", "Slice",
+                     "Expand", "Tile", "Gather", "GatherElements", "GatherND", "Split", "Pad", "Concat",
+                     "ReverseSequence", "DepthToSpace", "SpaceToDepth")
 
 
 def _integer_input_origins(view: GraphView) -> dict[str, str]:
-    """Tensor -> the integer graph input it is a cast or reshape of (token ids and their views)."""
+    """Tensor -> the integer graph input it is a view of: token ids cast, reshaped, transposed, sliced,
+    expanded, concatenated (with constants or other ids) on their way to the embedding lookup."""
     origin = {i: i for i in view.graph_inputs if not view.is_float(i)}
     for n in view.nodes:
-        if n.op_type in INDEX_ROUTING_OPS:
-            feeding = next((origin[t] for t in n.input if t in origin), None)
-            if feeding is not None:
-                origin.update((o, feeding) for o in n.output if o)
+        if n.op_type not in INDEX_ROUTING_OPS or n.domain not in ("", "ai.onnx") or not n.input:
+            continue
+        routed = [t for t in n.input if t] if n.op_type == "Concat" else n.input[:1]
+        feeding = next((origin[t] for t in routed if t in origin), None)
+        if feeding is not None:
+            origin.update((o, feeding) for o in n.output if o and not view.is_float(o))
     return origin
 
 
@@ -153,7 +206,8 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
         classify(view, unclassified, path)
         for u in unclassified:
             u.rule = resolve_rule(u, rule_set, overrides)
-    plan = Plan(view, rules if isinstance(rules, str) else "custom", output, sources, units, path)
+    plan = Plan(view, rules if isinstance(rules, str) else "custom", output, sources, units, path,
+                rule_set=rule_set, overrides=dict(overrides or {}))
     plan.blocked_units = [units[k] for k in sorted(blocked) if on_path(units[k], path0)]
     for k, u in enumerate(units):
         if k in blocked or not on_path(u, path):
@@ -162,10 +216,108 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
         if u.rule == "uniform" and u.n_relevant_inputs < 2:
             u.rule = "gradient"  # a product with one relevance-carrying operand is linear in it
         plan.path_units.append(u)
+        if u.region is None and has_subgraph(view.nodes[u.nodes[0]]):
+            plan.problems.extend(_control_flow_problems(plan, u))
+            continue
         problem = _rule_problem(view, u)
         if problem:
             plan.problems.append(problem)
     return plan
+
+
+def _control_flow_problems(plan: Plan, u: Unit) -> list[str]:
+    """An If gets the backward of both branches (each analysed like a graph of its own, with the
+    same rules); Loop and Scan are refused."""
+    view = plan.view
+    node = view.nodes[u.nodes[0]]
+    label = node_label(node)
+    if u.rule == "constant":
+        return []
+    if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+        return [f"{label}: {node.op_type} on the relevance path is not supported (no backward through "
+                f"a loop body); re-export with the loop unrolled (fixed shapes) or pick another --source"]
+    if rule_base(u.rule) in ("identity", "uniform", "constant_std", "gamma", "straight_through", "dequantized"):
+        return [f"{label}: an If takes rule gradient (its branches get the rule set's rules) or constant, "
+                f"not {u.rule}"]
+    if any(is_half(view, t) for t in list(u.inputs[1:]) + list(u.outputs) if t):
+        return [f"{label}: an If in a half-precision model is not supported (the backward runs in fp32 and "
+                f"would need fp32 copies of its branches)"]
+    problems = []
+    for name, branch_plan in _branch_plans(plan, u, [True] * len(u.outputs)):
+        problems.extend(f"{label}: in its {name}: {p}" for p in branch_plan.problems)
+    return problems
+
+
+def _branch_plans(plan: Plan, u: Unit, seeded: list[bool], rename=None):
+    """(branch name, Plan) of each branch of If unit u: the branch analysed as a graph whose sources
+    are the If's relevance-carrying outer-scope inputs and whose targets are its seeded outputs.
+    `rename(branch) -> branch`: analyse a renamed copy (for emission)."""
+    view = plan.view
+    node = view.nodes[u.nodes[0]]
+    sources = [t for t in u.inputs[1:] if t in plan.path]
+    result = []
+    for name, branch in subgraphs(node):
+        if rename is not None:
+            branch = rename(name, branch)
+        sub = branch_model(view, branch, outer_references_of_graph(branch))
+        sub_view = GraphView.build(sub, infer_shapes(sub))
+        targets = [o.name for o, s in zip(branch.output, seeded) if s]
+        result.append((name, analyze(sub_view, plan.rule_set, targets, sources, plan.overrides)))
+    return result
+
+
+def _if_backward(b: Builder, plan: Plan, u: Unit, gy: list, wants: list) -> list:
+    """The backward of a non-constant If: an If on the same condition whose branches recompute their
+    forward (renamed) and run its backward, each returning the gradients of the If's relevance-carrying
+    outer-scope inputs (zeros where a branch does not read one)."""
+    view = plan.view
+    node = view.nodes[u.nodes[0]]
+    wanted = [t for t, w in zip(u.inputs, wants) if w and t]
+    if not wanted:
+        return [None] * len(u.inputs)
+    scope = b.scope
+    copies = {}
+
+    def rename(name, branch):
+        copies[name], _ = renamed_branch(branch, f"lrp/{scope}/{name}", b._used)
+        return copies[name]
+
+    branches = {}
+    for name, branch_plan in _branch_plans(plan, u, [g is not None for g in gy], rename):
+        sub_view = branch_plan.view
+        for g in gy:
+            if g is not None:
+                sub_view.info.setdefault(g, view.info.get(g))
+        for t in wanted:
+            sub_view.info.setdefault(t, view.info.get(t))
+        sub = Builder(sub_view)
+        sub._used = b._used
+        sub.scope = f"{scope}/{name}"
+        seeds = [(o.name, g) for o, g in zip(copies[name].output, gy) if g is not None]
+        try:
+            grads = emit_backward(branch_plan, sub, seeds, wanted)
+        except UnsupportedOpsError as exc:
+            raise ValueError(f"in its {name}: " + "; ".join(exc.problems)) from None
+        outputs = []
+        for t in wanted:
+            g = grads.get(t)
+            out = b.fresh(f"{name}_grad")
+            if g is None:
+                sub.nodes.append(helper.make_node("ConstantOfShape", [sub.shape_of(t)], [out], name=out + "_node",
+                                                  value=helper.make_tensor("value", view.dtype(t) or 1, [1], [0])))
+            else:
+                sub.nodes.append(helper.make_node("Identity", [sub.cast_like(g, t)], [out], name=out + "_node"))
+            outputs.append(helper.make_tensor_value_info(out, view.dtype(t) or TensorProto.FLOAT, None))
+        branches[name] = helper.make_graph(list(copies[name].node) + sub.nodes, f"{name}_backward", [], outputs,
+                                           list(copies[name].initializer) + sub.initializers)
+    outs = b.op("If", [node.input[0]], n_out=len(wanted), then_branch=branches["then_branch"],
+                else_branch=branches["else_branch"])
+    outs = [outs] if isinstance(outs, str) else outs
+    by_input = {}
+    for t, o in zip(wanted, outs):
+        view.info[o] = TensorInfo(view.dtype(t), view.shape(t))
+        by_input[t] = o
+    return [by_input.get(t) if w else None for t, w in zip(u.inputs, wants)]
 
 
 def _rule_problem(view: GraphView, u: Unit) -> str | None:
@@ -191,10 +343,13 @@ def _rule_problem(view: GraphView, u: Unit) -> str | None:
 
 
 # -- emit backward -------------------------------------------------------------------------------
-def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str]) -> dict[str, str]:
-    """Reverse-mode pass over the path units; returns the gradient of each wanted tensor."""
+def emit_backward(plan: Plan, b: Builder, seed_gradient, wanted: list[str]) -> dict[str, str]:
+    """Reverse-mode pass over the path units; returns the gradient of each wanted tensor.
+    `seed_gradient`: the gradient of plan.output, or (tensor, gradient) pairs."""
     view = b.view
-    pending: dict[str, list[str]] = {plan.output: [seed_gradient]}
+    pending: dict[str, list[str]] = {}
+    for t, g in ([(plan.output, seed_gradient)] if isinstance(seed_gradient, str) else seed_gradient):
+        pending.setdefault(t, []).append(g)
     totals: dict[str, str] = {}
 
     def total(t):
@@ -210,9 +365,12 @@ def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str])
         wants = [bool(t) and t in plan.path for t in u.inputs]
         b.scope = re.sub(r"[^A-Za-z0-9_.-]+", "_", u.name or u.op_type)[-60:] or "node"
         try:
-            grads = rule_function(u.rule)(b, u, gy, wants)
-        except (NotImplementedError, ValueError) as exc:
-            problems.append(f"{u.describe(view)}: {exc}")
+            if u.region is None and u.op_type == "If" and u.rule != "constant":
+                grads = _if_backward(b, plan, u, gy, wants)
+            else:
+                grads = rule_function(u.rule)(b, u, gy, wants)
+        except (NotImplementedError, ValueError, TypeError, KeyError, IndexError) as exc:
+            problems.append(f"{u.describe(view)}: {_user_facing(exc)}")
             continue
         for t, g, w in zip(u.inputs, grads, wants):
             if w and g is not None:
@@ -223,52 +381,76 @@ def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str])
     return {t: total(t) for t in wanted}
 
 
+def _user_facing(exc: Exception) -> str:
+    """A rule's complaint, without the names of the backward's own tensors (lrp/...), which mean
+    nothing to the user: the problem is already prefixed with the forward node."""
+    text = str(exc) if isinstance(exc, (NotImplementedError, ValueError)) else \
+        f"its backward cannot be built ({type(exc).__name__}: {exc})"
+    text = re.sub(r"'%s[^']*'" % re.escape(BACKWARD_PREFIX), "an intermediate of its backward", text)
+    return re.sub(r"%s\S*" % re.escape(BACKWARD_PREFIX), "an intermediate of its backward", text)
+
+
 # -- assemble and save ---------------------------------------------------------------------------
 def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
 
 
-def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
-            latent=(), seed_input: bool = False, overrides: dict | None = None,
-            relevance_only: bool = False) -> onnx.ModelProto:
-    """Convert an ONNX model into one that also outputs relevance. See README for the contract.
+@dataclass
+class Conversion:
+    """What `plan_conversion` decided and emitted: everything `convert` assembles, and `inspect` reports."""
+    model: onnx.ModelProto          # the private copy, rewritten in memory (upgraded, unfused, inlined)
+    base_dir: str | None
+    view: GraphView
+    plan: Plan
+    output: str                     # the explained tensor (the head's output at the position, if selected)
+    sources: list
+    latent: list
+    position_selected: bool = False
+    builder: Builder | None = None
+    seed: object = None
+    grads: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)  # unsupported units: `convert` refuses, `inspect` lists them
 
-    relevance_only: drop the original outputs and run the model's head (everything after the last
-    position-mixing op) at the explained position only."""
+
+def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
+                    latent=(), seed_input: bool = False, overrides: dict | None = None,
+                    relevance_only: bool = False) -> Conversion:
+    """The one check path of `convert` and `inspect`: load, upgrade, unfuse, inline constant Ifs, infer
+    shapes, choose output and sources, analyze, seed and emit the backward (in memory). Bad arguments
+    and unusable graphs raise LRPError; units no rule handles come back in `problems` (every one of
+    them, each starting with the forward node's label)."""
     if isinstance(rules, str) and rules not in RULE_SETS:
         raise LRPError(f"unknown rule set '{rules}'; choose one of: {', '.join(RULE_SETS)}")
     # load
     model, base_dir = load_model(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < MIN_OPSET:
-        raise LRPError(f"the model uses opset {opset}; lrp-onnx needs opset >= {MIN_OPSET}: re-export it "
-                       f"(torch.onnx.export(..., opset_version=17))")
+    upgrade_opset(model)
     unfuse_contrib_ops(model)
-    view = GraphView.build(model, infer_shapes(model))
+    view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
     # choose output and sources
     output = output or view.graph_outputs[0]
     if output not in view.graph_outputs:
         raise LRPError(f"--output '{output}' is not a graph output; outputs are: {', '.join(view.graph_outputs)}")
     sources = [source] if isinstance(source, str) else list(source or [])
+    latent = list(latent or ())
     known = set(view.producer) | set(view.graph_inputs)
-    for s in list(sources) + list(latent):
+    for s in sources + latent:
         if s not in known:
             raise LRPError(f"tensor '{s}' is not in the graph (no node produces it and no input has that name)")
     if not sources:
         sources = default_sources(view, output)
     # canonicalize: in relevance-only mode, compute the head at the explained position only
-    explained = output
     position_selected = False
     if relevance_only and not seed_input:
         selected = select_position_before_head(model, view, output)
         if selected is not None:
-            explained, position_selected = selected, True
+            output, position_selected = selected, True
             view = GraphView.build(model, infer_shapes(model))
-    output = explained
     # analyze
     plan = analyze(view, rules, output, sources, overrides)
+    conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected)
     if plan.problems:
-        raise UnsupportedOpsError(plan.problems)
+        conv.problems = list(plan.problems)
+        return conv
     for s in sources:
         if s not in plan.path:
             raise LRPError(f"source '{s}' does not reach output '{output}' on a relevance-carrying path")
@@ -282,7 +464,29 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         seed = build_seed(b, output, seed_input, position_selected)
     except ValueError as exc:
         raise LRPError(str(exc)) from None
-    grads = emit_backward(plan, b, seed.gradient, list(sources) + list(latent))
+    try:
+        grads = emit_backward(plan, b, seed.gradient, sources + latent)
+    except UnsupportedOpsError as exc:
+        conv.problems = list(exc.problems)
+        return conv
+    conv.builder, conv.seed, conv.grads = b, seed, grads
+    return conv
+
+
+def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
+            latent=(), seed_input: bool = False, overrides: dict | None = None,
+            relevance_only: bool = False) -> onnx.ModelProto:
+    """Convert an ONNX model into one that also outputs relevance. See README for the contract.
+
+    relevance_only: drop the original outputs and run the model's head (everything after the last
+    position-mixing op) at the explained position only."""
+    conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
+                           seed_input=seed_input, overrides=overrides, relevance_only=relevance_only)
+    if conv.problems:
+        raise UnsupportedOpsError(conv.problems)
+    model, base_dir, view, plan, b, seed, grads = (conv.model, conv.base_dir, conv.view, conv.plan,
+                                                   conv.builder, conv.seed, conv.grads)
+    output, sources, latent, position_selected = conv.output, conv.sources, conv.latent, conv.position_selected
     relevance_outputs = []
     names = [RELEVANCE_OUTPUT if k == 0 else f"{RELEVANCE_OUTPUT}_{k}" for k in range(len(sources))]
     names += [f"{RELEVANCE_OUTPUT}_{_sanitize(t)}" for t in latent]

@@ -4,12 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import LRPError
-from .graph import GraphView
-from .pipeline import analyze, default_sources, load_model
-from .shapes import infer_shapes
-from .rules import RULE_SETS
-from .unfuse import unfuse_contrib_ops
+from .pipeline import plan_conversion
 
 
 @dataclass
@@ -42,22 +37,15 @@ class Report:
         return "\n".join(lines)
 
 
-def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides=None) -> Report:
-    if isinstance(rules, str) and rules not in RULE_SETS:
-        raise LRPError(f"unknown rule set '{rules}'; choose one of: {', '.join(RULE_SETS)}")
-    model, _ = load_model(model)
-    unfuse_contrib_ops(model)
-    view = GraphView.build(model, infer_shapes(model))
-    output = output or view.graph_outputs[0]
-    if output not in view.graph_outputs:
-        raise LRPError(f"--output '{output}' is not a graph output; outputs are: {', '.join(view.graph_outputs)}")
-    sources = [source] if isinstance(source, str) else list(source or [])
-    for s in sources:
-        if s not in view.producer and s not in view.graph_inputs:
-            raise LRPError(f"tensor '{s}' is not in the graph")
-    sources = sources or default_sources(view, output)
-    plan = analyze(view, rules, output, sources, overrides)
-    report = Report(plan.rules, output, sources, problems=list(plan.problems))
+def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides=None, latent=(),
+                  seed_input=False, relevance_only=False) -> Report:
+    """What `convert` with the same arguments would do, without writing anything: the same checks
+    (pipeline.plan_conversion), so the report is unsupported exactly when `convert` refuses, naming the
+    same nodes; bad arguments and unusable graphs raise the same LRPError."""
+    conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
+                           seed_input=seed_input, overrides=overrides, relevance_only=relevance_only)
+    view, plan = conv.view, conv.plan
+    report = Report(plan.rules, conv.output, conv.sources, problems=list(conv.problems))
     on_path_nodes = set()
     for u in plan.path_units:
         report.rows.append((u.describe(view), u.categories, u.rule))
@@ -66,22 +54,4 @@ def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides
         report.rows.append((u.describe(view), u.categories, u.rule))
         on_path_nodes.update(u.nodes)
     report.off_path = len(view.nodes) - len(on_path_nodes)
-    if report.supported:  # attribute combinations a rule refuses show only when it emits its backward
-        report.problems.extend(_backward_problems(view, plan, output, sources))
     return report
-
-
-def _backward_problems(view: GraphView, plan, output: str, sources: list) -> list[str]:
-    """Emit the backward (in memory, thrown away) and return what its rules refused."""
-    from .builder import Builder
-    from .errors import UnsupportedOpsError
-    from .pipeline import emit_backward
-    from .seed import build_seed
-
-    b = Builder(view)
-    try:
-        seed = build_seed(b, output, seed_input=True)
-        emit_backward(plan, b, seed.gradient, list(sources))
-    except UnsupportedOpsError as exc:
-        return list(exc.problems)
-    return []

@@ -5,9 +5,16 @@ through Reshape/Expand), onnx's inference as fallback, always on a weight-free c
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from .control import has_subgraph
 
 
 # contrib ops whose first output has the shape and type of (input 0 op input 1): for shape inference
@@ -106,7 +113,64 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return _infer_shapes(model)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Shape inference talks ("Unable to determine if seq <= ...") on stdout, stderr and through logging;
+    a refusal must print its one error line only."""
+    loggers = [logging.getLogger(name) for name in ("onnxruntime.tools.symbolic_shape_infer", "onnxruntime",
+                                                     "onnx")]
+    saved = [(lg, lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+        lg.propagate = False
+    previous_disable = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous_disable)
+        for lg, level, propagate in saved:
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    with _quiet():
+        inferred = _infer_shapes_loud(model)
+    if inferred is not None and any(has_subgraph(n) for n in model.graph.node):
+        with _quiet():
+            inferred = _reconcile_control_flow(model, inferred)
+    return inferred
+
+
+def _reconcile_control_flow(model: onnx.ModelProto, inferred: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's symbolic inference types an If's output like one of its branches, even where
+    the branches disagree in rank (squeeze of a dynamic dim); everything downstream of a node with
+    subgraphs takes onnx's inference instead (which leaves such a shape unknown)."""
+    downstream = set()
+    for n in model.graph.node:
+        if has_subgraph(n) or any(t in downstream for t in n.input):
+            downstream.update(o for o in n.output if o)
+    try:
+        checked = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        checked = model
+    known = {vi.name: vi for vi in list(checked.graph.value_info) + list(checked.graph.output)}
+    for container in (inferred.graph.value_info, inferred.graph.output):
+        for vi in container:
+            if vi.name not in downstream:
+                continue
+            if vi.name in known:
+                vi.type.CopyFrom(known[vi.name].type)
+            elif vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+    return inferred
+
+
+def _infer_shapes_loud(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
