@@ -476,7 +476,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
             relevance_only: bool = False) -> onnx.ModelProto:
-    """Convert an ONNX model into one that also outputs relevance. See README for the contract.
+    """Convert an ONNX model into one that also outputs relevance. See docs/contract.md for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
     position-mixing op) at the explained position only."""

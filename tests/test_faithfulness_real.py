@@ -1,4 +1,4 @@
-"""tools/faithfulness.py, the script behind README's faithfulness table, end to end on the real
+"""tools/faithfulness.py, the script behind the faithfulness table of docs/faithfulness.md, end to end on the real
 SmolLM2-135M and all-MiniLM-L6-v2 with a few texts each: it runs from a clean cache, writes the
 table and plot, and its LXT side (PyTorch, fresh process) gives the same relevance and ABPC as
 lrp-onnx's attnlrp graphs in onnxruntime."""

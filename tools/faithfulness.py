@@ -1,4 +1,4 @@
-"""The README's faithfulness table, plot and heatmaps, from a clean checkout:
+"""The faithfulness table of docs/faithfulness.md, plot and heatmaps, from a clean checkout:
 
     python -m tools.faithfulness --out build/faithfulness
 
@@ -159,7 +159,7 @@ def sensitivity_table(evaluation) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="faithfulness table, plot and heatmaps for README")
+    parser = argparse.ArgumentParser(description="faithfulness table, plot and heatmaps for docs/faithfulness.md")
     parser.add_argument("--out", default="build/faithfulness")
     parser.add_argument("--cache", default="build", help="where the exported models are (default build/)")
     parser.add_argument("--smollm2-limit", type=int, default=MODELS["SmolLM2-135M"][2])
