@@ -181,8 +181,11 @@ def _rule_problem(view: GraphView, u: Unit) -> str | None:
 
 
 # -- emit backward -------------------------------------------------------------------------------
-def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str]) -> dict[str, str]:
-    """Reverse-mode pass over the path units; returns the gradient of each wanted tensor."""
+def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str], probe=None) -> dict[str, str]:
+    """Reverse-mode pass over the path units; returns the gradient of each wanted tensor.
+
+    probe(b, unit, gy, grads, wants), if given, sees each unit's output gradients (totals) and its
+    own contributions to its inputs' gradients, and may add nodes (the conservation audit)."""
     view = b.view
     pending: dict[str, list[str]] = {plan.output: [seed_gradient]}
     totals: dict[str, str] = {}
@@ -204,6 +207,8 @@ def emit_backward(plan: Plan, b: Builder, seed_gradient: str, wanted: list[str])
         except (NotImplementedError, ValueError) as exc:
             problems.append(f"{u.describe(view)}: {exc}")
             continue
+        if probe is not None:
+            probe(b, u, gy, grads, wants)
         for t, g, w in zip(u.inputs, grads, wants):
             if w and g is not None:
                 pending.setdefault(t, []).append(g)
@@ -220,7 +225,7 @@ def _sanitize(name: str) -> str:
 
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
-            relevance_only: bool = False) -> onnx.ModelProto:
+            relevance_only: bool = False, _probe=None) -> onnx.ModelProto:
     """Convert an ONNX model into one that also outputs relevance. See README for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
@@ -272,7 +277,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         seed = build_seed(b, output, seed_input, position_selected)
     except ValueError as exc:
         raise LRPError(str(exc)) from None
-    grads = emit_backward(plan, b, seed.gradient, list(sources) + list(latent))
+    grads = emit_backward(plan, b, seed.gradient, list(sources) + list(latent), probe=_probe)
     relevance_outputs = []
     names = [RELEVANCE_OUTPUT if k == 0 else f"{RELEVANCE_OUTPUT}_{k}" for k in range(len(sources))]
     names += [f"{RELEVANCE_OUTPUT}_{_sanitize(t)}" for t in latent]
