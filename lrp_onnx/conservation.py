@@ -203,15 +203,20 @@ def _index_bounds(view: GraphView) -> dict[str, int]:
 
 
 def default_feeds(model: onnx.ModelProto, seed: int = 0, dims: dict | None = None,
-                  view: GraphView | None = None) -> dict[str, np.ndarray]:
+                  view: GraphView | None = None, given: dict | None = None) -> dict[str, np.ndarray]:
     """Inputs for a run: token ids uniform over the embedding table, masks of ones, position ids
-    0..n-1, other integers zero, floats N(0, 1). A symbolic dimension gets `dims[name]`, else 2 on
-    the first axis and 8 elsewhere."""
+    0..n-1, other integers zero, floats N(0, 1). A symbolic dimension takes its size from the
+    `given` arrays, else `dims[name]`, else 2 on the first axis and 8 elsewhere."""
     if view is None:
         from .shapes import infer_shapes
         view = GraphView.build(model, infer_shapes(model))
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
+    for vi in model.graph.input:
+        if vi.name in (given or {}):
+            for d, size in zip(vi.type.tensor_type.shape.dim, np.shape(given[vi.name])):
+                if d.dim_param:
+                    dims[d.dim_param] = size
     bounds = _index_bounds(view)
     initializers = {t.name for t in model.graph.initializer}
     feeds = {}
@@ -375,7 +380,7 @@ def audit(model, rules: str | dict = "attnlrp", feeds: dict | None = None, *, ov
             raise LRPError(f"feed '{name}': the model has no input of that name; inputs are: "
                            f"{', '.join(i.name for i in original.graph.input)}")
         given[name] = np.asarray(value)
-    run_feeds = {**default_feeds(original, seed, dims), **given}
+    run_feeds = {**default_feeds(original, seed, dims, given=given), **given}
     if "lrp_seed" in input_names:
         out_name = meta["explained_output"]
         shape = _run_shape(original, base_dir, run_feeds, out_name)
