@@ -25,7 +25,7 @@ from .analysis import Unit
 from .builder import Builder
 from .errors import LRPError
 from .graph import GraphView, attr
-from .rules import RULE_SETS, rule_base
+from .rules import IDENTITY_EPSILON, RULE_SETS, rule_base
 from .vjp_contrib import BIASED_ACTIVATIONS
 
 AUDIT_OUTPUT = "lrp_audit"
@@ -153,6 +153,7 @@ class _Record:
     outputs: list            # names of the outputs whose relevance is summed
     inputs: list             # (input index, name) whose relevance is summed
     offset: int = 0          # first position in the audit vector
+    at_zero: bool = False    # identity rule: one more pair, sum of y ⊙ grad(y) ⊙ eps / (x + eps)
 
 
 class _Probe:
@@ -171,6 +172,16 @@ class _Probe:
         for t, g in [(y, g) for y, g in outs] + [(x, g) for _, x, g in ins]:
             self.pieces.append(self._sums(b, t, g))
             self.length += 2
+        if rule_base(unit.rule) == "identity" and len(outs) == 1 and unit.inputs and unit.inputs[0]:
+            # the identity rule hands on y * x / (x + eps): it keeps y * eps / (x + eps), all of it
+            # where x == 0 (whatever f(0) is)
+            y, g = outs[0]
+            x = b.op("Cast", [unit.inputs[0]], to=TensorProto.DOUBLE)
+            eps = b.const(np.array(IDENTITY_EPSILON))
+            kept = b.op("Div", [eps, b.op("Add", [x, eps])])
+            self.pieces.append(self._sums(b, y, b.op("Mul", [b.op("Cast", [g], to=TensorProto.DOUBLE), kept])))
+            self.length += 2
+            rec.at_zero = True
         self.records.append(rec)
 
     @staticmethod
@@ -262,6 +273,7 @@ class UnitAudit:
     reason: str
     flagged: bool
     problem: str = ""        # why it is flagged
+    kept: float = 0.0        # identity rule: the part of r_out its stabilizer keeps, sum y*grad(y)*eps/(x+eps)
 
 
 @dataclass
@@ -423,20 +435,27 @@ def _unit_audit(view: GraphView, rec: _Record, vector: np.ndarray, rule_set: dic
         mass += float(vector[pos + 1])
         pos += 2
     r_in = float(sum(shares.values()))
+    lost = float(vector[pos]) if rec.at_zero else 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = float(np.float64(r_in) / np.float64(r_out)) if r_out != 0 else (1.0 if r_in == 0 else float("inf"))
     exp = expectation(view, u, rec.on_path, rule_set)
     tol = rtol * mass
     problem = ""
-    if exp.conserves and not abs(r_in - r_out) <= tol:
+    if exp.conserves and not abs(r_in - (r_out - lost)) <= tol:
         problem = f"sum(R_in) {r_in:+.6g} != sum(R_out) {r_out:+.6g} (ratio {ratio:.6g})"
+        if lost:
+            problem += f", of which the identity rule's stabilizer keeps {lost:+.6g}"
     elif exp.split >= 2:
         values = [float(vector[rec.offset + 2 * len(rec.outputs) + 2 * j]) for j in range(len(rec.inputs))]
         if len(values) == exp.split and any(not abs(v - r_out / exp.split) <= tol for v in values):
             problem = f"operands get {', '.join(f'{v:+.6g}' for v in values)}, not 1/{exp.split} of {r_out:+.6g} each"
     category = u.categories[0] if u.categories else u.op_type
+    reason = exp.reason
+    if abs(lost) > tol:
+        reason += (f"; its stabilizer keeps {lost:+.6g} of R_out (y*eps/(x+eps): all of f(0)*grad where the "
+                   f"input is exactly 0, as in LXT)")
     return UnitAudit(u.describe(view), u.op_type, u.rule, category, r_out, r_in, ratio, shares, mass,
-                     exp.conserves, exp.reason, bool(problem), problem)
+                     exp.conserves, reason, bool(problem), problem, lost)
 
 
 def parse_feed_args(items: list[str] | None) -> dict:
