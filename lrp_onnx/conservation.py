@@ -40,13 +40,14 @@ DEFAULT_RTOL = 1e-4
 # unless it is an elementwise nonlinearity (NONLINEAR_ELEMENTWISE) in a rule set that gives
 # activations the identity rule.
 LINEAR_OPS: dict[str, tuple] = {
-    # routing: each output element is one input element (or a sum of some)
+    # routing (each output element is one input element), linear maps of one input (sums, means,
+    # interpolation), and positively homogeneous ones (relu(x) = x relu'(x))
     **{op: ((0,), ()) for op in (
         "Identity", "Dropout", "Cast", "CastLike", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
         "Expand", "Slice", "Gather", "GatherElements", "GatherND", "Split", "TopK", "Tile", "DepthToSpace",
         "SpaceToDepth", "Compress", "ReverseSequence", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin",
         "Neg", "ReduceSum", "ReduceMean", "CumSum", "AveragePool", "GlobalAveragePool", "Resize", "Upsample",
-        "Relu", "LeakyRelu", "PRelu", "Pad")},
+        "Relu", "LeakyRelu", "PRelu")},
     "Pad": ((0, 2), ()),                      # constant_value: an offset where padded
     "Concat": ("*", ()), "Add": ("*", ()), "Sub": ("*", ()), "Sum": ("*", ()), "Mean": ("*", ()),
     "Max": ("*", ()), "Min": ("*", ()),       # a constant operand is an offset where it is selected
@@ -302,6 +303,8 @@ class AuditReport:
         lines = [f"rules: {self.rules}   explained output: {self.output}   sources: {', '.join(self.sources)}",
                  f"sum of relevance at the sources {self.source_relevance:+.6g}"
                  + (f", explained logit {self.logit:+.6g}" if self.logit is not None else ""),
+                 "(R_in: relevance a unit hands to its inputs, R_out: relevance entering it; "
+                 "!! flagged, ~ need not conserve)",
                  f"{'':2}{'R_in/R_out':>12} {'R_out':>12}  {'rule':<13} {'category':<16} unit"]
         for u in self.units:
             mark = "!!" if u.flagged else ("  " if u.expected else " ~")

@@ -34,7 +34,7 @@ OPSET = 17
 MAX_NUMEL = 192
 FD_STEP = 1e-4                  # central differences in float64, extrapolated (Richardson)
 KINK_MARGIN = 1e-2              # redraw x when a kink (Relu at 0, Max tie) is closer than this
-TOL = {np.float64: 1e-6, np.float32: 1e-3}   # relative L2 error of the relevance vs finite differences (issue 9: 1e-3 for fp32)
+TOL = {np.float64: 1e-6, np.float32: 1e-3}  # relative L2 error of the relevance vs finite differences
 AUDIT_RTOL = {np.float64: 1e-7, np.float32: 1e-4}  # the identity rule's 1e-10 stabilizer
 
 
@@ -210,7 +210,10 @@ def _layernorm_written(g, x):
     reduced = (*x.shape[:-1], 1)
     mean = g.op("ReduceMean", [x.name], reduced, axes=[-1], keepdims=1)
     a = g.op("Sub", [x.name, mean.name], x.shape)
-    sq = g.op("Pow", [a.name, g.const(2.0)], x.shape) if g.rng.random() < 0.5 else g.op("Mul", [a.name, a.name], x.shape)
+    if g.rng.random() < 0.5:
+        sq = g.op("Pow", [a.name, g.const(2.0)], x.shape)
+    else:
+        sq = g.op("Mul", [a.name, a.name], x.shape)
     var = g.op("ReduceMean", [sq.name], reduced, axes=[-1], keepdims=1)
     std = g.op("Sqrt", [g.op("Add", [var.name, g.const(1e-3)], reduced).name], reduced)
     y = g.op("Div", [a.name, std.name], x.shape)
@@ -785,7 +788,7 @@ def tally(results: list[Result], elapsed: float | None = None) -> str:
         steps.update(set(r.graph.steps))
     n64 = sum(1 for r in checked if r.graph.dtype == np.float64)
     lines = [f"graphs: {len(results)} ({len(checked)} checked: {n64} float64, {len(checked) - n64} float32; "
-             f"{len(rejected)} rejected: overflow or always near a kink)"
+             f"{len(refused)} refused; {len(rejected)} rejected: overflow or always near a kink)"
              + (f" in {elapsed:.0f} s" if elapsed is not None else ""),
              f"passed: {len(ok)}   failed: {len(failed)}   refused cleanly (node named): {len(refused)}"]
     errs = {dt: [r.error for r in ok if r.graph.dtype == dt] for dt in (np.float64, np.float32)}
