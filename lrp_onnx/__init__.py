@@ -10,6 +10,7 @@ Inference needs numpy, onnx and onnxruntime only; PyTorch is never imported.
 """
 __version__ = "0.1.0"
 
+from .conservation import audit  # noqa: E402
 from .errors import LRPError, UnsupportedOpsError  # noqa: E402
 from .faithfulness import evaluate  # noqa: E402
 from .pipeline import convert  # noqa: E402
@@ -17,5 +18,5 @@ from .report import inspect_model  # noqa: E402
 from .rules import RULE_SETS  # noqa: E402
 from .runner import Explainer, Explanation  # noqa: E402
 
-__all__ = ["convert", "inspect_model", "evaluate", "Explainer", "Explanation", "RULE_SETS", "LRPError",
+__all__ = ["convert", "audit", "inspect_model", "evaluate", "Explainer", "Explanation", "RULE_SETS", "LRPError",
            "UnsupportedOpsError", "__version__"]

@@ -85,6 +85,21 @@ def cmd_inspect(args) -> int:
     return 0 if report.supported else 1
 
 
+def cmd_audit(args) -> int:
+    from .conservation import audit, parse_feed_args
+
+    dims = {}
+    for item in args.dim or []:
+        name, _, size = item.partition("=")
+        if not size.isdigit() or int(size) < 1:
+            raise LRPError(f"--dim '{item}': expected NAME=SIZE with a positive integer size")
+        dims[name] = int(size)
+    report = audit(args.model, rules=args.rules, feeds=parse_feed_args(args.feed), overrides=_rule_overrides(args),
+                   source=args.source, output=args.output, seed=args.seed, rtol=args.rtol, dims=dims)
+    print(report.to_json() if args.json else report.format())
+    return 1 if report.flagged else 0
+
+
 def load_tokenizer(tokenizer_path: str):
     """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation."""
     tokenizer_path = os.fspath(tokenizer_path)
@@ -271,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_options(p)
     _add_conversion_options(p)
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("audit", help="run the model and check, unit by unit, that the rules conserve relevance "
+                       "where they should (exit 1 when a unit is flagged)")
+    _add_analysis_options(p)
+    p.add_argument("--feed", action="append", metavar="NAME=FILE.npy",
+                   help="an input's value (default: random ids in the embedding table, masks of ones, N(0,1) floats)")
+    p.add_argument("--dim", action="append", metavar="NAME=SIZE",
+                   help="size of a symbolic input dimension for the random feeds (default 2 on axis 0, else 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random feeds (default 0)")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="tolerance relative to the unit's relevance mass sum(|R_in|)+sum(|R_out|) (default 1e-4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("explain", help="relevance per token of a text, from a converted model")
     p.add_argument("model", help="a model written by `lrp-onnx convert`")
     p.add_argument("--tokenizer", help="tokenizer.json (Hugging Face tokenizers format), for --text")

@@ -343,9 +343,12 @@ def _rule_problem(view: GraphView, u: Unit) -> str | None:
 
 
 # -- emit backward -------------------------------------------------------------------------------
-def emit_backward(plan: Plan, b: Builder, seed_gradient, wanted: list[str]) -> dict[str, str]:
+def emit_backward(plan: Plan, b: Builder, seed_gradient, wanted: list[str], probe=None) -> dict[str, str]:
     """Reverse-mode pass over the path units; returns the gradient of each wanted tensor.
-    `seed_gradient`: the gradient of plan.output, or (tensor, gradient) pairs."""
+    `seed_gradient`: the gradient of plan.output, or (tensor, gradient) pairs.
+
+    probe(b, unit, gy, grads, wants), if given, sees each unit's output gradients (totals) and its
+    own contributions to its inputs' gradients, and may add nodes (the conservation audit)."""
     view = b.view
     pending: dict[str, list[str]] = {}
     for t, g in ([(plan.output, seed_gradient)] if isinstance(seed_gradient, str) else seed_gradient):
@@ -372,6 +375,8 @@ def emit_backward(plan: Plan, b: Builder, seed_gradient, wanted: list[str]) -> d
         except (NotImplementedError, ValueError, TypeError, KeyError, IndexError) as exc:
             problems.append(f"{u.describe(view)}: {_user_facing(exc)}")
             continue
+        if probe is not None:
+            probe(b, u, gy, grads, wants)
         for t, g, w in zip(u.inputs, grads, wants):
             if w and g is not None:
                 pending.setdefault(t, []).append(g)
@@ -414,7 +419,7 @@ class Conversion:
 
 def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
                     latent=(), seed_input: bool = False, overrides: dict | None = None,
-                    relevance_only: bool = False) -> Conversion:
+                    relevance_only: bool = False, _probe=None) -> Conversion:
     """The one check path of `convert` and `inspect`: load, upgrade, unfuse, inline constant Ifs, infer
     shapes, choose output and sources, analyze, seed and emit the backward (in memory). Bad arguments
     and unusable graphs raise LRPError; units no rule handles come back in `problems` (every one of
@@ -465,7 +470,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     except ValueError as exc:
         raise LRPError(str(exc)) from None
     try:
-        grads = emit_backward(plan, b, seed.gradient, sources + latent)
+        grads = emit_backward(plan, b, seed.gradient, sources + latent, probe=_probe)
     except UnsupportedOpsError as exc:
         conv.problems = list(exc.problems)
         return conv
@@ -475,13 +480,14 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
 
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
-            relevance_only: bool = False) -> onnx.ModelProto:
+            relevance_only: bool = False, _probe=None) -> onnx.ModelProto:
     """Convert an ONNX model into one that also outputs relevance. See docs/contract.md for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
     position-mixing op) at the explained position only."""
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
-                           seed_input=seed_input, overrides=overrides, relevance_only=relevance_only)
+                           seed_input=seed_input, overrides=overrides, relevance_only=relevance_only,
+                           _probe=_probe)
     if conv.problems:
         raise UnsupportedOpsError(conv.problems)
     model, base_dir, view, plan, b, seed, grads = (conv.model, conv.base_dir, conv.view, conv.plan,

@@ -532,7 +532,7 @@ def _matmul(b, node, gy, wants):
             if not isinstance(n, int):
                 g2 = b.op("Reshape", [g, b.op("Concat", [b.ints([-1]), b.op(
                     "Gather", [b.shape_of(w), b.ints([1])], axis=0)], axis=0)])
-            prod = b.op("Gemm", [g2, w], transB=1)
+            prod = b.op("Gemm", [g2, w], transB=1, dtype=b.view.dtype(g))
             ga = b.reshape_like(prod, a)
         else:
             ga = b.unbroadcast(b.op("MatMul", [g, b.transpose_last2(w)], dtype=b.view.dtype(g),
