@@ -157,8 +157,8 @@ def _op_categories(view: GraphView, node, k: int, u: Unit, path: set[str]) -> li
         if op == "Softmax" and _weights_experts(view, u.outputs[0], path):
             return ["router", "softmax"]
         return ["softmax"]
-    if op in MULTILINEAR_OPS:
-        return ["product"] if n >= 2 else ["affine"]
+    if op in MULTILINEAR_OPS:  # x * x is a product of two operands, though of one tensor
+        return ["product"] if len(relevant) >= 2 else ["affine"]
     if op in ("Max", "Min"):  # of two or more tensors: routing; of one tensor and constants: elementwise
         return ["homogeneous"] if n >= 2 else ["activation"]
     if op == "Div":  # a / c is linear in a; c -> a / c is elementwise; a / b of two tensors is neither
