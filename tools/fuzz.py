@@ -679,6 +679,8 @@ def check(graph: Graph, rng: np.random.Generator) -> tuple[str, str, float, list
     # attnlrp: the conservation audit's invariants
     try:
         model, probe, _, rule_set, view, _ = instrument(graph.model, rules="attnlrp", seed_input=True)
+    except lrp_onnx.UnsupportedOpsError as exc:  # e.g. a / b of two relevance-carrying tensors: no AttnLRP rule
+        return "refused", "attnlrp: " + "; ".join(_refusal(p) for p in exc.problems), error, []
     except lrp_onnx.LRPError as exc:
         return "failed", f"attnlrp convert: {exc}", error, []
     try:
