@@ -7,12 +7,9 @@
 """
 from __future__ import annotations
 
-import filecmp
 import json
 import os
-import shutil
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import onnx
@@ -26,7 +23,9 @@ from .precision import HALF, is_half, promote_backward_to_fp32
 from .unfuse import unfuse_contrib_ops
 from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
+from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
 from .graph import GraphView, node_label
+from .validate import check_graph
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .seed import build_seed
@@ -56,6 +55,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        check_graph(copy, "<in-memory model>")
         return copy, None
     path = os.fspath(model)
     if not os.path.isfile(path):
@@ -67,6 +67,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
                        f"check that the file is complete and was written by an ONNX exporter") from None
     if not loaded.graph.node:
         raise LRPError(f"{path}: the file holds no ONNX graph (empty or not an ONNX model)")
+    check_graph(loaded, path)
     return loaded, os.path.dirname(os.path.abspath(path))
 
 
@@ -228,7 +229,9 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     if isinstance(rules, str) and rules not in RULE_SETS:
         raise LRPError(f"unknown rule set '{rules}'; choose one of: {', '.join(RULE_SETS)}")
     # load
+    model_path = None if isinstance(model, onnx.ModelProto) else model
     model, base_dir = load_model(model)
+    check_convert_paths(model, model_path, base_dir, output_path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         raise LRPError(f"the model uses opset {opset}; lrp-onnx needs opset >= {MIN_OPSET}: re-export it "
@@ -316,60 +319,3 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model
-
-
-def save_model(model: onnx.ModelProto, path, base_dir: str | None) -> None:
-    """Write atomically. External weights keep their file: in the source directory it is simply
-    referenced; elsewhere it is hard-linked (or, across file systems, copied once) beside the output,
-    because onnxruntime refuses external data outside the model's directory. Weights are never parsed."""
-    path = os.path.abspath(os.fspath(path))
-    out_dir = os.path.dirname(path)
-    if not os.path.isdir(out_dir):
-        raise LRPError(f"{path}: the output directory does not exist")
-    if base_dir is not None and os.path.abspath(base_dir) != out_dir:
-        for location in _external_locations(model):
-            _place_external_file(os.path.join(base_dir, location), os.path.join(out_dir, location))
-    fd, tmp = tempfile.mkstemp(prefix=".lrp-", suffix=".onnx", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _external_locations(model: onnx.ModelProto) -> set[str]:
-    locations = set()
-    for tensor in _all_tensors(model):
-        if tensor.data_location == TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return locations
-
-
-def _place_external_file(src: str, dst: str) -> None:
-    if not os.path.isfile(src):
-        raise LRPError(f"{src}: external weight file of the model is missing")
-    if os.path.exists(dst):
-        if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
-            return
-        raise LRPError(f"{dst} exists and differs from the model's weights {src}; "
-                       f"write the converted model to another directory")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + ".lrp-partial"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
