@@ -150,9 +150,9 @@ def _plain_relative(location: str) -> bool:
     return ":" not in parts[0] and ".." not in parts
 
 
-def check_external_data(model: onnx.ModelProto, base_dir: str | None, label: str) -> None:
+def check_external_data(model: onnx.ModelProto, base_dir: str | None, label: str, need_files: bool = True) -> None:
     """Every external `location` is a relative path inside the model's folder after resolving symlinks
-    (onnxruntime's rule), and names an existing regular file. Named in the error otherwise."""
+    (onnxruntime's rule), and (need_files) names an existing regular file. Named in the error otherwise."""
     locations = external_locations(model)
     if not locations:
         return
@@ -165,7 +165,7 @@ def check_external_data(model: onnx.ModelProto, base_dir: str | None, label: str
         if not _plain_relative(location) or not _inside(src, base_dir):
             raise LRPError(f"{label}: external data location '{location}' leads outside the model's folder "
                            f"{base_dir}; refused (onnxruntime refuses it as well)")
-        if not os.path.isfile(src):
+        if need_files and not os.path.isfile(src):
             raise LRPError(f"{src}: external weight file of the model is missing")
 
 
@@ -235,7 +235,7 @@ def check_convert_paths(model: onnx.ModelProto, model_path, base_dir: str | None
     """Before any work: the input's external data is safe, and the output is a writable file that is
     neither the input model nor one of its weight files."""
     label = os.fspath(model_path) if model_path is not None else "<in-memory model>"
-    check_external_data(model, base_dir, label)
+    check_external_data(model, base_dir, label, need_files=output_path is not None)
     if output_path is None:
         return
     inputs = [model_path] if model_path is not None else []

@@ -25,7 +25,7 @@ from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
 from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
 from .graph import GraphView, node_label
-from .validate import check_graph
+from .validate import check_graph, input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .seed import build_seed
@@ -309,6 +309,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         "source_inputs": dict(zip(names, source_inputs(view, sources))),
         "seed_input": seed_input, "overrides": overrides or {}, "relevance_only": relevance_only,
         "head_at_position": position_selected,
+        "input_limits": input_limits(view),
     }
     for p in list(model.metadata_props):
         if p.key == "lrp_onnx":

@@ -110,3 +110,53 @@ def _run_checker(model: onnx.ModelProto, label: str) -> None:
     except onnx.shape_inference.InferenceError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LRPError(f"{label}: not a valid ONNX model (onnx shape inference: {first[:300]})") from None
+
+
+# -- index ranges of a model's integer inputs (recorded at conversion, checked by Explainer.run) --------
+INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")
+
+
+def input_limits(view) -> dict:
+    """{"inputs": {integer input: rows of the constant table it indexes (ids must lie in [0, rows))},
+    "max_length": rows of a constant position table indexed by computed positions, or None}.
+    Only tables whose first dimension is static count; several tables by one input: the smallest."""
+    origin = {i: i for i in view.graph_inputs if not view.is_float(i)}
+    for n in view.nodes:
+        if n.op_type in INDEX_ROUTING_OPS:
+            feeding = next((origin[t] for t in n.input if t in origin), None)
+            if feeding is not None:
+                origin.update((o, feeding) for o in n.output if o)
+    limits, max_length = {}, None
+    for n in view.nodes:
+        if n.op_type != "Gather" or len(n.input) != 2 or not view.is_constant(n.input[0]) \
+                or int(next((a.i for a in n.attribute if a.name == "axis"), 0)) != 0:
+            continue
+        rows = (view.shape(n.input[0]) or [None])[0]
+        if not isinstance(rows, int) or rows <= 0:
+            continue
+        index = n.input[1]
+        if index in origin:
+            name = origin[index]
+            limits[name] = min(rows, limits.get(name, rows))
+        elif view.is_float(n.input[0]) and not view.is_constant(index) and _from_positions(view, index):
+            max_length = rows if max_length is None else min(max_length, rows)
+    if "position_ids" in limits:  # position_ids = cumsum(mask) - 1 < rows
+        max_length = limits["position_ids"] if max_length is None else min(max_length, limits["position_ids"])
+    return {"inputs": limits, "max_length": max_length}
+
+
+def _from_positions(view, tensor: str, depth: int = 8) -> bool:
+    """Whether `tensor` is computed by a Range (arange over the sequence), through a few ops."""
+    frontier = [(tensor, 0)]
+    seen = set()
+    while frontier:
+        t, d = frontier.pop()
+        p = view.producer.get(t)
+        if p is None or t in seen or d > depth:
+            continue
+        seen.add(t)
+        node = view.nodes[p]
+        if node.op_type == "Range":
+            return True
+        frontier.extend((i, d + 1) for i in node.input if i and not view.is_constant(i))
+    return False
