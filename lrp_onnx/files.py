@@ -39,11 +39,18 @@ def _on_sigterm(signum, frame):
     raise Terminated(f"terminated by signal {signum}")
 
 
-def install_signal_cleanup() -> None:
+def install_signal_cleanup():
     """SIGTERM removes the temporaries and raises Terminated (SIGINT raises KeyboardInterrupt, and the
-    writers below remove their temporaries on any exception). Main thread only."""
+    writers below remove their temporaries on any exception). Main thread only. Returns the previous
+    handler (for restore_signal_handler), or None."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    return None
+
+
+def restore_signal_handler(previous) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from .graph import GraphView, node_label
 from .validate import check_graph, input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
+from .rules import rule_misfit, warn_unmatched_overrides
 from .seed import build_seed
 from .vjp import NORM_VJPS, lookup
 
@@ -158,9 +159,10 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
         if u.rule == "uniform" and u.n_relevant_inputs < 2:
             u.rule = "gradient"  # a product with one relevance-carrying operand is linear in it
         plan.path_units.append(u)
-        problem = _rule_problem(view, u)
+        problem = _rule_problem(view, u) or rule_misfit(view, u)
         if problem:
             plan.problems.append(problem)
+    warn_unmatched_overrides(units, overrides)
     return plan
 
 

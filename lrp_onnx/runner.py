@@ -177,7 +177,7 @@ class Explainer:
         bad = np.flatnonzero(np.asarray(result.target) < 0)
         if len(bad):
             row = int(bad[0])
-            scores = self._explained_scores(result)
+            scores = self._explained_scores(result, feed)
             target = _row_value(feed.get(TARGET_INPUT), row)
             if scores is not None and target is not None and target >= scores.shape[-1]:
                 raise LRPError(f"target {target} (row {row}) is out of range: the explained output has "
