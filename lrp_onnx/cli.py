@@ -302,7 +302,7 @@ def cmd_evaluate(args) -> int:
         raise LRPError("evaluate writes curves.png and needs matplotlib: pip install matplotlib "
                        "(or pip install lrp-onnx[eval]); nothing was written") from None
     if not isinstance(args.texts, list):
-        read_text_file(args.texts, "texts")
+        read_text_file(args.texts, "text")
     result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,
                       workdir=args.workdir, output=args.output, source=args.source, limit=args.limit,
                       ig_steps=args.ig_steps, batch_size=args.batch_size, progress=not args.quiet,
