@@ -93,6 +93,15 @@ def _weight_free_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             kept.append(t)
     del g.initializer[:]
     g.initializer.extend(kept)
+    # onnxruntime registers a few ops in the ONNX domain that onnx has no schema for
+    # (SimplifiedLayerNormalization): checked as ops of an unknown domain, whether they run is
+    # onnxruntime's to say (and whether they have a rule, the analysis')
+    unknown = False
+    for n in g.node:
+        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type):
+            n.domain, unknown = "lrp.unchecked", True
+    if unknown:
+        copy.opset_import.append(helper.make_opsetid("lrp.unchecked", 1))
     if copy.ir_version < 4:
         copy.ir_version = 4
     return copy
