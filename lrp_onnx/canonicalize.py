@@ -109,6 +109,9 @@ def select_position_before_head(model: onnx.ModelProto, view: GraphView, output:
     negative = node("Less", [position, p + "zero"], p + "negative")
     position = node("Where", [negative, node("Add", [position, length], p + "from_end"), position],
                     p + "position_normalized")
+    in_range = node("And", [node("GreaterOrEqual", [position, p + "zero"], p + "not_before"),
+                            node("Less", [position, length], p + "not_after")], p + "in_range")
+    position = node("Where", [in_range, position, p + "zero"], p + "position_checked")  # seed.py flags the row
     index = node("Expand", [node("Reshape", [position, p + "index_shape"], p + "index_column"),
                             node("Concat", [batch, p + "one", hidden], p + "index_extent", axis=0)], p + "index")
     names[h] = node("GatherElements", [h, index], p + "hidden_at_position", axis=1)

@@ -12,28 +12,69 @@ from .errors import LRPError
 from .rules import RULE_SETS, RuleError, check_rule_name
 
 
+RULE_MAP_MAX_BYTES = 1 << 20  # a rule map is a handful of lines; refuse anything near this size
+RULE_MAP_MAX_ENTRIES = 10000
+
+
+def read_text_file(path, what: str, max_bytes: int | None = None) -> str:
+    """A UTF-8 text file, refused with one line naming it when missing, too big or not UTF-8."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LRPError(f"{path}: no such {what} file")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1 if max_bytes else -1)
+    if max_bytes and len(data) > max_bytes:
+        raise LRPError(f"{path}: the {what} file is larger than {max_bytes} bytes; refused")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LRPError(f"{path}: the {what} file is not UTF-8 text (byte {exc.start})") from None
+
+
+def _load_yaml(text: str, path: str):
+    try:
+        import yaml
+    except ImportError:
+        raise LRPError(f"{path}: not JSON, and PyYAML is not installed to read YAML") from None
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """yaml's safe loader without aliases (*name): a few KB of nested aliases expand to gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "aliases are not allowed in a rule map",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+
+    try:
+        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        detail = "YAML aliases (*name) are not allowed" if "aliases" in str(exc) else exc.__class__.__name__
+        raise LRPError(f"{path}: not a JSON or YAML mapping ({detail})") from None
+
+
 def _rule_overrides(args) -> dict | None:
     """Rule overrides from --rule-map FILE (JSON or YAML mapping) and --override KEY=RULE."""
     mapping = {}
     if getattr(args, "rule_map", None):
         path = args.rule_map
-        if not os.path.isfile(path):
-            raise LRPError(f"{path}: no such rule-map file")
-        text = open(path, encoding="utf-8").read()
+        text = read_text_file(path, "rule-map", RULE_MAP_MAX_BYTES)
         try:
             loaded = json.loads(text)
         except json.JSONDecodeError:
-            try:
-                import yaml
-            except ImportError:
-                raise LRPError(f"{path}: not JSON, and PyYAML is not installed to read YAML") from None
-            try:
-                loaded = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise LRPError(f"{path}: not a JSON or YAML mapping ({exc.__class__.__name__})") from None
+            loaded = _load_yaml(text, path)
+        except RecursionError:
+            raise LRPError(f"{path}: nested too deeply") from None
         if not isinstance(loaded, dict):
             raise LRPError(f"{path}: must hold a mapping of op type / category / node-name pattern to rule")
-        mapping.update({str(k): str(v) for k, v in loaded.items()})
+        if len(loaded) > RULE_MAP_MAX_ENTRIES:
+            raise LRPError(f"{path}: more than {RULE_MAP_MAX_ENTRIES} entries; refused")
+        for k, v in loaded.items():
+            if not isinstance(k, (str, int, float)) or not isinstance(v, str):
+                raise LRPError(f"{path}: entry {str(k)[:60]!r}: expected 'KEY: RULE' with a rule name, "
+                               f"got {type(v).__name__}")
+        mapping.update({str(k): v for k, v in loaded.items()})
     for item in getattr(args, "override", None) or []:
         if "=" not in item:
             raise LRPError(f"--override '{item}': expected KEY=RULE, e.g. Softmax=constant")
@@ -55,6 +96,8 @@ def _add_analysis_options(p):
     p.add_argument("--output", help="graph output to explain (default: the first)")
     p.add_argument("--rule-map", help="JSON/YAML file mapping op type, category or node-name pattern to a rule")
     p.add_argument("--override", action="append", metavar="KEY=RULE", help="one rule override; repeatable")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse overrides that match no op type, category or node (default: a warning)")
 
 
 def _add_conversion_options(p):
@@ -66,8 +109,10 @@ def _add_conversion_options(p):
 
 
 def cmd_convert(args) -> int:
+    from .files import check_output_file
     from .pipeline import convert
 
+    check_output_file(args.o, inputs=[args.model])  # before any work (the weight files: in convert)
     convert(args.model, args.o, rules=args.rules, source=args.source, output=args.output,
             latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args),
             relevance_only=args.relevance_only)
@@ -101,7 +146,8 @@ def cmd_audit(args) -> int:
 
 
 def load_tokenizer(tokenizer_path: str):
-    """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation."""
+    """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation or padding
+    (sentence-transformers ship files that pad every text to a fixed length)."""
     tokenizer_path = os.fspath(tokenizer_path)
     try:
         from tokenizers import Tokenizer
@@ -114,18 +160,31 @@ def load_tokenizer(tokenizer_path: str):
     except Exception as exc:
         raise LRPError(f"{tokenizer_path}: not a tokenizers JSON file ({exc.__class__.__name__})") from None
     tok.no_truncation()
+    tok.no_padding()
     return tok
 
 
 def _tokenize(tokenizer_path: str, texts: list[str]):
     tok = load_tokenizer(tokenizer_path)
-    encodings = [tok.encode(t) for t in texts]
+    encodings = []
+    for k, text in enumerate(texts):
+        what = "--text" if len(texts) == 1 else f"--text #{k + 1}"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes on the command line arrive as lone surrogates
+            raise LRPError(f"{what} is not valid UTF-8 text") from None
+        if not text.strip():
+            raise LRPError(f"{what} is empty: nothing to explain")
+        e = tok.encode(text)
+        if not e.ids or not any(e.attention_mask):
+            raise LRPError(f"{what} {text[:40]!r} gives no tokens")
+        encodings.append(e)
     length = max(len(e.ids) for e in encodings)
     ids = np.zeros((len(texts), length), dtype=np.int64)
     mask = np.zeros((len(texts), length), dtype=np.int64)
     for row, e in enumerate(encodings):
         ids[row, :len(e.ids)] = e.ids
-        mask[row, :len(e.ids)] = 1
+        mask[row, :len(e.ids)] = e.attention_mask  # the encoding's own mask: 0 on any pad it still holds
     return tok, encodings, ids, mask
 
 
@@ -160,13 +219,31 @@ def _image_feed(explainer, args):
     return {pixel_input.name: ((pixels - mean) / std)[None].astype(dtype)}
 
 
+def _is_vocabulary(explainer, result, tok) -> bool:
+    """Whether the explained output's last axis is a vocabulary (its size is the tokenizer's, or the
+    embedding table's), so that a target is a token: not for a hidden state or an embedding."""
+    meta = explainer.meta
+    scores = result.outputs.get(meta.get("explained_output"))
+    if scores is None:
+        scores = result.outputs.get("lrp_logits_at_position")
+    if scores is None:
+        return False
+    size = np.shape(scores)[-1]
+    rows = ((meta.get("input_limits") or {}).get("inputs") or {}).get("input_ids")
+    return size in (tok.get_vocab_size(with_added_tokens=True), tok.get_vocab_size(with_added_tokens=False), rows)
+
+
 def cmd_explain(args) -> int:
+    from .files import check_output_file
     from .runner import Explainer, text_inputs
 
     if (args.image is None) == (args.text is None):
         raise LRPError("explain needs either --text (with --tokenizer) or --image")
     if args.text is not None and args.tokenizer is None:
         raise LRPError("explain --text needs --tokenizer tokenizer.json")
+    for path in (args.html, args.png):
+        if path:
+            check_output_file(path, inputs=[args.model, args.tokenizer])
     explainer = Explainer(args.model)
     if args.image is not None:
         return _explain_image(explainer, args)
@@ -185,13 +262,18 @@ def cmd_explain(args) -> int:
     elif args.target is not None:
         target = [args.target]
     result = explainer.run(target=target, position=position, **feed)
+    vocabulary = has_position and _is_vocabulary(explainer, result, tok)  # else a class or a dimension
+    if args.target_token is not None and not vocabulary:
+        raise LRPError(f"--target-token: the explained output '{explainer.meta.get('explained_output')}' is "
+                       f"not a vocabulary; give --target N")
     per_token = result.token_relevance()
     report = []
     for row, e in enumerate(encodings):
-        tokens = e.tokens
+        n = int(mask[row].sum())
+        tokens = e.tokens[:n]
         target_id = int(result.target[row]) if result.target is not None else None
-        label = tok.id_to_token(target_id) if has_position and target_id is not None else target_id
-        values = per_token[row, :len(tokens)]
+        label = tok.id_to_token(target_id) if vocabulary and target_id is not None else target_id
+        values = per_token[row, :n]
         report.append({"text": args.text[row], "target": target_id, "target_label": label,
                        "logit": float(result.logit[row]) if result.logit is not None else None,
                        "relevance_sum": float(values.sum()),
@@ -200,7 +282,7 @@ def cmd_explain(args) -> int:
         from .heatmap import token_pieces, write_tokens_html, write_tokens_png
 
         def label(r):  # a vocabulary token as text (byte-level BPE's 'Ġ' is a space), else the class index
-            return repr(tok.decode([r["target"]])) if has_position and r["target"] is not None else r["target"]
+            return repr(tok.decode([r["target"]])) if vocabulary and r["target"] is not None else r["target"]
 
         rows = [{"pieces": token_pieces(text, e.offsets, e.tokens), "relevance": per_token[k, :len(e.tokens)],
                  "title": f"explained: {label(r)} (logit {r['logit']:.3f}), "
@@ -215,7 +297,8 @@ def cmd_explain(args) -> int:
         return 0
     for r in report:
         print(f"text: {r['text']!r}")
-        print(f"explained: target {r['target']} ({r['target_label']!r}), logit {r['logit']:.4f}, "
+        logit = f"{r['logit']:.4f}" if r["logit"] is not None else "n/a"
+        print(f"explained: target {r['target']} ({r['target_label']!r}), logit {logit}, "
               f"sum of relevance {r['relevance_sum']:.4f}")
         peak = max(abs(t["relevance"]) for t in r["tokens"]) or 1.0
         for t in r["tokens"]:
@@ -228,6 +311,22 @@ def cmd_evaluate(args) -> int:
     from .faithfulness import METHODS, evaluate
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    # before any work: where the results go, what writing them needs, and the texts
+    out = os.path.abspath(args.out)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise LRPError(f"{args.out}: --out exists and is not a directory")
+    parent = out if os.path.isdir(out) else os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise LRPError(f"{args.out}: the folder above --out does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LRPError(f"{args.out}: not writable")
+    try:
+        import matplotlib  # noqa: F401 (curves.png)
+    except ImportError:
+        raise LRPError("evaluate writes curves.png and needs matplotlib: pip install matplotlib "
+                       "(or pip install lrp-onnx[eval]); nothing was written") from None
+    if not isinstance(args.texts, list):
+        read_text_file(args.texts, "text")
     result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,
                       workdir=args.workdir, output=args.output, source=args.source, limit=args.limit,
                       ig_steps=args.ig_steps, batch_size=args.batch_size, progress=not args.quiet,
@@ -274,7 +373,8 @@ def cmd_bench(bench_args: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lrp-onnx", description="AttnLRP attributions inside ONNX graphs")
+    parser = argparse.ArgumentParser(prog="lrp-onnx", description="AttnLRP attributions inside ONNX graphs",
+                                     epilog="--debug (anywhere): show the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="write a model that also outputs relevance")
     _add_analysis_options(p)
@@ -339,23 +439,82 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500] if text else type(exc).__name__
+
+
+def _expected_error(exc: BaseException) -> str | None:
+    """The one line for an error the user can act on, or None for a bug."""
+    if isinstance(exc, LRPError):
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, UnicodeError):
+        return f"not valid UTF-8 text ({exc.__class__.__name__}: {_one_line(exc)})"
+    if isinstance(exc, OSError):
+        name = exc.filename if exc.filename is not None else ""
+        other = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+        reason = exc.strerror or _one_line(exc)
+        return f"{name}{other}: {reason}" if name else reason
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    module = type(exc).__module__ or ""
+    if module.startswith("onnxruntime") or module.startswith("onnx.") or module.startswith("google.protobuf"):
+        return f"{'onnxruntime' if module.startswith('onnxruntime') else 'onnx'}: {_one_line(exc)}"
+    return None
+
+
 def main(argv=None) -> int:
+    """Every expected failure: one line on stderr, exit 2. A bug: exit 1, its traceback with --debug.
+    Ctrl-C / SIGTERM: one line, exit 130 / 143; temporaries are removed."""
+    import warnings
+
+    from .files import Terminated, install_signal_cleanup, restore_signal_handler
+    from .rules import UnmatchedOverride
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its options are tools/bench.py's own
-        try:
-            return cmd_bench(argv[1:])
-        except LRPError as exc:
-            print(f"lrp-onnx: error: {exc}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+    debug = argv[:1] != ["bench"] and "--debug" in argv  # bench's options are its own
+    if debug:
+        argv = [a for a in argv if a != "--debug"]
+    previous_handler = install_signal_cleanup()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"lrp-onnx: warning: {message}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        if argv[:1] == ["bench"]:  # its options are tools/bench.py's own
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            if getattr(args, "strict", False):
+                warnings.simplefilter("error", UnmatchedOverride)
+            return args.func(args)
     except BrokenPipeError:  # e.g. `lrp-onnx explain ... | head`
         sys.stderr.close()
         return 0
-    except LRPError as exc:
-        print(f"lrp-onnx: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("lrp-onnx: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("lrp-onnx: terminated; nothing was written", file=sys.stderr)
+        return 143
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 (the boundary)
+        line = _expected_error(exc)
+        if line is not None:
+            if debug:
+                import traceback
+                traceback.print_exc()
+            print(f"lrp-onnx: error: {line}", file=sys.stderr)
+            return 2
+        if debug:
+            raise
+        print(f"lrp-onnx: internal error: {type(exc).__name__}: {_one_line(exc)[:300]} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        restore_signal_handler(previous_handler)
 
 
 if __name__ == "__main__":

@@ -337,31 +337,38 @@ class Evaluation:
         }
 
     def write(self, out_dir, title: str | None = None) -> list[str]:
-        """results.json, abpc.csv (per example), curves.csv (mean curves) and curves.png."""
-        os.makedirs(out_dir, exist_ok=True)
-        written = []
-
-        def put(name, text):
-            path = os.path.join(out_dir, name)
-            write_atomically(path, text.encode("utf-8"))
-            written.append(path)
-
-        put("results.json", json.dumps(self.to_dict(), indent=1))
+        """results.json, abpc.csv (per example), curves.csv (mean curves) and curves.png: all are
+        rendered first, then written (a missing matplotlib or a bad folder writes none of them)."""
+        contents = {"results.json": json.dumps(self.to_dict(), indent=1).encode("utf-8")}
         methods = list(self.methods)
         lines = ["example," + ",".join(methods)]
         lines += [f"{k}," + ",".join(f"{self.methods[m].abpc[k]:.6g}" for m in methods)
                   for k in range(len(self.examples))]
-        put("abpc.csv", "\n".join(lines) + "\n")
+        contents["abpc.csv"] = ("\n".join(lines) + "\n").encode("utf-8")
         lines = ["method,curve," + ",".join(f"{x:.2f}" for x in self.GRID)]
         for m in methods:
             for which in ("morf", "lerf"):
                 lines.append(f"{m},{which}," + ",".join(f"{v:.6g}" for v in self.mean_curve(m, which)))
-        put("curves.csv", "\n".join(lines) + "\n")
-        written.append(plot_curves(self, os.path.join(out_dir, "curves.png"), title))
+        contents["curves.csv"] = ("\n".join(lines) + "\n").encode("utf-8")
+        contents["curves.png"] = render_curves(self, title)
+        if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+            raise LRPError(f"{out_dir}: exists and is not a directory")
+        os.makedirs(out_dir, exist_ok=True)
+        written = []
+        for name, data in contents.items():
+            path = os.path.join(out_dir, name)
+            write_atomically(path, data)
+            written.append(path)
         return written
 
 
 def plot_curves(evaluation: Evaluation, path: str, title: str | None = None) -> str:
+    write_atomically(path, render_curves(evaluation, title))
+    return path
+
+
+def render_curves(evaluation: Evaluation, title: str | None = None) -> bytes:
+    """The MoRF/LeRF curves plot as PNG bytes."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -385,8 +392,7 @@ def plot_curves(evaluation: Evaluation, path: str, title: str | None = None) -> 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    write_atomically(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()
 
 
 def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", methods=METHODS,

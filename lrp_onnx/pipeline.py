@@ -7,13 +7,10 @@
 """
 from __future__ import annotations
 
-import filecmp
 import json
 import os
-import shutil
 import sys
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import onnx
@@ -29,9 +26,12 @@ from .control import branch_model, free_names as outer_references_of_graph, has_
     inline_constant_ifs, renamed_branch, subgraphs
 from .canonicalize import drop_outputs, select_position_before_head
 from .errors import LRPError, UnsupportedOpsError
+from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
 from .graph import GraphView, TensorInfo, node_label
+from .validate import check_graph, input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
+from .rules import rule_misfit, warn_unmatched_overrides
 from .seed import build_seed, optional_defaults
 from .vjp import NORM_VJPS, lookup
 
@@ -61,6 +61,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        check_graph(copy, "<in-memory model>")
         return copy, None
     path = os.fspath(model)
     if not os.path.isfile(path):
@@ -72,6 +73,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
                        f"check that the file is complete and was written by an ONNX exporter") from None
     if not loaded.graph.node:
         raise LRPError(f"{path}: the file holds no ONNX graph (empty or not an ONNX model)")
+    check_graph(loaded, path)
     return loaded, os.path.dirname(os.path.abspath(path))
 
 
@@ -219,9 +221,10 @@ def analyze(view: GraphView, rules: str | dict, output: str, sources: list[str],
         if u.region is None and has_subgraph(view.nodes[u.nodes[0]]):
             plan.problems.extend(_control_flow_problems(plan, u))
             continue
-        problem = _rule_problem(view, u)
+        problem = _rule_problem(view, u) or rule_misfit(view, u)
         if problem:
             plan.problems.append(problem)
+    warn_unmatched_overrides(units, overrides)
     return plan
 
 
@@ -419,7 +422,7 @@ class Conversion:
 
 def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
                     latent=(), seed_input: bool = False, overrides: dict | None = None,
-                    relevance_only: bool = False, _probe=None) -> Conversion:
+                    relevance_only: bool = False, _probe=None, output_path=None) -> Conversion:
     """The one check path of `convert` and `inspect`: load, upgrade, unfuse, inline constant Ifs, infer
     shapes, choose output and sources, analyze, seed and emit the backward (in memory). Bad arguments
     and unusable graphs raise LRPError; units no rule handles come back in `problems` (every one of
@@ -427,7 +430,9 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     if isinstance(rules, str) and rules not in RULE_SETS:
         raise LRPError(f"unknown rule set '{rules}'; choose one of: {', '.join(RULE_SETS)}")
     # load
+    model_path = None if isinstance(model, onnx.ModelProto) else model
     model, base_dir = load_model(model)
+    check_convert_paths(model, model_path, base_dir, output_path)
     upgrade_opset(model)
     unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
@@ -487,7 +492,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     position-mixing op) at the explained position only."""
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
                            seed_input=seed_input, overrides=overrides, relevance_only=relevance_only,
-                           _probe=_probe)
+                           _probe=_probe, output_path=output_path)
     if conv.problems:
         raise UnsupportedOpsError(conv.problems)
     model, base_dir, view, plan, b, seed, grads = (conv.model, conv.base_dir, conv.view, conv.plan,
@@ -526,6 +531,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         "source_inputs": dict(zip(names, source_inputs(view, sources))),
         "seed_input": seed_input, "overrides": overrides or {}, "relevance_only": relevance_only,
         "head_at_position": position_selected,
+        "input_limits": input_limits(view),
     }
     for p in list(model.metadata_props):
         if p.key == "lrp_onnx":
@@ -537,60 +543,3 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model
-
-
-def save_model(model: onnx.ModelProto, path, base_dir: str | None) -> None:
-    """Write atomically. External weights keep their file: in the source directory it is simply
-    referenced; elsewhere it is hard-linked (or, across file systems, copied once) beside the output,
-    because onnxruntime refuses external data outside the model's directory. Weights are never parsed."""
-    path = os.path.abspath(os.fspath(path))
-    out_dir = os.path.dirname(path)
-    if not os.path.isdir(out_dir):
-        raise LRPError(f"{path}: the output directory does not exist")
-    if base_dir is not None and os.path.abspath(base_dir) != out_dir:
-        for location in _external_locations(model):
-            _place_external_file(os.path.join(base_dir, location), os.path.join(out_dir, location))
-    fd, tmp = tempfile.mkstemp(prefix=".lrp-", suffix=".onnx", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _external_locations(model: onnx.ModelProto) -> set[str]:
-    locations = set()
-    for tensor in _all_tensors(model):
-        if tensor.data_location == TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return locations
-
-
-def _place_external_file(src: str, dst: str) -> None:
-    if not os.path.isfile(src):
-        raise LRPError(f"{src}: external weight file of the model is missing")
-    if os.path.exists(dst):
-        if os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False):
-            return
-        raise LRPError(f"{dst} exists and differs from the model's weights {src}; "
-                       f"write the converted model to another directory")
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + ".lrp-partial"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _all_tensors(model: onnx.ModelProto):
-    yield from model.graph.initializer
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t

@@ -40,6 +40,7 @@ import math
 from .affine import affine_layer
 from .analysis import UNCLASSIFIED, Unit
 from .builder import Builder
+from .errors import LRPError
 from .vjp import NORM_VJPS, lookup
 from .vjp_contrib import activation_input, dequantized_input_gradient
 
@@ -286,3 +287,42 @@ def gamma_rule(b: Builder, unit: Unit, gy: list, wants: list, gamma: float = GAM
 
 PARAMETRIZED_RULES = {"gamma": (gamma_rule, _parse_gamma)}  # name -> (implementation, parameter parser)
 GAMMA_CATEGORIES = ("conv", "linear")
+
+
+# -- checks of a rule against the unit it was given (overrides included) -------------------------------
+ELEMENTWISE_UNARY_OPS = {"Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Sin", "Cos", "Identity", "Cast",
+                         "Softplus", "Softsign", "Erf", "Tanh", "Sigmoid", "Relu"}
+
+
+def rule_misfit(view, unit: Unit) -> str | None:
+    """Why `unit.rule` cannot apply to this unit, or None: identity needs an elementwise x -> f(x)
+    (an activation, or a one-input elementwise op; its bias for the fused forms)."""
+    from .patterns import ACTIVATION_OPS
+
+    if rule_base(unit.rule) != "identity":
+        return None
+    if unit.region is not None:
+        if unit.region.kind == "activation":
+            return None
+        return f"{unit.describe(view)}: rule identity applies to elementwise activations, not to a {unit.region.kind} region"
+    if unit.op_type in ACTIVATION_OPS or unit.op_type in ELEMENTWISE_UNARY_OPS:
+        return None
+    return (f"{unit.describe(view)}: rule identity applies to elementwise activations of one input "
+            f"(x -> f(x)), not to {unit.op_type}")
+
+
+class UnmatchedOverride(LRPError, UserWarning):
+    """An override key that names no op type, category or node of the model (a typo?). A warning;
+    an error under `warnings.simplefilter("error", UnmatchedOverride)` (the CLI's --strict)."""
+
+
+def warn_unmatched_overrides(units: list, overrides: dict | None) -> None:
+    import warnings
+
+    for key in overrides or {}:
+        pattern = any(ch in key for ch in "*?[")
+        if any(key in u.categories or key == u.name or pattern and fnmatch.fnmatchcase(u.name or "", key)
+               for u in units):
+            continue
+        warnings.warn(UnmatchedOverride(
+            f"override '{key}' matches no op type, category or node name of this model; ignored"), stacklevel=3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,26 +103,150 @@ class Explainer:
         return cls("<in-memory model>", providers, threads, prepack, _model_bytes=model.SerializeToString())
 
     def run(self, target=None, position=None, seed=None, **inputs) -> Explanation:
+        """Explain `target` (default: the argmax) at `position` (default: the last; Python-style
+        negative indices, in [-L, L-1]) for the inputs given by name. Bad values (ids outside the
+        vocabulary, sequences longer than the model's position table, positions or targets out of
+        range) raise LRPError naming the argument; so does a non-finite explained logit."""
         feed = {}
         for name, value in inputs.items():
             if name not in self.input_names:
                 raise LRPError(f"the model has no input '{name}'; inputs are: {', '.join(self.input_names)}")
-            feed[name] = np.asarray(value)
+            try:
+                feed[name] = np.asarray(value)
+            except (TypeError, ValueError) as exc:
+                raise LRPError(f"input '{name}': not an array ({exc})") from None
+        self._check_inputs(feed)
         if target is not None:
-            feed[TARGET_INPUT] = np.atleast_1d(np.asarray(target, dtype=np.int64))
+            feed[TARGET_INPUT] = _int_vector(target, "target")
         if position is not None:
             if POSITION_INPUT not in self.input_names:
                 raise LRPError("the explained output has no sequence axis: position does not apply")
-            feed[POSITION_INPUT] = np.atleast_1d(np.asarray(position, dtype=np.int64))
+            feed[POSITION_INPUT] = _int_vector(position, "position")
         if seed is not None:
             if SEED_INPUT not in self.input_names:
                 raise LRPError("this model was converted without --seed-input")
             feed[SEED_INPUT] = np.asarray(seed)
-        values = self.session.run(None, feed)
+        try:
+            values = self.session.run(None, feed)
+        except Exception as exc:
+            if type(exc).__module__.startswith("onnxruntime"):
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise LRPError(f"onnxruntime could not run the model: {message[:400]}") from None
+            raise
         outputs = dict(zip(self.output_names, values))
         source_inputs = self.meta.get("source_inputs", {})  # absent in models converted by earlier versions
         names = [n for n in self.meta["relevance_outputs"] if n not in self.meta.get("latent", {})]
-        return Explanation(outputs, outputs[self.meta["relevance_outputs"][0]],
-                           outputs.get(SELECTED_TARGET), outputs.get(SELECTED_LOGIT),
-                           relevances={n: outputs[n] for n in names},
-                           source_inputs={n: source_inputs.get(n) for n in names})
+        result = Explanation(outputs, outputs[self.meta["relevance_outputs"][0]],
+                             outputs.get(SELECTED_TARGET), outputs.get(SELECTED_LOGIT),
+                             relevances={n: outputs[n] for n in names},
+                             source_inputs={n: source_inputs.get(n) for n in names})
+        self._check_result(result, feed)
+        return result
+
+    def _check_inputs(self, feed: dict) -> None:
+        """Token ids inside the tables they index, no empty sequence, no sequence longer than a constant
+        position table (limits recorded at conversion; models converted earlier have none)."""
+        limits = self.meta.get("input_limits") or {}
+        for name, rows in (limits.get("inputs") or {}).items():
+            if name not in feed:
+                continue
+            ids = feed[name]
+            if ids.dtype.kind not in "iu":
+                raise LRPError(f"input '{name}': integer ids expected, got {ids.dtype}")
+            if ids.size == 0:
+                raise LRPError(f"input '{name}' is empty (shape {list(ids.shape)}): nothing to explain")
+            bad = np.argwhere((ids < 0) | (ids >= rows))
+            if len(bad):
+                where = tuple(int(k) for k in bad[0])
+                raise LRPError(f"input '{name}': id {int(ids[where])} at {list(where)} is outside the model's "
+                               f"table of {rows} rows (valid ids 0..{rows - 1})")
+        max_length = limits.get("max_length")
+        for name, value in feed.items():
+            if value.ndim >= 2 and value.dtype.kind in "iu" and value.shape[1] == 0:
+                raise LRPError(f"input '{name}' has an empty sequence (shape {list(value.shape)})")
+            if max_length and name in (limits.get("inputs") or {}) and value.ndim >= 2 \
+                    and value.shape[1] > max_length:
+                raise LRPError(f"input '{name}': {value.shape[1]} tokens, longer than the model's "
+                               f"{max_length} positions")
+
+    def _check_result(self, result: Explanation, feed: dict) -> None:
+        """Rows the graph flagged (lrp_selected_target -1: position or target out of range, see seed.py)
+        and non-finite explained logits become errors that name the argument."""
+        if result.target is None:
+            return
+        bad = np.flatnonzero(np.asarray(result.target) < 0)
+        if len(bad):
+            row = int(bad[0])
+            scores = self._explained_scores(result, feed)
+            target = _row_value(feed.get(TARGET_INPUT), row)
+            if scores is not None and target is not None and target >= scores.shape[-1]:
+                raise LRPError(f"target {target} (row {row}) is out of range: the explained output has "
+                               f"{scores.shape[-1]} classes (valid 0..{scores.shape[-1] - 1}, or negative for "
+                               f"the argmax)")
+            position = _row_value(feed.get(POSITION_INPUT), row)
+            length = self._sequence_length(result, feed)
+            span = f" [-{length}, {length - 1}]" if length else " (-L..L-1 for a sequence of L)"
+            raise LRPError(f"position {position} (row {row}) is out of range{span}, or target {target} is")
+        logit = np.asarray(result.logit, dtype=np.float64) if result.logit is not None else None
+        if logit is not None and not np.all(np.isfinite(logit)):
+            row = int(np.flatnonzero(~np.isfinite(logit))[0])
+            raise LRPError(f"the explained output '{self.meta.get('explained_output')}' is not finite at row "
+                           f"{row} (logit {logit[row]}): no target can be explained from NaN/inf outputs")
+        scores = self._explained_scores(result, feed)
+        if scores is not None and scores.ndim == 2:
+            rows = np.flatnonzero(~np.all(np.isfinite(scores.astype(np.float64)), axis=-1))
+            if len(rows):
+                raise LRPError(f"the explained output '{self.meta.get('explained_output')}' holds NaN/inf at "
+                               f"row {int(rows[0])}: its argmax and logit are meaningless")
+        for name, value in result.relevances.items():
+            if not np.all(np.isfinite(value)):
+                warnings.warn(f"relevance output '{name}' holds NaN/inf values", RuntimeWarning, stacklevel=3)
+
+    def _explained_scores(self, result: Explanation, feed: dict | None = None):
+        """The explained output's scores per row ([batch, classes]) at the explained position, when
+        they can be read from the outputs."""
+        explained = self.meta.get("explained_output")
+        scores = result.outputs.get(explained)
+        if scores is None:
+            scores = result.outputs.get("lrp_logits_at_position")
+        if scores is None:
+            return None
+        scores = np.asarray(scores)
+        if scores.ndim == 3 and scores.shape[1] == 1:
+            return scores[:, 0]
+        if scores.ndim == 3 and feed is not None:  # at the explained position (valid rows: in range)
+            length = scores.shape[1]
+            position = np.broadcast_to(np.atleast_1d(feed.get(POSITION_INPUT, np.array([-1]))), scores.shape[:1])
+            position = np.where(position < 0, position + length, position).clip(0, length - 1)
+            return scores[np.arange(scores.shape[0]), position]
+        return scores if scores.ndim == 2 else None
+
+    def _sequence_length(self, result: Explanation, feed: dict) -> int | None:
+        scores = result.outputs.get(self.meta.get("explained_output"))
+        if scores is not None and np.ndim(scores) == 3 and not self.meta.get("head_at_position"):
+            return int(np.shape(scores)[1])
+        ids = next((v for v in feed.values() if v.ndim == 2 and v.dtype.kind in "iu"), None)
+        return int(ids.shape[1]) if ids is not None else None
+
+
+def _int_vector(value, what: str) -> np.ndarray:
+    try:
+        array = np.atleast_1d(np.asarray(value))
+    except (TypeError, ValueError) as exc:
+        raise LRPError(f"{what}: not a list of integers ({exc})") from None
+    if array.dtype.kind not in "iub" and not (array.dtype.kind == "f" and np.all(np.isfinite(array))
+                                              and np.all(array == np.round(array))):
+        raise LRPError(f"{what}: integers expected, got {array.tolist()!r:.80}")
+    if array.ndim != 1:
+        raise LRPError(f"{what}: one integer per row expected, got shape {list(array.shape)}")
+    if array.dtype.kind == "u" and np.any(array > np.iinfo(np.int64).max) or \
+            array.dtype.kind == "f" and np.any(np.abs(array) > 2 ** 62):
+        raise LRPError(f"{what}: value out of the int64 range")
+    return array.astype(np.int64)
+
+
+def _row_value(array, row: int):
+    if array is None:
+        return None
+    array = np.atleast_1d(array)
+    return int(array[row if len(array) > row else 0])

@@ -6,6 +6,13 @@ Inputs added to the converted model (a public contract):
                has a sequence axis; Python-style negative indices count from the end
   lrp_seed     float, the explained output's shape: replaces both (option seed_input)
 Outputs: lrp_selected_target (int64 [batch]) and lrp_selected_logit ([batch]) say what was explained.
+
+Out-of-range values are never wrapped twice or clamped: a row whose lrp_position lies outside
+[-L, L-1] (L the sequence length) or whose lrp_target is >= the number of classes gets
+lrp_selected_target = -1, lrp_selected_logit = NaN and NaN relevance (its seed is NaN), whatever the
+execution provider (a failing Gather would not fail on every provider). The other rows are unaffected.
+A consumer feeding these inputs directly checks lrp_selected_target >= 0; Explainer.run refuses such
+values before running.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ POSITION_INPUT = "lrp_position"
 SEED_INPUT = "lrp_seed"
 SELECTED_TARGET = "lrp_selected_target"
 SELECTED_LOGIT = "lrp_selected_logit"
+SELECTED_LENGTH = "lrp/at_position/length"  # the sequence length, in canonicalize.select_position_before_head
 
 
 @dataclass
@@ -58,39 +66,61 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
     seed.inputs.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["lrp_batch"]))
     seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
     scores = output
-    one_hot_values = b.const(np.array([0, 1], dtype=helper.tensor_dtype_to_np_dtype(dtype)))
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    one_hot_values = b.const(np.array([0, 1], dtype=np_dtype))
+    zero = b.ints([0])
+    valid = None  # bool [batch]: the row's position and target are in range (see the module docstring)
     if rank == 3:
         length = b.op("Slice", [b.shape_of(output), b.ints([1]), b.ints([2])])
         if position_selected:
-            position = b.op("Expand", [b.ints([0]), batch])
+            # the head already ran at lrp_position (canonicalize.select_position_before_head): check
+            # the requested position against the full sequence length there
+            if SELECTED_LENGTH in view.producer:
+                valid = _position_in_range(b, b.op("Expand", [POSITION_INPUT, batch]), SELECTED_LENGTH)[1]
+            position = b.op("Expand", [zero, batch])
         else:
             seed.inputs.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64, ["lrp_batch"]))
             seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), POSITION_INPUT))
-            position = b.op("Expand", [POSITION_INPUT, batch])
-        position = b.op("Where", [b.op("Less", [position, b.ints([0])]),
-                                  b.op("Add", [position, length]), position])
+            position, valid = _position_in_range(b, b.op("Expand", [POSITION_INPUT, batch]), length)
+            position = b.op("Where", [valid, position, zero])  # an in-range index whatever was fed
         vocab = b.op("Slice", [b.shape_of(output), b.ints([2]), b.ints([3])])
         index = b.op("Expand", [b.op("Reshape", [position, b.ints([-1, 1, 1])]),
                                 b.op("Concat", [batch, b.ints([1]), vocab], axis=0)])
         scores = b.op("Squeeze", [b.op("GatherElements", [output, index], axis=1), b.ints([1])])
         position_mask = b.op("Unsqueeze", [b.op("OneHot", [position, length, one_hot_values], axis=-1),
                                            b.ints([2])])
-    argmax = b.op("ArgMax", [scores], axis=-1, keepdims=0)
-    chosen = b.op("Where", [b.op("Less", [target, b.ints([0])]), argmax, target])
     classes = b.op("Slice", [b.shape_of(scores), b.ints([1]), b.ints([2])])
+    target_ok = b.op("Less", [target, classes])  # negative: the argmax
+    valid = target_ok if valid is None else b.op("And", [valid, target_ok])
+    argmax = b.op("ArgMax", [scores], axis=-1, keepdims=0)
+    chosen = b.op("Where", [b.op("Less", [target, zero]), argmax, target])
+    chosen = b.op("Where", [valid, chosen, zero])
     target_mask = b.op("OneHot", [chosen, classes, one_hot_values], axis=-1)
     if rank == 3:
-        gradient = b.op("Mul", [position_mask, b.op("Unsqueeze", [target_mask, b.ints([1])])],
-                        dtype=dtype, shape=shape)
+        gradient = b.op("Mul", [position_mask, b.op("Unsqueeze", [target_mask, b.ints([1])])])
     else:
-        gradient = b.op("Identity", [target_mask], dtype=dtype, shape=shape)
+        gradient = target_mask
+    nan = b.const(np.array(np.nan, dtype=np_dtype))
+    row_shape = b.ints([-1, 1, 1] if rank == 3 else [-1, 1])
+    gradient = b.op("Where", [b.op("Reshape", [valid, row_shape]), gradient, nan], dtype=dtype, shape=shape)
     logit = b.op("Squeeze", [b.op("GatherElements", [scores, b.op("Unsqueeze", [chosen, b.ints([1])])],
                                   axis=1), b.ints([1])])
+    logit = b.op("Where", [valid, logit, nan])
+    chosen = b.op("Where", [valid, chosen, b.ints([-1])])
     seed.gradient = gradient
     seed.outputs[SELECTED_TARGET] = (chosen, helper.make_tensor_value_info(
         SELECTED_TARGET, TensorProto.INT64, [shape[0]]))
     seed.outputs[SELECTED_LOGIT] = (logit, helper.make_tensor_value_info(SELECTED_LOGIT, dtype, [shape[0]]))
     return seed
+
+
+def _position_in_range(b: Builder, position: str, length: str) -> tuple[str, str]:
+    """(position counted from the start, whether it lies in [0, length)): a negative position counts
+    from the end once (Python's rule), so only [-length, length - 1] is valid."""
+    zero = b.ints([0])
+    position = b.op("Where", [b.op("Less", [position, zero]), b.op("Add", [position, length]), position])
+    valid = b.op("And", [b.op("GreaterOrEqual", [position, zero]), b.op("Less", [position, length])])
+    return position, valid
 
 
 def rename_output(nodes: list[onnx.NodeProto], old: str, new: str) -> None:

@@ -1,0 +1,171 @@
+"""Validation of an input graph before any analysis: graph-structure errors named as such (no outputs,
+dangling inputs, duplicate names, cycles), then onnx's checker with shape inference, run on a
+weight-free copy (external weights are never opened)."""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import LRPError
+from .graph import node_label
+
+
+def check_graph(model: onnx.ModelProto, label: str) -> None:
+    g = model.graph
+    if not g.output:
+        raise LRPError(f"{label}: the graph has no outputs; nothing to explain")
+    known = {}  # tensor -> what defines it
+    for i in g.input:
+        known.setdefault(i.name, f"graph input '{i.name}'")
+    for t in g.initializer:
+        known.setdefault(t.name, f"initializer '{t.name}'")
+    names = [o.name for o in g.output]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise LRPError(f"{label}: graph error: duplicate graph output name '{duplicates[0]}'")
+    producer = {}
+    for n in g.node:
+        for o in n.output:
+            if not o:
+                continue
+            if o in producer:
+                raise LRPError(f"{label}: graph error: tensor '{o}' is produced twice, by node "
+                               f"{node_label(producer[o])} and by node {node_label(n)}")
+            if o in known:
+                raise LRPError(f"{label}: graph error: node {node_label(n)} writes '{o}', which is already "
+                               f"the {known[o]}")
+            producer[o] = n
+    for n in g.node:
+        for t in n.input:
+            if t and t not in producer and t not in known:
+                raise LRPError(f"{label}: graph error: node {node_label(n)} reads '{t}', which no node, "
+                               f"graph input or initializer defines (a dangling input)")
+    for o in names:
+        if o not in producer and o not in known:
+            raise LRPError(f"{label}: graph error: graph output '{o}' is not produced by any node")
+    _check_acyclic(g, producer, label)
+    _run_checker(model, label)
+
+
+def _check_acyclic(g, producer: dict, label: str) -> None:
+    """Kahn's algorithm over node dependencies; what remains lies on (or behind) a cycle."""
+    index = {id(n): k for k, n in enumerate(g.node)}
+    deps = [{index[id(producer[t])] for t in n.input if t in producer} for n in g.node]
+    users = [[] for _ in g.node]
+    for k, d in enumerate(deps):
+        for p in d:
+            users[p].append(k)
+    missing = [len(d) for d in deps]
+    ready = [k for k, m in enumerate(missing) if m == 0]
+    done = 0
+    while ready:
+        k = ready.pop()
+        done += 1
+        for u in users[k]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                ready.append(u)
+    if done < len(g.node):
+        stuck = [k for k, m in enumerate(missing) if m > 0]
+        # follow dependencies among the stuck nodes until one repeats: that is a cycle
+        seen, k = [], stuck[0]
+        while k not in seen:
+            seen.append(k)
+            k = next(p for p in deps[k] if missing[p] > 0)
+        cycle = seen[seen.index(k):]
+        raise LRPError(f"{label}: graph error: a cycle through node(s) "
+                       + " -> ".join(node_label(g.node[c]) for c in cycle))
+
+
+def _weight_free_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with externally stored initializers turned into graph inputs of the same type and
+    shape (and external attribute tensors emptied): the checker then never opens a weight file."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    g = copy.graph
+    inputs = {i.name for i in g.input}
+    kept = []
+    for t in g.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            if t.name not in inputs:
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    # onnxruntime registers a few ops in the ONNX domain that onnx has no schema for
+    # (SimplifiedLayerNormalization): checked as ops of an unknown domain, whether they run is
+    # onnxruntime's to say (and whether they have a rule, the analysis')
+    unknown = False
+    for n in g.node:
+        if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type):
+            n.domain, unknown = "lrp.unchecked", True
+    if unknown:
+        copy.opset_import.append(helper.make_opsetid("lrp.unchecked", 1))
+    if copy.ir_version < 4:
+        copy.ir_version = 4
+    return copy
+
+
+def _run_checker(model: onnx.ModelProto, label: str) -> None:
+    copy = _weight_free_copy(model)
+    try:
+        onnx.checker.check_model(copy, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LRPError(f"{label}: not a valid ONNX model (onnx checker: {first[:300]})") from None
+    try:
+        onnx.shape_inference.infer_shapes(copy, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LRPError(f"{label}: not a valid ONNX model (onnx shape inference: {first[:300]})") from None
+
+
+# -- index ranges of a model's integer inputs (recorded at conversion, checked by Explainer.run) --------
+INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")
+
+
+def input_limits(view) -> dict:
+    """{"inputs": {integer input: rows of the constant table it indexes (ids must lie in [0, rows))},
+    "max_length": rows of a constant position table indexed by computed positions, or None}.
+    Only tables whose first dimension is static count; several tables by one input: the smallest."""
+    origin = {i: i for i in view.graph_inputs if not view.is_float(i)}
+    for n in view.nodes:
+        if n.op_type in INDEX_ROUTING_OPS:
+            feeding = next((origin[t] for t in n.input if t in origin), None)
+            if feeding is not None:
+                origin.update((o, feeding) for o in n.output if o)
+    limits, max_length = {}, None
+    for n in view.nodes:
+        if n.op_type != "Gather" or len(n.input) != 2 or not view.is_constant(n.input[0]) \
+                or int(next((a.i for a in n.attribute if a.name == "axis"), 0)) != 0:
+            continue
+        rows = (view.shape(n.input[0]) or [None])[0]
+        if not isinstance(rows, int) or rows <= 0:
+            continue
+        index = n.input[1]
+        if index in origin:
+            name = origin[index]
+            limits[name] = min(rows, limits.get(name, rows))
+        elif view.is_float(n.input[0]) and not view.is_constant(index) and _from_positions(view, index):
+            max_length = rows if max_length is None else min(max_length, rows)
+    if "position_ids" in limits:  # position_ids = cumsum(mask) - 1 < rows
+        max_length = limits["position_ids"] if max_length is None else min(max_length, limits["position_ids"])
+    return {"inputs": limits, "max_length": max_length}
+
+
+def _from_positions(view, tensor: str, depth: int = 8) -> bool:
+    """Whether `tensor` is computed by a Range (arange over the sequence), through a few ops."""
+    frontier = [(tensor, 0)]
+    seen = set()
+    while frontier:
+        t, d = frontier.pop()
+        p = view.producer.get(t)
+        if p is None or t in seen or d > depth:
+            continue
+        seen.add(t)
+        node = view.nodes[p]
+        if node.op_type == "Range":
+            return True
+        frontier.extend((i, d + 1) for i in node.input if i and not view.is_constant(i))
+    return False
