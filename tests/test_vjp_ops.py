@@ -1,0 +1,185 @@
+"""Exact VJPs of the ops real exporters emit, each checked on a one-node (or few-node) hand-built graph:
+the converted graph's relevance in `gradient` mode (x * Jᵀ seed for a random seed) against central
+finite differences of the ORIGINAL graph, both run in onnxruntime. float64 where onnxruntime's CPU kernel
+runs double (tolerance 1e-6), else float32 (1e-3 relative)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrp_onnx
+from lrp_onnx.errors import LRPError
+
+F32, F64 = np.float32, np.float64
+
+
+def _session(model):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def make_model(nodes, inputs: dict, output="y", consts=None, opset=18, dynamic=None):
+    """inputs: name -> array (graph inputs); consts: name -> array (initializers); dynamic: name -> dims
+    (symbolic names allowed) replacing an input's static shape."""
+    consts = consts or {}
+    dynamic = dynamic or {}
+    vis = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), dynamic.get(k, list(v.shape)))
+           for k, v in inputs.items()]
+    out_dtype = helper.np_dtype_to_tensor_dtype(next(iter(inputs.values())).dtype)
+    graph = helper.make_graph(nodes, "g", vis, [helper.make_tensor_value_info(output, out_dtype, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def relevance_and_reference(model, inputs: dict, sources, step):
+    converted = lrp_onnx.convert(model, rules="gradient", source=list(sources), seed_input=True)
+    run = _session(converted)
+    original = _session(model)
+    y = original.run(None, inputs)[0]
+    seed = np.random.default_rng(1).standard_normal(y.shape).astype(y.dtype)
+    names = [o.name for o in run.get_outputs()]
+    values = dict(zip(names, run.run(None, {**inputs, "lrp_seed": seed})))
+    assert np.allclose(values[original.get_outputs()[0].name], y), "the original output changed"
+    results = []
+    for k, s in enumerate(sources):
+        rel = values["lrp_relevance" + ("" if k == 0 else f"_{k}")]
+        x = inputs[s]
+        grad = np.zeros(x.size, dtype=np.float64)
+        flat = x.reshape(-1)
+        for i in range(x.size):
+            plus, minus = flat.copy(), flat.copy()
+            plus[i] += step
+            minus[i] -= step
+            fp = original.run(None, {**inputs, s: plus.reshape(x.shape)})[0]
+            fm = original.run(None, {**inputs, s: minus.reshape(x.shape)})[0]
+            grad[i] = (np.sum(fp.astype(np.float64) * seed) - np.sum(fm.astype(np.float64) * seed)) / (2 * step)
+        results.append((rel.astype(np.float64), x.astype(np.float64) * grad.reshape(x.shape)))
+    return results
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def check(nodes, inputs, consts=None, sources=None, opset=18, dynamic=None, step=None, tol=None, output="y"):
+    sources = sources or [next(iter(inputs))]
+    dtype = next(iter(inputs.values())).dtype
+    step = step or (1e-6 if dtype == F64 else 1e-2)
+    tol = tol or (1e-6 if dtype == F64 else 1e-3)
+    model = make_model(nodes, inputs, output, consts, opset, dynamic)
+    for rel, ref in relevance_and_reference(model, inputs, sources, step):
+        assert rel.shape == ref.shape
+        assert rel_err(rel, ref) <= tol, (rel_err(rel, ref), rel, ref)
+
+
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape, dtype=F64, low=-2.0, high=2.0):
+    return RNG.uniform(low, high, size=shape).astype(dtype)
+
+
+def node(op, inputs, outputs=("y",), **attrs):
+    return helper.make_node(op, list(inputs), list(outputs), name=f"n_{op}", **attrs)
+
+
+# -- elementwise functions of one tensor ------------------------------------------------------------
+UNARY = [
+    ("Abs", {}, F64, -2, 2), ("Sin", {}, F64, -3, 3), ("Cos", {}, F64, -3, 3), ("Tan", {}, F32, -1.2, 1.2),
+    ("Asin", {}, F32, -0.9, 0.9), ("Acos", {}, F32, -0.9, 0.9), ("Atan", {}, F32, -3, 3),
+    ("Sinh", {}, F32, -2, 2), ("Cosh", {}, F32, -2, 2), ("Asinh", {}, F32, -3, 3), ("Acosh", {}, F32, 1.2, 3),
+    ("Atanh", {}, F32, -0.8, 0.8), ("Softplus", {}, F64, -3, 3), ("Softsign", {}, F64, -3, 3),
+    ("HardSigmoid", {}, F64, -4, 4), ("HardSigmoid", {"alpha": 0.5, "beta": 0.3}, F64, -3, 3),
+    ("HardSwish", {}, F64, -5, 5), ("LeakyRelu", {"alpha": 0.1}, F64, -2, 2), ("Elu", {"alpha": 0.7}, F64, -2, 2),
+    ("Selu", {}, F64, -2, 2), ("Celu", {"alpha": 0.8}, F32, -2, 2), ("Mish", {}, F64, -3, 3),
+    ("ThresholdedRelu", {"alpha": 0.5}, F64, -2, 2), ("Relu", {}, F64, -2, 2), ("Exp", {}, F64, -2, 2),
+    ("Log", {}, F64, 0.2, 3), ("Sqrt", {}, F64, 0.2, 3), ("Reciprocal", {}, F64, 0.3, 3), ("Tanh", {}, F64, -2, 2),
+    ("Sigmoid", {}, F64, -3, 3), ("Erf", {}, F32, -2, 2), ("Neg", {}, F64, -2, 2),
+    ("Sign", {}, F64, -2, 2), ("Floor", {}, F64, -2, 2), ("Ceil", {}, F64, -2, 2), ("Round", {}, F64, -2, 2),
+]
+
+
+def _avoid_integers(x):
+    return np.where(np.abs(x - np.round(x)) < 0.05, x + 0.1, x)
+
+
+@pytest.mark.parametrize("op,attrs,dtype,low,high", UNARY, ids=[u[0] + str(i) for i, u in enumerate(UNARY)])
+def test_unary(op, attrs, dtype, low, high):
+    x = rand(3, 4, dtype=dtype, low=low, high=high)
+    if op in ("Round", "Floor", "Ceil"):
+        x = _avoid_integers(x)
+    check([node(op, ["x"], **attrs)], {"x": x})
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu(approximate):
+    check([node("Gelu", ["x"], approximate=approximate)], {"x": rand(3, 4, dtype=F32)}, opset=20)
+
+
+def test_prelu_with_slope_input():
+    """The slope is constant (broadcast per channel); and as a second relevance-carrying input."""
+    x = rand(2, 3, 4)
+    check([node("PRelu", ["x", "s"])], {"x": x}, consts={"s": rand(3, 1, low=0.1, high=0.5)})
+    check([node("PRelu", ["x", "s"])], {"x": x, "s": rand(3, 1, low=0.1, high=0.5)}, sources=["x", "s"])
+
+
+@pytest.mark.parametrize("case", ["const_exponent", "path_exponent", "const_base", "square", "f32_int_exponent"])
+def test_pow(case):
+    x, p = rand(3, 4, low=0.3, high=2), rand(3, 4, low=-1.5, high=2.5)
+    if case == "const_exponent":
+        check([node("Pow", ["x", "p"])], {"x": x}, consts={"p": np.array(1.7)})
+    elif case == "path_exponent":
+        check([node("Pow", ["x", "p"])], {"x": x, "p": p}, sources=["x", "p"])
+    elif case == "const_base":
+        check([node("Pow", ["c", "p"])], {"p": p}, consts={"c": np.array(2.5)})
+    elif case == "square":
+        check([node("Pow", ["x", "p"])], {"x": rand(3, 4)}, consts={"p": np.array(2.0)})
+    else:
+        check([node("Pow", ["x", "p"])], {"x": rand(3, 4, dtype=F32)}, consts={"p": np.array(3, np.int64)})
+
+
+# -- variadic and bounded -----------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["Max", "Min", "Mean", "Sum"])
+def test_variadic_broadcasting(op):
+    dtype = F32 if op == "Mean" else F64  # onnxruntime's Mean has no double kernel
+    a, c, d = rand(2, 3, 4, dtype=dtype), rand(3, 1, dtype=dtype), rand(4, dtype=dtype)
+    check([node(op, ["a", "c", "d"])], {"a": a, "c": c, "d": d}, sources=["a", "c", "d"])
+    check([node(op, ["a", "k"])], {"a": a}, consts={"k": rand(1, 4, dtype=dtype)})
+
+
+@pytest.mark.parametrize("op,reference", [("Max", "maximum"), ("Min", "minimum")])
+def test_max_min_ties_split_evenly_as_torch(op, reference):
+    """Tied inputs share the gradient evenly, as torch.maximum / torch.minimum do."""
+    torch = pytest.importorskip("torch")
+    a = np.array([[1.0, 2.0, -1.0], [0.5, 0.5, 3.0]])
+    c = np.array([[1.0, 1.0, -1.0], [0.5, 0.25, 3.0]])
+    model = make_model([node(op, ["a", "c"])], {"a": a, "c": c})
+    converted = lrp_onnx.convert(model, rules="gradient", source=["a", "c"], seed_input=True)
+    seed = RNG.standard_normal(a.shape)
+    out = dict(zip([o.name for o in _session(converted).get_outputs()],
+                   _session(converted).run(None, {"a": a, "c": c, "lrp_seed": seed})))
+    ta, tc = torch.tensor(a, requires_grad=True), torch.tensor(c, requires_grad=True)
+    (getattr(torch, reference)(ta, tc) * torch.tensor(seed)).sum().backward()
+    assert np.allclose(out["lrp_relevance"], a * ta.grad.numpy())
+    assert np.allclose(out["lrp_relevance_1"], c * tc.grad.numpy())
+
+
+@pytest.mark.parametrize("bounds", ["both", "min_only", "max_only", "none", "path_bounds"])
+def test_clip(bounds):
+    x = rand(3, 5)
+    lo, hi = np.array(-0.7), np.array(0.9)
+    if bounds == "both":
+        check([node("Clip", ["x", "lo", "hi"])], {"x": x}, consts={"lo": lo, "hi": hi})
+    elif bounds == "min_only":
+        check([node("Clip", ["x", "lo"])], {"x": x}, consts={"lo": lo})
+    elif bounds == "max_only":
+        check([node("Clip", ["x", "", "hi"])], {"x": x}, consts={"hi": hi})
+    elif bounds == "none":
+        check([node("Clip", ["x"])], {"x": x})
+    else:
+        check([node("Clip", ["x", "lo", "hi"])], {"x": x, "lo": lo, "hi": hi}, sources=["x", "lo", "hi"])
