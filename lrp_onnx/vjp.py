@@ -405,7 +405,7 @@ def _reduce_sum(b, node, gy, wants):
 def _reduce_mean(b, node, gy, wants):
     g, axes = expand_reduced(b, node, _g(gy))
     rest = [None] * (len(node.input) - 1)
-    if axes is None:
+    if not axes:
         return [g] + rest
     x = node.input[0]
     shape = b.view.shape(x)

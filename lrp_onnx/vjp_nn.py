@@ -73,9 +73,9 @@ def _finish(b: Builder, g: str, like: str) -> str:
 
 
 # -- reductions -----------------------------------------------------------------------------------
-def reduce_axes(b: Builder, node) -> list[int] | None:
-    """The reduced axes (normalized), or None when the node is the identity (no axes and
-    noop_with_empty_axes=1)."""
+def reduce_axes(b: Builder, node) -> list[int]:
+    """The reduced axes (normalized); [] when none are (no axes and noop_with_empty_axes=1: the
+    elementwise part of the reduction still applies, ReduceL1 gives |x|, ReduceSumSquare x²)."""
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         v = b.view.value(node.input[1])
@@ -86,14 +86,14 @@ def reduce_axes(b: Builder, node) -> list[int] | None:
     if r is None:
         raise NotImplementedError(f"{node.op_type} on an input of unknown rank")
     if not axes:
-        return None if attr(node, "noop_with_empty_axes", 0) else list(range(r))
+        return [] if attr(node, "noop_with_empty_axes", 0) else list(range(r))
     return sorted(a % r for a in axes)
 
 
 def keep_reduced(b: Builder, node, t: str, axes: list[int]) -> str:
     """A reduced tensor (the output or its gradient) with the reduced axes kept as size 1, so it
     broadcasts against the input."""
-    if attr(node, "keepdims", 1):
+    if attr(node, "keepdims", 1) or not axes:
         return t
     x_shape = b.view.shape(node.input[0])
     shape = [1 if i in axes else d for i, d in enumerate(x_shape)] if x_shape is not None else None
@@ -101,10 +101,10 @@ def keep_reduced(b: Builder, node, t: str, axes: list[int]) -> str:
 
 
 def expand_reduced(b: Builder, node, g: str):
-    """The output gradient broadcast back to the input's shape; (gradient, axes); axes None: identity."""
+    """The output gradient broadcast back to the input's shape, and the reduced axes."""
     axes = reduce_axes(b, node)
-    if axes is None:
-        return g, None
+    if not axes:
+        return g, axes
     g = keep_reduced(b, node, g, axes)
     return b.op("Expand", [g, b.shape_of(node.input[0])], like=node.input[0]), axes
 
@@ -115,8 +115,6 @@ def _reduce_vjp(local):
         x = node.input[0]
         rest = [None] * (len(node.input) - 1)
         axes = reduce_axes(b, node)
-        if axes is None:
-            return [_g(gy)] + rest
         g = keep_reduced(b, node, _g(gy), axes)
         y = keep_reduced(b, node, node.output[0], axes)
         return [b.mul(local(b, node, x, y, axes, g), g, like=x)] + rest
@@ -126,6 +124,8 @@ def _reduce_vjp(local):
 def _max_local(b, node, x, y, axes, g):
     dt = b.view.dtype(x)
     mask = b.op("Cast", [b.op("Equal", [x, y])], to=dt, like=x)
+    if not axes:
+        return mask
     count = b.op("ReduceSum", [mask, b.ints(axes)], keepdims=1, dtype=dt, shape=b.view.shape(y))
     return b.op("Div", [mask, count], like=x)
 

@@ -183,3 +183,118 @@ def test_clip(bounds):
         check([node("Clip", ["x"])], {"x": x})
     else:
         check([node("Clip", ["x", "lo", "hi"])], {"x": x, "lo": lo, "hi": hi}, sources=["x", "lo", "hi"])
+
+
+# -- reductions ---------------------------------------------------------------------------------------
+REDUCE_OPS = ["ReduceMax", "ReduceMin", "ReduceLogSumExp", "ReduceL2", "ReduceL1", "ReduceSumSquare",
+              "ReduceLogSum", "ReduceSum", "ReduceMean"]
+
+
+@pytest.mark.parametrize("op", REDUCE_OPS)
+@pytest.mark.parametrize("form", ["axes_input_keep", "axes_input_drop", "all_axes", "attr_axes_opset13", "noop"])
+def test_reduce(op, form):
+    x = rand(2, 3, 4, low=0.2, high=2.0) if op == "ReduceLogSum" else rand(2, 3, 4)
+    if op == "ReduceL1":
+        x = np.where(np.abs(x) < 0.05, 0.3, x)
+    if form == "axes_input_keep":
+        check([node(op, ["x", "ax"], keepdims=1)], {"x": x}, consts={"ax": np.array([1, -1])})
+    elif form == "axes_input_drop":
+        check([node(op, ["x", "ax"], keepdims=0)], {"x": x}, consts={"ax": np.array([0, 2])})
+    elif form == "all_axes":
+        check([node(op, ["x"], keepdims=0)], {"x": x})
+    elif form == "noop":
+        check([node(op, ["x", "ax"], keepdims=0, noop_with_empty_axes=1)], {"x": x},
+              consts={"ax": np.zeros(0, np.int64)})
+    elif op in ("ReduceSum",):  # opset 13 ReduceSum takes axes as an input already
+        check([node(op, ["x", "ax"], keepdims=0)], {"x": x}, consts={"ax": np.array([1])}, opset=13)
+    else:
+        check([node(op, ["x"], axes=[1], keepdims=0)], {"x": x}, opset=13)
+
+
+@pytest.mark.parametrize("op,reference", [("ReduceMax", "amax"), ("ReduceMin", "amin")])
+def test_reduce_max_ties_split_evenly_as_torch_amax(op, reference):
+    torch = pytest.importorskip("torch")
+    x = np.array([[1.0, 3.0, 3.0, -2.0], [-2.0, -2.0, 0.5, -2.0]])
+    model = make_model([node(op, ["x", "ax"], keepdims=0)], {"x": x}, consts={"ax": np.array([1])})
+    converted = lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True)
+    seed = np.array([0.7, -1.3])
+    got = _session(converted).run(["lrp_relevance"], {"x": x, "lrp_seed": seed})[0]
+    tx = torch.tensor(x, requires_grad=True)
+    (getattr(torch, reference)(tx, dim=1) * torch.tensor(seed)).sum().backward()
+    assert np.allclose(got, x * tx.grad.numpy())
+
+
+def test_reduce_l2_at_zero_is_zero():
+    x = np.zeros((2, 3))
+    x[1] = [1.0, -2.0, 0.5]
+    model = make_model([node("ReduceL2", ["x", "ax"], keepdims=1)], {"x": x}, consts={"ax": np.array([1])})
+    converted = lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True)
+    run = _session(converted)
+    names = [o.name for o in run.get_outputs()]
+    values = dict(zip(names, run.run(None, {"x": x, "lrp_seed": np.ones((2, 1))})))
+    rel = values["lrp_relevance"]
+    assert np.all(np.isfinite(rel)) and np.all(rel[0] == 0)
+    assert np.allclose(rel[1], x[1] ** 2 / np.linalg.norm(x[1]))
+
+
+# -- normalizations -----------------------------------------------------------------------------------
+def test_batch_norm_inference():
+    c = 3
+    consts = {"s": rand(c), "b": rand(c), "m": rand(c), "v": rand(c, low=0.5, high=2)}
+    check([node("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3)], {"x": rand(2, c, 4, 3)},
+          consts=consts, opset=15)
+    check([node("BatchNormalization", ["x", "s", "b", "m", "v"])], {"x": rand(4, c)}, consts=consts)
+
+
+def test_batch_norm_training_mode_is_refused():
+    c = 3
+    consts = {"s": rand(c), "b": rand(c), "m": rand(c), "v": rand(c, low=0.5, high=2)}
+    model = make_model([node("BatchNormalization", ["x", "s", "b", "m", "v"], training_mode=1)],
+                       {"x": rand(2, c, 4)}, consts=consts, opset=15)
+    with pytest.raises(LRPError, match="training_mode=1"):
+        lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True)
+
+
+def test_instance_norm():
+    c = 3
+    check([node("InstanceNormalization", ["x", "s", "b"], epsilon=1e-4)], {"x": rand(2, c, 4, 3, dtype=F32)},
+          consts={"s": rand(c, dtype=F32), "b": rand(c, dtype=F32)}, step=1e-3)
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_norm(opset):
+    """Opset 18: scale and bias per group; opset 21: per channel."""
+    c, groups = 4, 2
+    width = groups if opset == 18 else c
+    check([node("GroupNormalization", ["x", "s", "b"], num_groups=groups)], {"x": rand(2, c, 3, 2, dtype=F32)},
+          consts={"s": rand(width, dtype=F32), "b": rand(width, dtype=F32)}, opset=opset, step=1e-3)
+
+
+def _torch_group_norm_constant_std(x, groups, scale, eps, seed):
+    """x * Jᵀ seed of GroupNorm with the std detached (LXT's norm rule), in PyTorch."""
+    import torch
+    tx = torch.tensor(x, requires_grad=True)
+    n, c = x.shape[:2]
+    xr = tx.reshape(n, groups, -1)
+    centred = xr - xr.mean(-1, keepdim=True)
+    std = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps).detach()
+    y = (centred / std).reshape(x.shape) * torch.tensor(scale).reshape(1, c, *([1] * (x.ndim - 2)))
+    (y * torch.tensor(seed)).sum().backward()
+    return x * tx.grad.numpy()
+
+
+@pytest.mark.parametrize("op", ["GroupNormalization", "InstanceNormalization"])
+def test_norm_constant_std_rule(op):
+    """Registered as norms: the constant_std rule holds their std constant, as LXT does."""
+    pytest.importorskip("torch")
+    c, groups = 4, (2 if op == "GroupNormalization" else 4)
+    x, scale = rand(2, c, 3, 2, dtype=F32), rand(c, dtype=F32)
+    attrs = {"num_groups": groups} if op == "GroupNormalization" else {}
+    model = make_model([node(op, ["x", "s", "b"], epsilon=1e-5, **attrs)], {"x": x},
+                       consts={"s": scale, "b": rand(c, dtype=F32)}, opset=21)
+    converted = lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True,
+                                 overrides={op: "constant_std"})
+    seed = RNG.standard_normal(x.shape).astype(F32)
+    got = _session(converted).run(["lrp_relevance"], {"x": x, "lrp_seed": seed})[0]
+    ref = _torch_group_norm_constant_std(x, groups, scale, 1e-5, seed)
+    assert rel_err(got, ref) < 1e-5
