@@ -106,8 +106,25 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return _infer_shapes(model)
 
 
+def _has_negative_slice_step(model: onnx.ModelProto) -> bool:
+    """onnxruntime's symbolic inference gets the length of a Slice with a negative step wrong (x[::-1]
+    of length 8 comes out as 7): such graphs take onnx's inference."""
+    consts = {i.name: i for i in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    for n in model.graph.node:
+        if n.op_type == "Slice" and len(n.input) > 4 and n.input[4]:
+            steps = consts.get(n.input[4])
+            if steps is None or steps.data_location == onnx.TensorProto.EXTERNAL \
+                    or (onnx.numpy_helper.to_array(steps) < 0).any():
+                return True
+    return False
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
+        if _has_negative_slice_step(model):
+            raise ValueError("negative Slice steps")
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
         if inferred is not None:

@@ -298,3 +298,84 @@ def test_norm_constant_std_rule(op):
     got = _session(converted).run(["lrp_relevance"], {"x": x, "lrp_seed": seed})[0]
     ref = _torch_group_norm_constant_std(x, groups, scale, 1e-5, seed)
     assert rel_err(got, ref) < 1e-5
+
+
+# -- layout, padding, indexing -------------------------------------------------------------------------
+@pytest.mark.parametrize("runtime", [False, True])
+def test_tile(runtime):
+    x = rand(2, 3)
+    reps = np.array([2, 3])
+    if runtime:  # repeats computed in the graph from a shape
+        nodes = [node("Shape", ["x"], ["sh"]), node("Add", ["sh", "one"], ["reps"]), node("Tile", ["x", "reps"])]
+        check(nodes, {"x": x}, consts={"one": np.array([0, 1])})
+    else:
+        check([node("Tile", ["x", "r"])], {"x": x}, consts={"r": reps})
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+@pytest.mark.parametrize("pads", ["positive", "negative", "axes", "runtime"])
+def test_pad(mode, pads):
+    x = rand(2, 4, 5)
+    opset = 19 if mode == "wrap" else 18
+    if pads == "positive":
+        check([node("Pad", ["x", "p"], mode=mode)], {"x": x}, consts={"p": np.array([0, 1, 2, 1, 3, 0])}, opset=opset)
+    elif pads == "negative":
+        check([node("Pad", ["x", "p"], mode=mode)], {"x": x}, consts={"p": np.array([0, -1, 2, 0, 2, -2])},
+              opset=opset)
+    elif pads == "axes":
+        check([node("Pad", ["x", "p", "", "ax"], mode=mode)], {"x": x},
+              consts={"p": np.array([2, 1, 1, 3]), "ax": np.array([-1, 1])}, opset=opset)
+    else:
+        nodes = [node("Shape", ["x"], ["sh"]), node("Div", ["sh", "two"], ["half"]),
+                 node("Concat", ["half", "zero"], ["p"], axis=0), node("Pad", ["x", "p"], mode=mode)]
+        check(nodes, {"x": x}, consts={"two": np.array([4, 2, 2]), "zero": np.zeros(3, np.int64)}, opset=opset)
+
+
+def test_pad_constant_value_on_path():
+    check([node("Pad", ["x", "p", "v"])], {"x": rand(2, 3), "v": np.array(0.7)},
+          consts={"p": np.array([1, 0, 0, 2])}, sources=["x", "v"])
+
+
+@pytest.mark.parametrize("exclusive", [0, 1])
+@pytest.mark.parametrize("reverse", [0, 1])
+def test_cumsum(exclusive, reverse):
+    check([node("CumSum", ["x", "ax"], exclusive=exclusive, reverse=reverse)], {"x": rand(2, 5, 3)},
+          consts={"ax": np.array(1)})
+
+
+@pytest.mark.parametrize("op,mode", [("DepthToSpace", "DCR"), ("DepthToSpace", "CRD"), ("SpaceToDepth", None)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_depth_space(op, mode, dynamic):
+    attrs = {"blocksize": 2} if mode is None else {"blocksize": 2, "mode": mode}
+    x = rand(2, 8, 2, 3) if op == "DepthToSpace" else rand(2, 2, 4, 6)
+    check([node(op, ["x"], **attrs)], {"x": x}, dynamic={"x": ["N", "C", "H", "W"]} if dynamic else None)
+
+
+SLICES = {
+    "step2": ([1], [7], [1], [2]),
+    "negative_step": ([-1], [-100], [1], [-1]),
+    "negative_step3": ([6], [0], [-1], [-3]),
+    "two_axes": ([0, 5], [2, 1], [0, 1], [1, -2]),
+    "steps_one": ([1, 1], [3, -1], [0, 2], [1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(SLICES))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_slice_steps(case, dynamic):
+    starts, ends, axes, steps = (np.array(v) for v in SLICES[case])
+    check([node("Slice", ["x", "s", "e", "a", "st"])], {"x": rand(3, 8, 4)},
+          consts={"s": starts, "e": ends, "a": axes, "st": steps},
+          dynamic={"x": ["A", "B", "C"]} if dynamic else None)
+
+
+@pytest.mark.parametrize("indices", [np.array([[0, 2], [2, -1], [1, 1]]), np.array([[[1]], [[0]]]), np.array(2),
+                                     np.array([3, 0, 3])], ids=["rank2", "rank3", "scalar", "rank1_repeats"])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gather_any_rank(indices, axis):
+    check([node("Gather", ["x", "i"], axis=axis)], {"x": rand(4, 4, 4)}, consts={"i": indices})
+
+
+def test_gather_elements():
+    check([node("GatherElements", ["x", "i"], axis=1)], {"x": rand(3, 4)},
+          consts={"i": np.array([[0, 0, 3], [1, 2, 1], [3, 3, 3]])})
