@@ -535,7 +535,8 @@ def _same_pads_static(geo, sizes):
 def conv_input_gradient(b: Builder, node, g: str, w: str) -> str:
     """Wᵀ g for y = Conv(x, w): ConvTranspose with the same weights, strides, pads, dilations and group.
     The rows a stride skips at the end of x get zero gradient: by output_padding when x's size is
-    static, else by padding the ConvTranspose's result with zeros to x's run-time shape. SAME_* pads
+    static, else by a ConvTranspose without end pads, padded with zeros or cropped to x's run-time
+    shape. SAME_* pads
     with a dynamic size: a ConvTranspose without pads, cropped (negative Pad) by the head pads computed
     from x's run-time size."""
     x = node.input[0]
@@ -558,8 +559,8 @@ def conv_input_gradient(b: Builder, node, g: str, w: str) -> str:
     dt = b.view.dtype(x)
     r = n + 2
     x_sizes = b.op("Slice", [b.shape_of(x), b.ints([2]), b.ints([r])], dtype=INT64, shape=[n])
-    if pads is not None:
-        full = b.op("ConvTranspose", [g, w], pads=pads, dtype=dt, shape=[None] * r, **common)
+    if pads is not None:  # the head pads crop; the end pads may cover input rows (not all pad is used)
+        full = b.op("ConvTranspose", [g, w], pads=pads[:n] + [0] * n, dtype=dt, shape=[None] * r, **common)
         head = b.ints([0] * n)
     else:
         full = b.op("ConvTranspose", [g, w], pads=[0] * 2 * n, dtype=dt, shape=[None] * r, **common)
@@ -619,13 +620,17 @@ def _conv_transpose(b, node, gy, wants):
                 totals.append(s * (size - 1) + output_padding[i] + (k - 1) * d + 1 - target)
             else:
                 totals.append(output_padding[i] + (k - 1) * d + 1 - s)
-        if any(t < 0 for t in totals):
-            raise NotImplementedError("ConvTranspose whose output_shape / SAME padding is negative")
         upper = geo["auto_pad"] == "SAME_UPPER"
-        heads = [t // 2 if upper else t - t // 2 for t in totals]
+        halves = [t // 2 for t in totals]
+        heads = [h if upper else t - h for t, h in zip(totals, halves)]
         pads = heads + [t - h for t, h in zip(totals, heads)]
     if wants[0]:
-        out[0] = b.op("Conv", [g, w], like=x, kernel_shape=geo["kernel"], strides=geo["strides"], pads=pads,
+        gc = g
+        if any(p < 0 for p in pads):  # negative pads extend y beyond the full result: crop g there
+            crop = [0, 0] + [min(p, 0) for p in pads[:n]] + [0, 0] + [min(p, 0) for p in pads[n:]]
+            gc = b.op("Pad", [g, b.ints(crop)], mode="constant", dtype=b.view.dtype(g), shape=[None] * (n + 2))
+            pads = [max(p, 0) for p in pads]
+        out[0] = b.op("Conv", [gc, w], like=x, kernel_shape=geo["kernel"], strides=geo["strides"], pads=pads,
                       dilations=geo["dilations"], group=geo["group"])
     if len(node.input) > 2 and wants[2]:
         r = b.view.rank(g)

@@ -379,3 +379,116 @@ def test_gather_any_rank(indices, axis):
 def test_gather_elements():
     check([node("GatherElements", ["x", "i"], axis=1)], {"x": rand(3, 4)},
           consts={"i": np.array([[0, 0, 3], [1, 2, 1], [3, 3, 3]])})
+
+
+# -- convolution ----------------------------------------------------------------------------------------
+CONVS = {
+    "plain": dict(),
+    "strided_padded": dict(strides=[2, 2], pads=[1, 0, 0, 1]),
+    "stride3_dilated": dict(strides=[3, 2], dilations=[2, 1], pads=[0, 1, 1, 1]),
+    "same_upper": dict(strides=[2, 2], auto_pad="SAME_UPPER"),
+    "same_lower": dict(strides=[2, 3], auto_pad="SAME_LOWER"),
+    "valid": dict(strides=[2, 1], auto_pad="VALID"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVS))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_conv(case, dynamic):
+    x = rand(1, 4, 7, 6, dtype=F32)
+    w = rand(6, 2, 3, 2, dtype=F32)
+    check([node("Conv", ["x", "w", "bias"], group=2, **CONVS[case])], {"x": x},
+          consts={"w": w, "bias": rand(6, dtype=F32)}, dynamic={"x": ["N", 4, "H", "W"]} if dynamic else None)
+
+
+CONV_TRANSPOSES = {
+    "plain": dict(),
+    "strided_padded": dict(strides=[2, 2], pads=[1, 0, 0, 1]),
+    "output_padding": dict(strides=[3, 2], pads=[1, 1, 0, 0], output_padding=[2, 1], dilations=[1, 2]),
+    "same_upper": dict(strides=[2, 2], auto_pad="SAME_UPPER"),
+    "same_lower": dict(strides=[2, 2], auto_pad="SAME_LOWER"),
+    "output_shape_odd": dict(strides=[2, 2], output_shape=[8, 6]),
+    "output_shape_larger": dict(strides=[2, 2], output_shape=[10, 8]),
+    "output_shape_same_upper": dict(strides=[2, 1], output_shape=[8, 4], auto_pad="SAME_UPPER"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_TRANSPOSES))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_conv_transpose(case, dynamic):
+    x = rand(1, 4, 4, 3, dtype=F32)
+    w = rand(4, 3, 3, 3, dtype=F32)  # [C_in, C_out / group, k, k]
+    model_args = dict(consts={"w": w, "bias": rand(6, dtype=F32)},
+                      dynamic={"x": ["N", 4, "H", "W"]} if dynamic else None)
+    nodes = [node("ConvTranspose", ["x", "w", "bias"], group=2, **CONV_TRANSPOSES[case])]
+    if case.startswith("output_shape") and dynamic:
+        model = make_model(nodes, {"x": x}, **model_args)
+        with pytest.raises(LRPError, match="output_shape and a dynamic spatial size"):
+            lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True)
+        return
+    check(nodes, {"x": x}, **model_args)
+
+
+def test_conv1d_and_3d_strided_dynamic():
+    check([node("Conv", ["x", "w"], strides=[2], pads=[1, 0])], {"x": rand(2, 3, 9, dtype=F32)},
+          consts={"w": rand(2, 3, 3, dtype=F32)}, dynamic={"x": ["N", 3, "L"]})
+    check([node("Conv", ["x", "w"], strides=[2, 1, 2])], {"x": rand(1, 2, 5, 3, 4, dtype=F32)},
+          consts={"w": rand(2, 2, 2, 2, 3, dtype=F32)}, dynamic={"x": ["N", 2, "D", "H", "W"]})
+
+
+# -- pooling --------------------------------------------------------------------------------------------
+POOLS = {
+    "plain": dict(kernel_shape=[2, 2]),
+    "strided_padded": dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 1, 1]),
+    "ceil": dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 0, 0], ceil_mode=1),
+    "dilated": dict(kernel_shape=[2, 2], strides=[1, 2], dilations=[2, 1], pads=[0, 1, 1, 0]),
+    "same_upper": dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_UPPER"),
+    "same_lower": dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_LOWER"),
+    "overlapping": dict(kernel_shape=[3, 3], strides=[1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(POOLS))
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_average_pool(case, count_include_pad, dynamic):
+    check([node("AveragePool", ["x"], count_include_pad=count_include_pad, **POOLS[case])],
+          {"x": rand(2, 2, 7, 6, dtype=F32)}, opset=19, dynamic={"x": ["N", 2, "H", "W"]} if dynamic else None)
+
+
+@pytest.mark.parametrize("case", list(POOLS))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_max_pool(case, dynamic):
+    x = RNG.permutation(2 * 2 * 7 * 6).reshape(2, 2, 7, 6).astype(F64) / 10  # no ties
+    check([node("MaxPool", ["x"], storage_order=0, **POOLS[case])], {"x": x}, step=1e-3,
+          dynamic={"x": ["N", 2, "H", "W"]} if dynamic else None)
+
+
+def test_max_pool_with_indices_output_and_column_major():
+    x = RNG.permutation(60).reshape(1, 3, 4, 5).astype(F64) / 10
+    check([node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2], storage_order=1)], {"x": x}, step=1e-3)
+
+
+def test_pools_1d_3d():
+    check([node("AveragePool", ["x"], kernel_shape=[3], strides=[2], pads=[1, 1])], {"x": rand(2, 3, 8, dtype=F32)})
+    check([node("AveragePool", ["x"], kernel_shape=[2, 2, 3], strides=[2, 1, 2])], {"x": rand(1, 2, 4, 3, 5, dtype=F32)})
+    x = RNG.permutation(120).reshape(1, 2, 4, 3, 5).astype(F64)
+    check([node("MaxPool", ["x"], kernel_shape=[2, 2, 3], strides=[2, 1, 2])], {"x": x}, step=1e-3)
+
+
+@pytest.mark.parametrize("op", ["GlobalAveragePool", "GlobalMaxPool"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_global_pools(op, dynamic):
+    x = (RNG.permutation(2 * 3 * 4 * 5).reshape(2, 3, 4, 5) / 10).astype(F32)
+    check([node(op, ["x"])], {"x": x}, dynamic={"x": ["N", "C", "H", "W"]} if dynamic else None)
+
+
+def test_global_max_pool_ties_go_to_the_first_as_torch():
+    torch = pytest.importorskip("torch")
+    x = np.array([[[[1.0, 3.0], [3.0, 0.0]]]], F32)
+    model = make_model([node("GlobalMaxPool", ["x"])], {"x": x})
+    converted = lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True)
+    got = _session(converted).run(["lrp_relevance"], {"x": x, "lrp_seed": np.ones((1, 1, 1, 1), F32)})[0]
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.adaptive_max_pool2d(tx, 1).sum().backward()
+    assert np.allclose(got, x * tx.grad.numpy())
