@@ -106,9 +106,12 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return _infer_shapes(model)
 
 
-def _has_negative_slice_step(model: onnx.ModelProto) -> bool:
+def _symbolic_inference_unreliable(model: onnx.ModelProto) -> bool:
     """onnxruntime's symbolic inference gets the length of a Slice with a negative step wrong (x[::-1]
-    of length 8 comes out as 7): such graphs take onnx's inference."""
+    of length 8 comes out as 7) and the rank of a Resize with an `axes` attribute: such graphs take
+    onnx's inference."""
+    if any(n.op_type == "Resize" and any(a.name == "axes" for a in n.attribute) for n in model.graph.node):
+        return True
     consts = {i.name: i for i in model.graph.initializer}
     consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
@@ -123,8 +126,8 @@ def _has_negative_slice_step(model: onnx.ModelProto) -> bool:
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
-        if _has_negative_slice_step(model):
-            raise ValueError("negative Slice steps")
+        if _symbolic_inference_unreliable(model):
+            raise ValueError("onnx's shape inference instead")
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
         if inferred is not None:

@@ -84,8 +84,11 @@ def rand(*shape, dtype=F64, low=-2.0, high=2.0):
     return RNG.uniform(low, high, size=shape).astype(dtype)
 
 
+_NAMES = iter(range(10 ** 9))
+
+
 def node(op, inputs, outputs=("y",), **attrs):
-    return helper.make_node(op, list(inputs), list(outputs), name=f"n_{op}", **attrs)
+    return helper.make_node(op, list(inputs), list(outputs), name=f"n{next(_NAMES)}_{op}", **attrs)
 
 
 # -- elementwise functions of one tensor ------------------------------------------------------------
@@ -492,3 +495,71 @@ def test_global_max_pool_ties_go_to_the_first_as_torch():
     tx = torch.tensor(x, requires_grad=True)
     torch.nn.functional.adaptive_max_pool2d(tx, 1).sum().backward()
     assert np.allclose(got, x * tx.grad.numpy())
+
+
+# -- Resize ---------------------------------------------------------------------------------------------
+CTMS = ["half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_crop_and_resize"]
+ROI = np.array([0, 0, 0.1, 0.2, 1, 1, 0.8, 0.9], F32)
+
+
+def _resize_check(attrs, scales=None, sizes=None, x=None, dynamic=None, axes_roi=None, opset=19):
+    x = rand(1, 2, 4, 5, dtype=F32) if x is None else x.astype(F32)  # no double Resize in onnxruntime
+    consts = {"roi": ROI if axes_roi is None else axes_roi}
+    inputs = ["x", "roi" if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize" else ""]
+    if scales is not None:
+        consts["sc"] = np.asarray(scales, F32)
+        inputs.append("sc")
+    else:
+        consts["sz"] = np.asarray(sizes, np.int64)
+        inputs += ["", "sz"]
+    check([node("Resize", inputs, **attrs)], {"x": x}, consts=consts, opset=opset, dynamic=dynamic)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+@pytest.mark.parametrize("ctm", CTMS)
+@pytest.mark.parametrize("scales", [[1, 1, 1.6, 2.0], [1, 1, 0.6, 0.7]], ids=["up", "down"])
+def test_resize_modes(mode, ctm, scales):
+    _resize_check({"mode": mode, "coordinate_transformation_mode": ctm}, scales=scales)
+
+
+@pytest.mark.parametrize("nearest_mode", ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"])
+@pytest.mark.parametrize("ctm", ["half_pixel", "asymmetric", "align_corners"])
+def test_resize_nearest_modes(nearest_mode, ctm):
+    _resize_check({"mode": "nearest", "nearest_mode": nearest_mode, "coordinate_transformation_mode": ctm},
+                  scales=[1, 1, 1.5, 2.5])
+
+
+@pytest.mark.parametrize("exclude_outside", [0, 1])
+@pytest.mark.parametrize("a", [-0.75, -0.5])
+def test_resize_cubic_options(exclude_outside, a):
+    _resize_check({"mode": "cubic", "cubic_coeff_a": a, "exclude_outside": exclude_outside}, scales=[1, 1, 1.7, 0.8])
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_resize_antialias(mode):
+    _resize_check({"mode": mode, "antialias": 1}, sizes=[1, 2, 3, 2], x=rand(1, 2, 7, 6))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_resize_sizes(mode, dynamic):
+    _resize_check({"mode": mode}, sizes=[1, 2, 7, 3], dynamic={"x": ["N", "C", "H", "W"]} if dynamic else None)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_dynamic_scales_from_shape(mode):
+    """Sizes computed in the graph (as torch exports interpolate(size=other.shape[2:]))."""
+    x, other = rand(1, 2, 3, 4, dtype=F32), rand(1, 1, 5, 7, dtype=F32)
+    nodes = [node("Shape", ["other"], ["osh"]), node("Slice", ["osh", "two", "four"], ["hw"]),
+             node("Shape", ["x"], ["xsh"]), node("Slice", ["xsh", "zero", "two"], ["nc"]),
+             node("Concat", ["nc", "hw"], ["sz"], axis=0), node("Resize", ["x", "", "", "sz"], mode=mode)]
+    check(nodes, {"x": x, "other": other}, consts={"two": np.array([2]), "four": np.array([4]), "zero": np.array([0])},
+          dynamic={"x": ["N", "C", "H", "W"], "other": ["N", 1, "H2", "W2"]})
+
+
+def test_resize_axes_attribute_and_other_ranks():
+    _resize_check({"mode": "linear", "axes": [3, 2]}, scales=[2.0, 1.5], opset=19)
+    _resize_check({"mode": "nearest"}, scales=[1, 2.0, 1.5], x=rand(2, 3, 4))
+    _resize_check({"mode": "linear"}, scales=[1, 1, 1.5, 2.0, 0.5], x=rand(1, 1, 3, 2, 4))
+    _resize_check({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize", "axes": [2, 3],
+                   "extrapolation_value": 3.0}, scales=[1.5, 2.0], axes_roi=np.array([-0.2, 0.1, 1.1, 0.7], F32))
