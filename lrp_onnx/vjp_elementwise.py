@@ -217,3 +217,32 @@ def _pow(b, node, gy, wants):
         out[1] = b.unbroadcast(gp, p)
     return out
 
+
+
+_unary(["Shrink"], lambda b, n, x, y: _where(
+    b, b.op("Greater", [b.op("Abs", [x], like=x), _c(b, attr(n, "lambd", 0.5), x)]), _c(b, 1.0, x), _c(b, 0.0, x), x))
+
+
+def _swish_local(b, node, x, y):
+    """y = x sigmoid(alpha x): sigmoid(alpha x) (1 + alpha x (1 - sigmoid(alpha x)))."""
+    alpha = attr(node, "alpha", 1.0)
+    ax = b.mul(x, _c(b, alpha, x), like=x)
+    s = b.op("Sigmoid", [ax], like=x)
+    return b.mul(s, b.add(_c(b, 1.0, x), b.mul(ax, _sub(b, _c(b, 1.0, x), s, x), like=x), like=x), like=x)
+
+
+_unary(["Swish"], _swish_local)
+
+
+@register("Hardmax")
+def _hardmax(b, node, gy, wants):
+    """A one-hot of the arg-max: piecewise constant, zero gradient."""
+    return [b.zeros_like(node.input[0])]
+
+
+@register("Trilu")
+def _trilu(b, node, gy, wants):
+    """A mask: the gradient is masked the same way."""
+    out = [None] * len(node.input)
+    out[0] = b.op("Trilu", [gy[0]] + list(node.input[1:]), upper=attr(node, "upper", 1), like=node.input[0])
+    return out

@@ -139,6 +139,25 @@ register("ReduceL1")(_reduce_vjp(lambda b, n, x, y, axes, g: b.op("Sign", [x], l
 register("ReduceSumSquare")(_reduce_vjp(lambda b, n, x, y, axes, g: b.mul(x, b.scalar_like(2.0, x), like=x)))
 
 
+def _prod_local(b, node, x, y, axes, g):
+    """The product of the other elements, exact with zeros: y / x where the group has no zero; at the
+    single zero of a group with one, the product of the rest; zero where a group has two or more."""
+    dt = b.view.dtype(x)
+    zero, one = b.scalar_like(0.0, x), b.scalar_like(1.0, x)
+    is_zero = b.op("Equal", [x, zero])
+    safe = b.op("Where", [is_zero, one, x], like=x)
+    ax = b.ints(axes)
+    zeros = b.op("ReduceSum", [b.op("Cast", [is_zero], to=dt, like=x), ax], keepdims=1, dtype=dt, shape=b.view.shape(y))
+    rest = b.op("ReduceProd", [safe, ax], keepdims=1, dtype=dt, shape=b.view.shape(y))
+    no_zero = b.op("Div", [rest, safe], like=x)
+    single = b.op("Where", [is_zero, rest, zero], like=x)
+    count = b.op("Where", [b.op("Equal", [zeros, one]), single, zero], like=x)
+    return b.op("Where", [b.op("Equal", [zeros, zero]), no_zero, count], like=x)
+
+
+register("ReduceProd")(_reduce_vjp(_prod_local))
+
+
 def _l2_local(b, node, x, y, axes, g):
     """x / ||x||, defined as 0 where ||x|| = 0 (PyTorch's norm backward)."""
     zero = b.scalar_like(0.0, x)
@@ -244,6 +263,25 @@ def _group_norm(b, node, gy, wants, constant_std):
     return [b.reshape_like(gx, x)] + [None] * (len(node.input) - 1)
 
 
+@register_norm("LpNormalization")
+def _lp_normalization(b, node, gy, wants, constant_std):
+    """y = x / ||x||_p along `axis` (p = 1 or 2). With constant_std the norm is held constant: g / ||x||."""
+    x, y = node.input[0], node.output[0]
+    p = attr(node, "p", 2)
+    if p not in (1, 2):
+        raise NotImplementedError(f"LpNormalization with p={p}")
+    axis = attr(node, "axis", -1)
+    g = _g(gy)
+    ax = b.ints([axis])
+    op = "ReduceL2" if p == 2 else "ReduceL1"
+    norm = b.op(op, [x, ax], keepdims=1, like=x) if b.opset >= 18 else b.op(op, [x], axes=[axis], keepdims=1, like=x)
+    if constant_std:
+        return [b.op("Div", [g, norm], like=x)]
+    direction = y if p == 2 else b.op("Sign", [x], like=x)  # d||x|| / dx
+    gy_sum = b.op("ReduceSum", [b.mul(g, y, like=x), ax], keepdims=1, like=x)
+    return [b.op("Div", [b.op("Sub", [g, b.mul(direction, gy_sum, like=x)], like=x), norm], like=x)]
+
+
 # -- pooling --------------------------------------------------------------------------------------
 def _spatial(b, node) -> int:
     r = b.view.rank(node.input[0])
@@ -309,13 +347,37 @@ def _axis_matrix_pool(b, node, x, axis_k, n):
     dil = attr(node, "dilations")
     if dil is not None:
         one_d["dilations"] = [dil[axis_k]]
-    for name in ("ceil_mode", "count_include_pad", "auto_pad"):
+    for name in ("ceil_mode", "count_include_pad", "auto_pad") if node.op_type == "AveragePool" else \
+            ("ceil_mode", "auto_pad"):
         v = attr(node, name)
         if v is not None:
             one_d[name] = v
     signals = b.op("Unsqueeze", [_eye(b, n, x), b.ints([1])], dtype=dt, shape=[None, 1, None])
     pooled = b.op("AveragePool", [signals], dtype=dt, shape=[None, 1, None], **one_d)
     return b.op("Squeeze", [pooled, b.ints([1])], dtype=dt, shape=[None, None])
+
+
+@register("LpPool")
+def _lp_pool(b, node, gy, wants):
+    """y = (sum over the window of |x|^p)^(1/p): gx = sign(x) |x|^(p-1) Sᵀ(g y^(1-p)), S the 0/1 window
+    matrix of each axis (where the AveragePool with the same geometry has non-zero weight); zero where
+    y = 0."""
+    if attr(node, "dilations") is not None and b.opset < 19:
+        raise NotImplementedError("LpPool with dilations below opset 19")
+    x, y = node.input[0], node.output[0]
+    p = float(attr(node, "p", 2))
+    zero = b.scalar_like(0.0, x)
+    inner = b.mul(_g(gy), b.op("Pow", [y, b.scalar_like(1.0 - p, y)], like=y), like=y)
+    g = b.op("Where", [b.op("Equal", [y, zero]), zero, inner], like=y)
+    for k in range(_spatial(b, node)):
+        axis = 2 + k
+        a_t = _axis_matrix_pool(b, node, x, k, _dim(b, x, axis))
+        window = b.op("Cast", [b.op("Greater", [a_t, zero])], to=b.view.dtype(x), dtype=b.view.dtype(x),
+                      shape=[None, None])
+        g = contract_axis(b, g, axis, window, x)
+    local = b.mul(b.op("Sign", [x], like=x), b.op("Pow", [b.op("Abs", [x], like=x), b.scalar_like(p - 1.0, x)],
+                                                  like=x), like=x)
+    return [b.mul(_finish(b, g, x), local, like=x)]
 
 
 @register("AveragePool")

@@ -563,3 +563,56 @@ def test_resize_axes_attribute_and_other_ranks():
     _resize_check({"mode": "linear"}, scales=[1, 1, 1.5, 2.0, 0.5], x=rand(1, 1, 3, 2, 4))
     _resize_check({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize", "axes": [2, 3],
                    "extrapolation_value": 3.0}, scales=[1.5, 2.0], axes_roi=np.array([-0.2, 0.1, 1.1, 0.7], F32))
+
+
+# -- more ops exporters emit ----------------------------------------------------------------------------
+def test_shrink_hardmax_trilu():
+    check([node("Shrink", ["x"], lambd=0.4, bias=0.1)], {"x": rand(3, 4, dtype=F32)})
+    check([node("Hardmax", ["x"], ["h"]), node("Mul", ["h", "x"])], {"x": rand(3, 4, dtype=F32)})
+    check([node("Trilu", ["x", "k"], upper=0)], {"x": rand(2, 4, 5)}, consts={"k": np.array(1)})
+    check([node("Trilu", ["x"])], {"x": rand(4, 3)})
+
+
+def test_swish():
+    try:
+        check([node("Swish", ["x"], alpha=0.8)], {"x": rand(3, 4, dtype=F32)}, opset=24)
+    except ort.capi.onnxruntime_pybind11_state.NotImplemented:
+        pytest.skip("onnxruntime has no Swish kernel")
+
+
+@pytest.mark.parametrize("zeros", [0, 1, 2])
+def test_reduce_prod_exact_with_zeros(zeros):
+    x = rand(2, 3, 4)
+    if zeros:
+        x[0, 1, :zeros] = 0.0  # FD across a zero is still exact: the product is linear in each element
+        x[1, 2, 3] = 0.0
+    check([node("ReduceProd", ["x", "ax"], keepdims=0)], {"x": x}, consts={"ax": np.array([2])})
+
+
+@pytest.mark.parametrize("case", ["plain", "strided_padded", "ceil", "p1"])
+def test_lp_pool(case):
+    attrs = {"plain": dict(kernel_shape=[2, 2]), "strided_padded": dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 1, 1]),
+             "ceil": dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), "p1": dict(kernel_shape=[2, 3], p=1)}[case]
+    x = rand(1, 2, 5, 6, dtype=F32)
+    x = np.where(np.abs(x) < 0.1, 0.3, x).astype(F32)
+    check([node("LpPool", ["x"], **attrs)], {"x": x}, opset=18, step=1e-3)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_lp_normalization(p):
+    x = rand(2, 3, 4)
+    x = np.where(np.abs(x) < 0.05, 0.3, x)
+    check([node("LpNormalization", ["x"], axis=1, p=p)], {"x": x})
+
+
+def test_lp_normalization_constant_std_holds_the_norm():
+    torch = pytest.importorskip("torch")
+    x = rand(2, 5)
+    model = make_model([node("LpNormalization", ["x"], axis=-1, p=2)], {"x": x})
+    converted = lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True,
+                                 overrides={"LpNormalization": "constant_std"})
+    seed = RNG.standard_normal(x.shape)
+    got = _session(converted).run(["lrp_relevance"], {"x": x, "lrp_seed": seed})[0]
+    tx = torch.tensor(x, requires_grad=True)
+    ((tx / tx.norm(dim=-1, keepdim=True).detach()) * torch.tensor(seed)).sum().backward()
+    assert np.allclose(got, x * tx.grad.numpy())
