@@ -9,7 +9,6 @@ ThresholdedRelu: x > alpha, HardSigmoid: alpha inside the open interval, HardSwi
 (as torch.maximum / torch.minimum do); Sign/Floor/Ceil/Round: zero gradient."""
 from __future__ import annotations
 
-from .builder import Builder
 from .graph import attr
 from .vjp_registry import register
 
@@ -92,7 +91,8 @@ def _positive(b, x):
     return b.op("Greater", [x, _c(b, 0.0, x)])
 
 
-_unary(["LeakyRelu"], lambda b, n, x, y: _where(b, _positive(b, x), _c(b, 1.0, x), _c(b, attr(n, "alpha", 0.01), x), x))
+_unary(["LeakyRelu"], lambda b, n, x, y: _where(b, _positive(b, x), _c(b, 1.0, x),
+                                                _c(b, attr(n, "alpha", 0.01), x), x))
 # Elu: alpha (exp(x) - 1) for x <= 0, derivative alpha exp(x) = y + alpha
 _unary(["Elu"], lambda b, n, x, y: _where(b, _positive(b, x), _c(b, 1.0, x), b.add(y, _c(b, attr(n, "alpha", 1.0), x)), x))
 _unary(["ThresholdedRelu"], lambda b, n, x, y: _where(

@@ -5,10 +5,9 @@ runs double (tolerance 1e-6), else float32 (1e-3 relative)."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import lrp_onnx
 from lrp_onnx.errors import LRPError
@@ -591,7 +590,8 @@ def test_reduce_prod_exact_with_zeros(zeros):
 
 @pytest.mark.parametrize("case", ["plain", "strided_padded", "ceil", "p1"])
 def test_lp_pool(case):
-    attrs = {"plain": dict(kernel_shape=[2, 2]), "strided_padded": dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 1, 1]),
+    attrs = {"plain": dict(kernel_shape=[2, 2]),
+             "strided_padded": dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 1, 1]),
              "ceil": dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), "p1": dict(kernel_shape=[2, 3], p=1)}[case]
     x = rand(1, 2, 5, 6, dtype=F32)
     x = np.where(np.abs(x) < 0.1, 0.3, x).astype(F32)
@@ -616,3 +616,14 @@ def test_lp_normalization_constant_std_holds_the_norm():
     tx = torch.tensor(x, requires_grad=True)
     ((tx / tx.norm(dim=-1, keepdim=True).detach()) * torch.tensor(seed)).sum().backward()
     assert np.allclose(got, x * tx.grad.numpy())
+
+
+def test_refusals_name_the_reason():
+    x = rand(1, 2, 4, 5, dtype=F32)
+    resize = make_model([node("Resize", ["x", "", "", "sz"], mode="linear", keep_aspect_ratio_policy="not_larger")],
+                        {"x": x}, consts={"sz": np.array([1, 2, 7, 3])}, opset=19)
+    with pytest.raises(LRPError, match="keep_aspect_ratio_policy=not_larger"):
+        lrp_onnx.convert(resize, rules="gradient", source="x", seed_input=True)
+    conv = make_model([node("Conv", ["x", "w"])], {"x": x, "w": rand(3, 2, 1, 1, dtype=F32)})
+    with pytest.raises(LRPError, match="relevance-carrying weight"):
+        lrp_onnx.convert(conv, rules="gradient", source=["x", "w"], seed_input=True)
