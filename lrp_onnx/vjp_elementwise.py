@@ -211,6 +211,10 @@ def _pow(b, node, gy, wants):
     if wants[1]:
         y = node.output[0]
         local = b.mul(y, b.op("Log", [x], like=x), like=y)
+        p_x = b.cast_like(p, x) if b.view.dtype(p) != b.view.dtype(x) else p
+        zero = _c(b, 0.0, y)
+        at_zero = b.op("And", [b.op("Equal", [x, _c(b, 0.0, x)]), b.op("GreaterOrEqual", [p_x, _c(b, 0.0, x)])])
+        local = _where(b, at_zero, zero, local, y)  # 0^p ln 0 taken as 0 (PyTorch's choice)
         gp = b.mul(g, local, like=g)
         if b.view.dtype(p) != b.view.dtype(y):
             gp = b.op("Cast", [gp], to=b.view.dtype(p), dtype=b.view.dtype(p), shape=b.view.shape(g))

@@ -627,3 +627,14 @@ def test_refusals_name_the_reason():
     conv = make_model([node("Conv", ["x", "w"])], {"x": x, "w": rand(3, 2, 1, 1, dtype=F32)})
     with pytest.raises(LRPError, match="relevance-carrying weight"):
         lrp_onnx.convert(conv, rules="gradient", source=["x", "w"], seed_input=True)
+
+
+def test_pow_exponent_gradient_at_zero_base_is_zero_as_torch():
+    torch = pytest.importorskip("torch")
+    x, p = np.array([0.0, 2.0, 0.0]), np.array([1.5, 0.5, 2.0])
+    model = make_model([node("Pow", ["x", "p"])], {"x": x, "p": p})
+    converted = lrp_onnx.convert(model, rules="gradient", source=["x", "p"], seed_input=True)
+    got = _session(converted).run(["lrp_relevance_1"], {"x": x, "p": p, "lrp_seed": np.ones(3)})[0]
+    tx, tp = torch.tensor(x), torch.tensor(p, requires_grad=True)
+    torch.pow(tx, tp).sum().backward()
+    assert np.allclose(got, p * tp.grad.numpy()) and np.all(np.isfinite(got))
