@@ -698,3 +698,59 @@ def _conv_transpose(b, node, gy, wants):
         r = b.view.rank(g)
         out[2] = b.reduce_sum(g, [0] + list(range(2, r)), keepdims=0)
     return out
+
+
+# -- DFT ------------------------------------------------------------------------------------------
+@register("DFT")
+def _dft(b, node, gy, wants):
+    """y = F x along the signal axis (complex numbers as a trailing [re, im] axis; a real input has a
+    trailing axis of 1), x zero-padded or truncated to dft_length, onesided: the first L//2 + 1
+    frequencies only. The adjoint of the unnormalized forward transform is L times the inverse one
+    (F is symmetric, F^H = conj(F)); of the inverse transform (1/L conj(F)), 1/L times the forward one.
+    For the loss sum(g * y) the gradient at (x_re, x_im) is (Re, Im) of F^H g; a real input keeps Re."""
+    x = node.input[0]
+    inputs = list(node.input) + [""] * (3 - len(node.input))
+    length_in = inputs[1]
+    r = b.view.rank(x)
+    if r is None:
+        raise NotImplementedError("DFT on an input of unknown rank")
+    if b.opset >= 20:
+        axis = -2
+        if inputs[2]:
+            v = b.view.value(inputs[2])
+            if v is None:
+                raise NotImplementedError("DFT with an axis computed at run time")
+            axis = int(np.asarray(v).reshape(-1)[0])
+    else:
+        axis = attr(node, "axis", 1)
+    axis %= r
+    inverse, onesided = attr(node, "inverse", 0), attr(node, "onesided", 0)
+    if inverse and onesided:
+        raise NotImplementedError("DFT with inverse=1 and onesided=1")
+    dt = b.view.dtype(x)
+    g = _g(gy)
+
+    def end_pad(t, amount):
+        """Pad (or, negative, crop) t at the end of `axis` by an int64 [1] amount."""
+        pads = b.op("Concat", [b.ints([0] * (r + axis)), amount, b.ints([0] * (r - axis - 1))], axis=0)
+        return b.op("Pad", [t, pads], mode="constant", dtype=dt, shape=[None] * r)
+
+    n = _dim(b, x, axis)
+    length = n
+    if length_in:
+        length = b.op("Reshape", [b.op("Cast", [length_in], to=INT64), b.ints([1])], dtype=INT64, shape=[1])
+    if onesided:
+        g = end_pad(g, b.op("Sub", [length, _dim(b, g, axis)]))
+    axis_args = {"axis": axis} if b.opset < 20 else {}
+    extra = [length_in if length_in else "", b.ints(axis)] if b.opset >= 20 else ([length_in] if length_in else [])
+    adjoint = b.op("DFT", [g] + extra, inverse=1 - inverse, onesided=0, dtype=dt, shape=[None] * r, **axis_args)
+    scale = b.op("Cast", [length], to=dt)
+    adjoint = b.op("Div" if inverse else "Mul", [adjoint, scale], dtype=dt, shape=[None] * r)
+    if length_in:
+        adjoint = end_pad(adjoint, b.op("Sub", [n, length]))
+    x_shape = b.view.shape(x)
+    if x_shape is not None and x_shape[-1] == 1:
+        adjoint = b.op("Slice", [adjoint, b.ints([0]), b.ints([1]), b.ints([r - 1])], dtype=dt, shape=[None] * r)
+    elif x_shape is None or x_shape[-1] != 2:
+        raise NotImplementedError("DFT whose input's trailing (complex) axis is not of static size 1 or 2")
+    return [_finish(b, adjoint, x)] + [None] * (len(node.input) - 1)

@@ -638,3 +638,33 @@ def test_pow_exponent_gradient_at_zero_base_is_zero_as_torch():
     tx, tp = torch.tensor(x), torch.tensor(p, requires_grad=True)
     torch.pow(tx, tp).sum().backward()
     assert np.allclose(got, p * tp.grad.numpy()) and np.all(np.isfinite(got))
+
+
+DFTS = {
+    "complex": dict(shape=(2, 6, 2)),
+    "real": dict(shape=(2, 6, 1)),
+    "real_onesided": dict(shape=(2, 6, 1), onesided=1),
+    "inverse": dict(shape=(2, 5, 2), inverse=1),
+    "longer": dict(shape=(2, 5, 1), length=8),
+    "shorter_onesided": dict(shape=(2, 7, 1), length=5, onesided=1),
+}
+
+
+@pytest.mark.parametrize("case", list(DFTS))
+@pytest.mark.parametrize("opset", [17, 20])
+def test_dft(case, opset):
+    """FNet-style Fourier mixing: DFT is linear; its adjoint is a scaled inverse DFT."""
+    cfg = DFTS[case]
+    x = rand(*cfg["shape"], dtype=F32)
+    attrs = {k: cfg[k] for k in ("inverse", "onesided") if k in cfg}
+    consts = {}
+    inputs = ["x", ""]
+    if "length" in cfg:
+        consts["L"] = np.array(cfg["length"])
+        inputs[1] = "L"
+    if opset >= 20:
+        consts["ax"] = np.array(1)
+        inputs.append("ax")
+    else:
+        attrs["axis"] = 1
+    check([node("DFT", inputs, **attrs)], {"x": x}, consts=consts, opset=opset)
