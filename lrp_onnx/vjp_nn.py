@@ -282,6 +282,31 @@ def _lp_normalization(b, node, gy, wants, constant_std):
     return [b.op("Div", [b.op("Sub", [g, b.mul(direction, gy_sum, like=x)], like=x), norm], like=x)]
 
 
+@register_norm("MeanVarianceNormalization")
+def _mean_variance_normalization(b, node, gy, wants, constant_std):
+    """y = (x - mean) / (std + 1e-9) over `axes` (default [0, 2, 3]), std = sqrt(mean((x - mean)^2)), as
+    ONNX's function body writes it. With constant_std the std is held constant."""
+    x = node.input[0]
+    r = b.view.rank(x)
+    axes = [a % r for a in attr(node, "axes", [0, 2, 3])]
+    g = _g(gy)
+
+    def mean_over(t):
+        if b.opset >= 18:
+            return b.op("ReduceMean", [t, b.ints(axes)], keepdims=1, like=t)
+        return b.op("ReduceMean", [t], keepdims=1, axes=axes, like=t)
+
+    centred = b.op("Sub", [x, mean_over(x)], like=x)
+    std = b.op("Sqrt", [mean_over(b.mul(centred, centred))], like=x)
+    denom = b.add(std, b.scalar_like(1e-9, x), like=x)
+    inner = b.op("Div", [g, denom], like=x)
+    gx = b.op("Sub", [inner, mean_over(inner)], like=x)
+    if not constant_std:  # d std / dx = centred / (N std); the std's gradient is -sum(g c) / denom^2
+        g_std = b.op("Div", [mean_over(b.mul(g, centred, like=x)), b.mul(denom, denom, like=x)], like=x)
+        gx = b.op("Sub", [gx, b.mul(b.op("Div", [centred, std], like=x), g_std, like=x)], like=x)
+    return [gx]
+
+
 # -- pooling --------------------------------------------------------------------------------------
 def _spatial(b, node) -> int:
     r = b.view.rank(node.input[0])

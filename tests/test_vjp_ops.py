@@ -668,3 +668,9 @@ def test_dft(case, opset):
     else:
         attrs["axis"] = 1
     check([node("DFT", inputs, **attrs)], {"x": x}, consts=consts, opset=opset)
+
+
+@pytest.mark.parametrize("axes", [None, [1], [2, 3]])
+def test_mean_variance_normalization(axes):
+    attrs = {} if axes is None else {"axes": axes}
+    check([node("MeanVarianceNormalization", ["x"], **attrs)], {"x": rand(2, 3, 4, 2, dtype=F32)}, step=1e-3)
