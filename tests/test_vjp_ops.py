@@ -4,6 +4,8 @@ finite differences of the ORIGINAL graph, both run in onnxruntime. float64 where
 runs double (tolerance 1e-6), else float32 (1e-3 relative)."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -77,6 +79,13 @@ def check(nodes, inputs, consts=None, sources=None, opset=18, dynamic=None, step
 
 
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_random_inputs(request):
+    """Each test draws the same inputs whatever else runs (no order-dependent kinks or ties)."""
+    global RNG
+    RNG = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def rand(*shape, dtype=F64, low=-2.0, high=2.0):
@@ -567,7 +576,8 @@ def test_resize_axes_attribute_and_other_ranks():
 # -- more ops exporters emit ----------------------------------------------------------------------------
 def test_shrink_hardmax_trilu():
     check([node("Shrink", ["x"], lambd=0.4, bias=0.1)], {"x": rand(3, 4, dtype=F32)})
-    check([node("Hardmax", ["x"], ["h"]), node("Mul", ["h", "x"])], {"x": rand(3, 4, dtype=F32)})
+    separated = (RNG.permutation(12).reshape(3, 4) / 4 - 1.4).astype(F32)  # FD steps never flip the arg-max
+    check([node("Hardmax", ["x"], ["h"]), node("Mul", ["h", "x"])], {"x": separated})
     check([node("Trilu", ["x", "k"], upper=0)], {"x": rand(2, 4, 5)}, consts={"k": np.array(1)})
     check([node("Trilu", ["x"])], {"x": rand(4, 3)})
 
