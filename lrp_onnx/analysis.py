@@ -17,7 +17,7 @@ from .patterns import ACTIVATION_OPS, Region
 # LRP's rule for them (a constant term absorbs its share, as a bias does).
 AFFINE_OPS = {"Identity", "Dropout", "Cast", "CastLike", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
               "Expand", "Concat", "Split", "Slice", "Gather", "GatherElements", "GatherND", "ScatterElements",
-              "ScatterND", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "Where", "Add", "Sub", "Neg", "Sum",
+              "ScatterND", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "Where", "Add", "Sub", "Neg", "Sum", "DFT",
               "Mean", "ReduceSum", "ReduceMean", "CumSum", "Resize", "Upsample", "AveragePool", "GlobalAveragePool",
               "BatchNormalization", "Conv", "ConvTranspose", "Compress", "ReverseSequence", "Trilu"}
 # Multilinear: linear in each operand. With one relevance-carrying operand a linear map; with two or
@@ -26,12 +26,14 @@ MULTILINEAR_OPS = {"Mul", "MatMul", "Gemm", "Einsum", "FusedMatMul"}
 PRODUCT_OPS = MULTILINEAR_OPS
 # Positively homogeneous of degree 1 and piecewise linear or a norm (max, min, top-k, max-pooling,
 # L1/L2 norms): Gradient x Input conserves exactly (Euler), so the plain gradient is the rule.
-HOMOGENEOUS_OPS = {"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK", "ReduceL1", "ReduceL2"}
+HOMOGENEOUS_OPS = {"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "TopK", "ReduceL1", "ReduceL2", "LpPool",
+                   "GlobalLpPool"}
 # Elementwise functions of one tensor (other inputs constant or not relevance-carrying): AttnLRP's
 # identity rule. Max/Min/Div/Pow are elementwise in each input; which inputs carry relevance decides.
 ELEMENTWISE_OPS = ACTIVATION_OPS | {
     "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh",
-    "Asinh", "Acosh", "Atanh", "Sign", "Floor", "Ceil", "Round", "Clip", "Pow", "Max", "Min", "Div", "Shrink"}
+    "Asinh", "Acosh", "Atanh", "Sign", "Floor", "Ceil", "Round", "Clip", "Pow", "Max", "Min", "Div", "Shrink",
+    "Swish"}
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization",
             "MeanVarianceNormalization"}

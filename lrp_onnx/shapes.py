@@ -137,6 +137,24 @@ def _quiet():
             lg.propagate = propagate
 
 
+def _symbolic_inference_unreliable(model: onnx.ModelProto) -> bool:
+    """onnxruntime's symbolic inference gets the length of a Slice with a negative step wrong (x[::-1]
+    of length 8 comes out as 7) and the rank of a Resize with an `axes` attribute: such graphs take
+    onnx's inference."""
+    if any(n.op_type == "Resize" and any(a.name == "axes" for a in n.attribute) for n in model.graph.node):
+        return True
+    consts = {i.name: i for i in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    for n in model.graph.node:
+        if n.op_type == "Slice" and len(n.input) > 4 and n.input[4]:
+            steps = consts.get(n.input[4])
+            if steps is None or steps.data_location == onnx.TensorProto.EXTERNAL \
+                    or (onnx.numpy_helper.to_array(steps) < 0).any():
+                return True
+    return False
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     with _quiet():
         inferred = _infer_shapes_loud(model)
@@ -172,6 +190,8 @@ def _reconcile_control_flow(model: onnx.ModelProto, inferred: onnx.ModelProto) -
 
 def _infer_shapes_loud(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
+        if _symbolic_inference_unreliable(model):
+            raise ValueError("onnx's shape inference instead")
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
         inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
         if inferred is not None:

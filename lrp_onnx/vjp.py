@@ -7,7 +7,6 @@ and change only the local Jacobians that AttnLRP modifies.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -15,21 +14,8 @@ import onnx
 
 from .builder import Builder
 from .graph import attr
-
-VJPS: dict = {}
-
-
-def register(*op_types: str, domain: str = ""):
-    def deco(fn):
-        for op in op_types:
-            VJPS[(domain, op)] = fn
-        return fn
-    return deco
-
-
-def lookup(node: onnx.NodeProto):
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
-    return VJPS.get((domain, node.op_type))
+from .vjp_nn import conv_geometry, conv_input_gradient, expand_reduced, normalize_vjp  # noqa: F401
+from .vjp_registry import NORM_VJPS, VJPS, lookup, register, register_norm  # noqa: F401 (re-exported)
 
 
 def _g(gy):
@@ -95,16 +81,14 @@ def _split(b, node, gy, wants):
 
 @register("Slice")
 def _slice(b, node, gy, wants):
-    """Pad the gradient back to the input's extent (steps of 1 only)."""
+    """Pad the gradient back to the input's extent (steps of 1), or scatter it to the positions the
+    slice took (any steps, negative too)."""
     x = node.input[0]
     r = b.view.rank(x)
     starts, ends = node.input[1], node.input[2]
     axes = node.input[3] if len(node.input) > 3 and node.input[3] else None
     steps = node.input[4] if len(node.input) > 4 and node.input[4] else None
-    if steps is not None:
-        sv = b.view.value(steps)
-        if sv is None or not np.all(sv == 1):
-            raise NotImplementedError("Slice with steps other than 1")
+    rest = [None] * (len(node.input) - 1)
     if axes is None:
         n = b.view.shape(starts)
         axes_v = np.arange(n[0] if n and isinstance(n[0], int) else r)
@@ -113,9 +97,13 @@ def _slice(b, node, gy, wants):
         if axes_v is None:
             raise NotImplementedError("Slice with runtime axes")
     axes_v = [int(a) % r for a in np.asarray(axes_v).reshape(-1)]
+    if steps is not None:
+        sv = b.view.value(steps)
+        if sv is None or not np.all(sv == 1):
+            return [_strided_slice_gradient(b, x, _g(gy), starts, ends, axes_v, steps)] + rest
     static = _static_slice_pads(b, x, starts, ends, axes_v)
     if static is not None:
-        return [b.op("Pad", [_g(gy), b.ints(static)], like=x)] + [None] * (len(node.input) - 1)
+        return [b.op("Pad", [_g(gy), b.ints(static)], like=x)] + rest
     shape = b.shape_of(x)
     dims = b.op("Gather", [shape, b.ints(axes_v)], axis=0)
     zero = b.ints([0])
@@ -131,7 +119,38 @@ def _slice(b, node, gy, wants):
     before = b.op("ScatterElements", [b.ints([0] * r), b.ints(axes_v), s], axis=0)
     after = b.op("ScatterElements", [b.ints([0] * r), b.ints(axes_v), b.op("Sub", [dims, e])], axis=0)
     pads = b.op("Concat", [before, after], axis=0)
-    return [b.op("Pad", [_g(gy), pads], like=x)] + [None] * (len(node.input) - 1)
+    return [b.op("Pad", [_g(gy), pads], like=x)] + rest
+
+
+def _strided_slice_gradient(b, x, g, starts, ends, axes, steps):
+    """Axis by axis: the positions along the axis that the slice took are Slice(Range(0, n)) with the
+    same start, end and step; scatter the gradient there into zeros of the input's extent."""
+    r = b.view.rank(x)
+    dt = b.view.dtype(x)
+    i64 = onnx.TensorProto.INT64
+    shape = list(b.view.shape(g) or [None] * r)
+    x_shape = b.view.shape(x) or [None] * r
+    for pos, axis in enumerate(axes):
+        n = b.op("Gather", [b.shape_of(x), b.ints([axis])], axis=0)
+        positions = b.op("Range", [b.ints(0), b.op("Squeeze", [n, b.ints([0])]), b.ints(1)])
+
+        def piece(t):
+            return b.op("Cast", [b.op("Gather", [t, b.ints([pos])], axis=0)], to=i64)
+
+        taken = b.op("Slice", [positions, piece(starts), piece(ends), b.ints([0]), piece(steps)],
+                     dtype=i64, shape=[None])
+        index_shape = [1] * r
+        index_shape[axis] = -1
+        index = b.op("Expand", [b.op("Reshape", [taken, b.ints(index_shape)]), b.shape_of(g)],
+                     dtype=i64, shape=list(shape))
+        g_shape = b.shape_of(g)
+        target = b.op("ScatterElements", [g_shape, b.ints([axis]), n], axis=0)
+        zero = onnx.helper.make_tensor("value", dt, [1], [0])
+        shape[axis] = x_shape[axis]
+        zeros = b.op("ConstantOfShape", [target], value=zero, dtype=dt, shape=list(shape))
+        g = b.op("ScatterElements", [zeros, index, g], axis=axis, dtype=dt, shape=list(shape))
+    b.view.info[g] = b.view.info.get(x)
+    return g
 
 
 def _static_slice_pads(b, x, starts, ends, axes):
@@ -155,14 +174,20 @@ def _gather(b, node, gy, wants):
     axis = attr(node, "axis", 0) % b.view.rank(data)
     g = _g(gy)
     idx_rank = b.view.rank(indices)
+    r = b.view.rank(data)
+    if idx_rank is None:
+        raise NotImplementedError("Gather on the relevance path with indices of unknown rank")
     if idx_rank == 0:
         g = b.op("Unsqueeze", [g, b.ints([axis])])
         idx = b.op("Reshape", [indices, b.ints([1])])
     elif idx_rank == 1:
         idx = indices
-    else:
-        raise NotImplementedError("Gather on the relevance path with indices of rank > 1")
-    r = b.view.rank(data)
+    else:  # the index axes of g are consecutive (at `axis`): flatten them into one
+        data_shape = b.shape_of(data)
+        flat_shape = b.op("Concat", [b.op("Slice", [data_shape, b.ints([0]), b.ints([axis])]), b.ints([-1]),
+                                     b.op("Slice", [data_shape, b.ints([axis + 1]), b.ints([r])])], axis=0)
+        g = b.op("Reshape", [g, flat_shape], dtype=b.view.dtype(g), shape=[None] * r)
+        idx = b.op("Reshape", [indices, b.ints([-1])])
     idx_shape = [1] * r
     idx_shape[axis] = -1
     idx = b.op("Expand", [b.op("Reshape", [idx, b.ints(idx_shape)]), b.shape_of(g)])
@@ -253,6 +278,7 @@ def _add(b, node, gy, wants):
 
 @register("Sum")
 def _sum(b, node, gy, wants):
+    """Variadic, broadcasting: each input gets the gradient summed down to its shape."""
     return _add(b, node, gy, wants)
 
 
@@ -289,21 +315,6 @@ def _div(b, node, gy, wants):
     if wants[1]:  # d(a/c)/dc = -(a/c)/c
         gc = b.unbroadcast(b.neg(b.mul(gdiv, node.output[0], like=g)), c)
     return [ga, gc]
-
-
-@register("Pow")
-def _pow(b, node, gy, wants):
-    x, p = node.input
-    g = _g(gy)
-    if wants[1]:
-        raise NotImplementedError("Pow with a relevance-carrying exponent")
-    pv = b.view.scalar(p)
-    if pv == 2:
-        local = b.mul(x, b.scalar_like(2.0, x), like=x)
-    else:
-        p_x = b.cast_like(p, x) if b.view.dtype(p) != b.view.dtype(x) else p
-        local = b.mul(p_x, b.op("Pow", [x, b.op("Sub", [p_x, b.scalar_like(1.0, x)])]), like=x)
-    return [b.unbroadcast(b.mul(g, local, like=g), x), None]
 
 
 @register("Sqrt")
@@ -384,43 +395,26 @@ def gelu_derivative(b: Builder, x: str, tanh_form: bool) -> str:
 
 
 # -- reductions and normalizations ----------------------------------------------------------------
-def _reduce_axes(b, node):
-    axes = attr(node, "axes")
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        v = b.view.value(node.input[1])
-        if v is None:
-            raise NotImplementedError(f"{node.op_type} with runtime axes")
-        axes = [int(a) for a in np.asarray(v).reshape(-1)]
-    r = b.view.rank(node.input[0])
-    if not axes:
-        return list(range(r))
-    return [a % r for a in axes]
-
-
-def _expand_reduced(b, node, g):
-    axes = _reduce_axes(b, node)
-    if not attr(node, "keepdims", 1):
-        g = b.op("Unsqueeze", [g, b.ints(axes)])
-    return b.op("Expand", [g, b.shape_of(node.input[0])], like=node.input[0]), axes
-
-
 @register("ReduceSum")
 def _reduce_sum(b, node, gy, wants):
-    g, _ = _expand_reduced(b, node, _g(gy))
+    g, _ = expand_reduced(b, node, _g(gy))
     return [g] + [None] * (len(node.input) - 1)
 
 
 @register("ReduceMean")
 def _reduce_mean(b, node, gy, wants):
-    g, axes = _expand_reduced(b, node, _g(gy))
+    g, axes = expand_reduced(b, node, _g(gy))
+    rest = [None] * (len(node.input) - 1)
+    if not axes:
+        return [g] + rest
     x = node.input[0]
     shape = b.view.shape(x)
     dims = [shape[a] for a in axes] if shape else [None]
     if all(isinstance(d, int) for d in dims):
-        return [b.scale(g, 1.0 / float(np.prod(dims)))] + [None] * (len(node.input) - 1)
+        return [b.scale(g, 1.0 / float(np.prod(dims)))] + rest
     count = b.op("ReduceProd", [b.op("Gather", [b.shape_of(x), b.ints(axes)], axis=0)], keepdims=0)
     count = b.op("Cast", [count], to=b.view.dtype(x))
-    return [b.op("Div", [g, count], like=x)] + [None] * (len(node.input) - 1)
+    return [b.op("Div", [g, count], like=x)] + rest
 
 
 @register("Softmax")
@@ -438,45 +432,6 @@ def _log_softmax(b, node, gy, wants):
     axis = attr(node, "axis", -1)
     s = b.op("ReduceSum", [_g(gy), b.ints([axis])], keepdims=1)
     return [b.op("Sub", [_g(gy), b.mul(b.op("Exp", [y], like=y), s)], like=y)]
-
-
-def normalize_vjp(b: Builder, x: str, scale: str, g: str, axis: int, eps: float, rms: bool,
-                  constant_std: bool) -> str:
-    """Gradient at x of y = norm(x) * scale (+ bias), normalizing over axes [axis, rank).
-
-    LayerNorm: norm(x) = (x - mean) * invstd; RMSNorm: norm(x) = x * invrms. With constant_std
-    (AttnLRP's norm rule) invstd / invrms is held constant: only the centring is differentiated."""
-    r = b.view.rank(x)
-    axes = list(range(axis % r, r))
-
-    def mean_over(t):
-        if b.opset >= 18:
-            return b.op("ReduceMean", [t, b.ints(axes)], keepdims=1, like=t)
-        return b.op("ReduceMean", [t], keepdims=1, axes=axes, like=t)
-
-    gs = b.unbroadcast(b.mul(g, scale, like=g), x) if b.view.rank(scale) == r else b.mul(g, scale, like=g)
-    centred = x if rms else b.op("Sub", [x, mean_over(x)], like=x)
-    var = mean_over(b.mul(centred, centred))
-    inv = b.op("Reciprocal", [b.op("Sqrt", [b.add(var, b.scalar_like(eps, x))], like=var)], like=var)
-    inner = gs if rms else b.op("Sub", [gs, mean_over(gs)], like=x)
-    if not constant_std:
-        xhat = b.mul(centred, inv, like=x)
-        inner = b.op("Sub", [inner, b.mul(xhat, mean_over(b.mul(gs, xhat, like=x)))], like=x)
-    return b.mul(inner, inv, like=x)
-
-
-NORM_VJPS: dict = {}  # op type -> fn(b, node, gy, wants, constant_std)
-
-
-def register_norm(*op_types: str):
-    """Register a norm's VJP both as its exact gradient and for the constant_std rule."""
-    def deco(fn):
-        for op in op_types:
-            NORM_VJPS[op] = fn
-            for domain in ("", "com.microsoft"):  # onnxruntime registers some of these in both
-                VJPS[(domain, op)] = functools.partial(fn, constant_std=False)
-        return fn
-    return deco
 
 
 @register_norm("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
@@ -605,54 +560,5 @@ def _einsum(b, node, gy, wants):
     return grads
 
 
-# -- convolution --------------------------------------------------------------------------------
-def conv_geometry(b: Builder, node) -> dict:
-    """Kernel, strides, pads, dilations and group of a Conv node, with explicit pads."""
-    x, w = node.input[0], node.input[1]
-    w_shape = b.view.shape(w)
-    spatial = (b.view.rank(x) or 0) - 2
-    if spatial < 1 or w_shape is None:
-        raise NotImplementedError("Conv with an input or weight of unknown rank")
-    kernel = list(attr(node, "kernel_shape", w_shape[2:]))
-    auto_pad = attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        raise NotImplementedError(f"Conv with auto_pad={auto_pad}; re-export with explicit pads")
-    return dict(kernel=kernel, strides=list(attr(node, "strides", [1] * spatial)),
-                pads=list(attr(node, "pads", [0] * 2 * spatial)) if auto_pad == "NOTSET" else [0] * 2 * spatial,
-                dilations=list(attr(node, "dilations", [1] * spatial)), group=attr(node, "group", 1))
-
-
-def conv_input_gradient(b: Builder, node, g: str, w: str) -> str:
-    """W^T g for y = Conv(x, w): ConvTranspose with the same weights, strides, pads, dilations and
-    group. output_padding restores the trailing input rows a stride skips, so the shape is x's."""
-    x = node.input[0]
-    geo = conv_geometry(b, node)
-    x_shape = b.view.shape(x)
-    output_padding = []
-    for i, (k, s, d) in enumerate(zip(geo["kernel"], geo["strides"], geo["dilations"])):
-        size = x_shape[2 + i] if x_shape is not None else None
-        if s == 1:
-            output_padding.append(0)
-        elif isinstance(size, int):
-            pad = geo["pads"][i] + geo["pads"][i + len(geo["kernel"])]
-            output_padding.append((size + pad - d * (k - 1) - 1) % s)
-        else:
-            raise NotImplementedError("strided Conv with a dynamic spatial size (the gradient's "
-                                      "output_padding needs the input size)")
-    return b.op("ConvTranspose", [g, w], like=x, kernel_shape=geo["kernel"], strides=geo["strides"],
-                pads=geo["pads"], dilations=geo["dilations"], group=geo["group"], output_padding=output_padding)
-
-
-@register("Conv")
-def _conv(b, node, gy, wants):
-    g = _g(gy)
-    out = [None] * len(node.input)
-    if wants[0]:
-        out[0] = conv_input_gradient(b, node, g, node.input[1])
-    if wants[1]:
-        raise NotImplementedError("Conv with a relevance-carrying weight")
-    if len(node.input) > 2 and wants[2]:  # bias [M]: sum over batch and spatial axes
-        r = b.view.rank(g)
-        out[2] = b.reduce_sum(g, [0] + list(range(2, r)), keepdims=0)
-    return out
+# The other VJP modules register on import (they import only vjp_registry, builder and graph).
+from . import vjp_elementwise  # noqa: E402,F401
