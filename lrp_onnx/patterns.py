@@ -15,7 +15,7 @@ from .graph import GraphView
 
 ACTIVATION_OPS = {"Gelu", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus",
                   "Softsign", "HardSigmoid", "HardSwish", "Mish", "Erf", "ThresholdedRelu", "PRelu",
-                  "FastGelu", "BiasGelu", "QuickGelu"}
+                  "FastGelu", "BiasGelu", "QuickGelu", "Swish"}
 # elementwise ops of the standard domain: one output element from the same element of each input
 UNARY_NONLINEAR = (ACTIVATION_OPS - {"FastGelu", "BiasGelu", "QuickGelu"}) | {
     "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh",
