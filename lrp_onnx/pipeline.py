@@ -337,9 +337,6 @@ def _rule_problem(view: GraphView, u: Unit) -> str | None:
     node = view.nodes[u.nodes[0]]
     if u.rule in ("gradient", "uniform") and lookup(node) is None:
         return f"{node_label(node)}: no gradient rule for this op"
-    if u.rule == "identity" and u.n_relevant_inputs != 1:
-        return (f"{node_label(node)}: the identity rule needs an elementwise function of one "
-                f"relevance-carrying tensor; this op has {u.n_relevant_inputs}")
     if u.rule == "constant_std" and node.op_type not in NORM_VJPS:
         return f"{node_label(node)}: rule constant_std applies to normalization ops only"
     return None

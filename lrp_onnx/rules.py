@@ -290,25 +290,16 @@ GAMMA_CATEGORIES = ("conv", "linear")
 
 
 # -- checks of a rule against the unit it was given (overrides included) -------------------------------
-ELEMENTWISE_UNARY_OPS = {"Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Sin", "Cos", "Identity", "Cast",
-                         "Softplus", "Softsign", "Erf", "Tanh", "Sigmoid", "Relu"}
-
-
 def rule_misfit(view, unit: Unit) -> str | None:
-    """Why `unit.rule` cannot apply to this unit, or None: identity needs an elementwise x -> f(x)
-    (an activation, or a one-input elementwise op; its bias for the fused forms)."""
-    from .patterns import ACTIVATION_OPS
-
-    if rule_base(unit.rule) != "identity":
+    """Why `unit.rule` cannot apply to this unit, or None: identity needs an elementwise function of
+    one relevance-carrying tensor (analysis.classify's `activation`, a single op or a region)."""
+    if rule_base(unit.rule) != "identity" or "activation" in unit.categories:
         return None
-    if unit.region is not None:
-        if unit.region.kind == "activation":
-            return None
-        return f"{unit.describe(view)}: rule identity applies to elementwise activations, not to a {unit.region.kind} region"
-    if unit.op_type in ACTIVATION_OPS or unit.op_type in ELEMENTWISE_UNARY_OPS:
-        return None
-    return (f"{unit.describe(view)}: rule identity applies to elementwise activations of one input "
-            f"(x -> f(x)), not to {unit.op_type}")
+    if unit.region is None and "affine" in unit.categories and len([t for t in unit.inputs if t]) == 1:
+        return None  # a unary linear op (Cast, Neg, Identity): f(x)/x is its gradient
+    what = f"a {unit.region.kind} region" if unit.region is not None else f"{unit.op_type} ({unit.categories[0]})"
+    return (f"{unit.describe(view)}: rule identity applies to elementwise functions of one relevance-carrying "
+            f"tensor (x -> f(x)), not to {what}")
 
 
 class UnmatchedOverride(LRPError, UserWarning):

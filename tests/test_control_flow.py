@@ -217,10 +217,10 @@ def test_constant_condition_is_inlined(cond):
 
 def test_unsupported_op_in_a_branch_is_refused_naming_the_if_and_the_node():
     with pytest.raises(lrp_onnx.UnsupportedOpsError) as info:
-        lrp_onnx.convert(if_graph(then_op="Hardmax"), rules="gradient")
+        lrp_onnx.convert(if_graph(then_op="Bernoulli"), rules="gradient")
     assert len(info.value.problems) == 1
     problem = info.value.problems[0]
-    assert problem.startswith("'branching' (ai.onnx::If)") and "'then_act' (ai.onnx::Hardmax)" in problem
+    assert problem.startswith("'branching' (ai.onnx::If)") and "'then_act' (ai.onnx::Bernoulli)" in problem
 
 
 def loop_graph():
@@ -283,7 +283,7 @@ def test_backward_tensor_names_do_not_leak_into_errors():
 # -- inspect and convert: one check path ------------------------------------------------------------
 def hardmax_graph():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
-             helper.make_node("Hardmax", ["h"], ["u"], name="strange"),
+             helper.make_node("Bernoulli", ["h"], ["u"], name="strange"),
              helper.make_node("MatMul", ["u", "w"], ["y"], name="head")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
@@ -298,7 +298,7 @@ def unreachable_graph():
     return model
 
 
-REFUSING = {"hardmax": (hardmax_graph, []), "if-branch": (lambda: if_graph(then_op="Hardmax"), []),
+REFUSING = {"hardmax": (hardmax_graph, []), "if-branch": (lambda: if_graph(then_op="Bernoulli"), []),
             "loop": (loop_graph, []), "unreachable": (unreachable_graph, []),
             "rank-unknown": (rank_changing_if_graph, ["--source", "x", "--seed-input"]),
             "unknown-latent": (lambda: if_graph(nested=True), ["--output", "y", "--latent", "nope"])}
@@ -426,7 +426,7 @@ def test_refusal_prints_only_its_error_line(tmp_path):
     inference talk ("Unable to determine if ... <= ..."); the refusal still prints one line."""
     nodes = [helper.make_node("Shape", ["m"], ["ms"]), helper.make_node("Gather", ["ms", "one"], ["n"], axis=0),
              helper.make_node("Slice", ["x", "zero", "n", "one"], ["xs"], name="cut"),
-             helper.make_node("Hardmax", ["xs"], ["y"], name="strange")]
+             helper.make_node("Bernoulli", ["xs"], ["y"], name="strange")]
     inits = [numpy_helper.from_array(np.array([1], np.int64), "one"),
              numpy_helper.from_array(np.array([0], np.int64), "zero")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "seq", 4]),

@@ -262,7 +262,7 @@ def test_batch_norm_training_mode_is_refused():
     consts = {"s": rand(c), "b": rand(c), "m": rand(c), "v": rand(c, low=0.5, high=2)}
     model = make_model([node("BatchNormalization", ["x", "s", "b", "m", "v"], training_mode=1)],
                        {"x": rand(2, c, 4)}, consts=consts, opset=15)
-    with pytest.raises(LRPError, match="training_mode=1"):
+    with pytest.raises(LRPError, match="(?i)training_mode"):
         lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True)
 
 

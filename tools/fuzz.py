@@ -478,7 +478,7 @@ VOCABULARY: dict[str, Step] = {
     "maxpool": Step(_pool("MaxPool")),
     "averagepool": Step(_pool("AveragePool"), double=False),
     "globalaveragepool": Step(_global_pool("GlobalAveragePool"), double=False),
-    "globalmaxpool": Step(_global_pool("GlobalMaxPool")),
+    "globalmaxpool": Step(_global_pool("GlobalMaxPool"), double=False),  # onnxruntime: no float64 kernel
     "resize": Step(_resize, double=False),
     "pad": Step(_pad),
     "tile": Step(_tile),
