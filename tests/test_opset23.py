@@ -17,6 +17,7 @@ from tests import handbuilt as hb
 from tests.conftest import explain_inputs, rel_l2, run_explainer
 
 RULES = ["gradient", "attnlrp", "cp-lrp"]
+FD_BOUND = 1e-5  # gradient mode (fp32) vs central differences of the written-out graph in float64
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,8 @@ def test_attention23_gives_written_out_relevance(case):
         expected, _ = hb.relevance(written, rules, feeds)
         assert np.isfinite(got.relevance).all()
         assert rel_l2(got.relevance, expected.relevance) <= 1e-5, rules
+        if rules == "gradient":  # independent of lrp_onnx: finite differences of the written-out graph
+            assert rel_l2(got.relevance, hb.finite_difference_relevance(written, feeds)) <= FD_BOUND
 
 
 # -- hand-built RotaryEmbedding (opset 23) ---------------------------------------------------------------
@@ -191,6 +194,8 @@ def test_rotary_embedding23_gives_written_out_relevance(case):
         np.testing.assert_allclose(forward, expected_forward, rtol=1e-4, atol=1e-5)
         expected, _ = hb.relevance(written, rules, feeds)
         assert rel_l2(got.relevance, expected.relevance) <= 1e-5, rules
+        if rules == "gradient":  # independent of lrp_onnx: finite differences of the written-out graph
+            assert rel_l2(got.relevance, hb.finite_difference_relevance(written, feeds)) <= FD_BOUND
 
 
 def test_attention23_with_kv_cache_is_refused_by_name():

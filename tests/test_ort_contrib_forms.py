@@ -13,6 +13,7 @@ from tests import handbuilt as hb
 from tests.conftest import rel_l2
 
 RULES = ["gradient", "attnlrp", "cp-lrp"]
+FD_BOUND = 1e-5  # gradient mode (fp32) vs central differences of the written-out graph in float64
 MS = "com.microsoft"
 HEADS, D = 4, 4
 MASK = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)  # row 1 right-padded
@@ -49,6 +50,9 @@ def _check(fused, written, feeds=FEEDS, rows=VALID, kernel=None):
         assert np.isfinite(got.relevance).all()
         errors[rules] = rel_l2(got.relevance, expected.relevance)
         assert errors[rules] <= 1e-5, (rules, errors)
+        if rules == "gradient":  # independent of lrp_onnx: finite differences of the written-out graph
+            errors["finite-differences"] = rel_l2(got.relevance, hb.finite_difference_relevance(written, feeds))
+            assert errors["finite-differences"] <= FD_BOUND, errors
     return errors
 
 
