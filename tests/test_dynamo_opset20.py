@@ -45,7 +45,7 @@ def test_opset20_relevance_equals_reference(family, rules, opset20_models, refer
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_sdpa_attention_export_equals_eager_export(family, tiny_model, converted, workdir):
+def test_sdpa_attention_export_equals_eager_export(family, tiny_model, converted, workdir, reference):
     """With transformers' SDPA attention the dynamo graph computes attention differently (masks as
     additive Where guards, scaling folded into the query); relevance equals the eager export's."""
     from models import tiny
@@ -60,6 +60,8 @@ def test_sdpa_attention_export_equals_eager_export(family, tiny_model, converted
         sdpa = run(lrp_onnx.Explainer.from_model(lrp_onnx.convert(path, rules=rules),
                                                  providers=["CPUExecutionProvider"]), family)
         eager = run(converted(family, "dynamo", rules), family)
-        assert rel_l2(sdpa.relevance, eager.relevance) <= 1e-4
+        assert rel_l2(sdpa.relevance, eager.relevance) <= 1e-5
+        # independent of lrp_onnx: torch.autograd / LXT 2.1 on the same weights
+        assert rel_l2(sdpa.relevance, reference(family, rules)["relevance"]) <= TOLERANCE[rules]
         np.testing.assert_allclose(sdpa.outputs["logits"], eager.outputs["logits"], rtol=1e-4, atol=1e-4)
     assert inputs["attention_mask"][1].sum() < inputs["attention_mask"].shape[1]  # the padded row is in it
