@@ -211,3 +211,26 @@ def written_rope(g, x, cos, sin, interleaved, rotary_dim, head_size, seq_axis_sh
     if r < head_size:
         out = g.op("Concat", out, x_pass, axis=-1)
     return out
+
+
+def relevance_path_nodes(model, source, output):
+    """Names of the nodes on a float path from tensor `source` to graph output `output`, from the graph
+    alone (onnx shape inference for the element types): reached from the source through float tensors,
+    and reaching the output."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output) + list(g.input)}
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    reached, forward = {source}, set()
+    for n in g.node:  # ONNX nodes are in topological order
+        if any(i in reached for i in n.input):
+            outs = [o for o in n.output if types.get(o) in floats]
+            if outs:
+                forward.add(n.name)
+                reached.update(outs)
+    needed, backward = {output}, set()
+    for n in reversed(g.node):
+        if any(o in needed for o in n.output):
+            backward.add(n.name)
+            needed.update(n.input)
+    return forward & backward
