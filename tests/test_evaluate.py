@@ -199,6 +199,11 @@ def test_morf_removes_most_relevant_first_and_abpc_is_the_area():
     np.testing.assert_array_equal(perturbation_curves(relevance, np.arange(1, 7), 7), own_scales(relevance, np.arange(1, 7), 7))
     curves = np.random.default_rng(5).standard_normal((2, 7))
     assert abpc(*curves) == pytest.approx(own_abpc(*curves), rel=1e-12)
+    # and so does the LXT side's separate implementation (tools/lxt_perturbation.py)
+    from tools.lxt_perturbation import area_between, removal_scales
+
+    np.testing.assert_array_equal(removal_scales(relevance, np.arange(1, 7), 7), own_scales(relevance, np.arange(1, 7), 7))
+    assert area_between(*curves) == pytest.approx(own_abpc(*curves), rel=1e-12)
 
 
 def test_similarity_task_explains_dot_product_with_reference(tiny_model, word_tokenizer, workdir):
