@@ -60,6 +60,7 @@ TOLERANCE = {"gradient": 1e-4, "attnlrp": 1e-3, "cp-lrp": 1e-3}  # relative L2 e
 
 # -- error measures, recorded per test with LRP_RECORD_ERRORS=1 -----------------------------------------
 RECORD = os.environ.get("LRP_RECORD_ERRORS") == "1"
+RECORD_FILE = os.environ.get("LRP_RECORD_FILE")  # also append every value there as it is measured
 SEEN = collections.defaultdict(dict)  # test id -> {measure: worst value seen}
 _CURRENT = {"test": None}
 
@@ -69,6 +70,9 @@ def _record(measure, value):
         seen = SEEN[_CURRENT["test"]]
         worst = max if measure == "rel_l2" else min
         seen[measure] = worst(seen.get(measure, value), value)
+        if RECORD_FILE:
+            with open(RECORD_FILE, "a") as f:
+                f.write(f"{_CURRENT['test']}\t{measure}\t{value:.3e}\n")
     return value
 
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx
-from tests.conftest import cosine, rel_l2  # noqa: F401  (one definition; kept importable from here)
+from tests.conftest import CPU, cosine, rel_l2  # noqa: F401  (one definition; kept importable from here)
 
 B, S, HID, VOCAB = 2, 5, 16, 6
 TARGET, POSITION = np.array([1, 4]), np.array([-1, 2])
@@ -78,7 +78,7 @@ def relevance(model, rules, feeds):
     converted = lrp_onnx.convert(model, rules=rules, source="x")
     for n in converted.graph.node:
         assert not n.op_type.endswith("Grad"), n.op_type
-    explainer = lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"])
+    explainer = lrp_onnx.Explainer.from_model(converted, providers=CPU)
     result = explainer.run(target=TARGET, position=POSITION, **feeds)
     forward = ort_run(converted, feeds)
     return result, forward

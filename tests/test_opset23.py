@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 import lrp_onnx
 from lrp_onnx.errors import LRPError
 from tests import handbuilt as hb
-from tests.conftest import explain_inputs, rel_l2, run_explainer
+from tests.conftest import explain_inputs, explainer_for, rel_l2, run_explainer
 
 RULES = ["gradient", "attnlrp", "cp-lrp"]
 FD_BOUND = 1e-5  # gradient mode (fp32) vs central differences of the written-out graph in float64
@@ -42,8 +42,7 @@ def test_llama_opset23_export_uses_the_new_ops(llama23):
 def test_llama_opset23_relevance_equals_opset18(rules, llama23, converted, reference):
     model, path = llama23
     inputs = explain_inputs("llama")
-    explainer = lrp_onnx.Explainer.from_model(lrp_onnx.convert(path, rules=rules), providers=["CPUExecutionProvider"])
-    got = run_explainer(explainer, "llama")
+    got = run_explainer(explainer_for(path, rules), "llama")
     expected = run_explainer(converted("llama", "dynamo", rules), "llama")
     assert rel_l2(got.relevance, expected.relevance) <= 1e-4  # ~5e-7 seen
     np.testing.assert_allclose(got.logit, expected.logit, rtol=1e-5, atol=1e-5)
@@ -53,7 +52,7 @@ def test_llama_opset23_relevance_equals_opset18(rules, llama23, converted, refer
     if rules == "attnlrp":  # relevance-only mode gathers the position before the RMSNormalization head
         only = lrp_onnx.convert(path, rules=rules, relevance_only=True)
         assert any(n.op_type == "RMSNormalization" and n.input[0].startswith("lrp/") for n in only.graph.node)
-        fast = lrp_onnx.Explainer.from_model(only, providers=["CPUExecutionProvider"])
+        fast = explainer_for(path, rules, relevance_only=True)
         assert rel_l2(run_explainer(fast, "llama").relevance, got.relevance) <= 1e-5
     # the converted graph runs the unfused RotaryEmbedding; its logits are PyTorch's
     feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
