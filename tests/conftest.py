@@ -56,7 +56,9 @@ def tiny_model(workdir):
     return get
 
 
-TOLERANCE = {"gradient": 1e-4, "attnlrp": 1e-3, "cp-lrp": 1e-3}  # relative L2 error vs the reference
+# relative L2 error of fp32 relevance vs its PyTorch reference (autograd / LXT): ~1e-7 .. 2e-6 seen on the
+# tiny models (README's tables), asserted with a margin of 5x over the worst
+TOLERANCE = {"gradient": 1e-5, "attnlrp": 1e-5, "cp-lrp": 1e-5, "vit-gamma": 1e-5}
 
 # -- error measures, recorded per test with LRP_RECORD_ERRORS=1 -----------------------------------------
 RECORD = os.environ.get("LRP_RECORD_ERRORS") == "1"
