@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import cosine, explain_inputs, explain_model, model_feed
 
-MIN_COSINE = 0.999  # fp16 relevance vs the fp32 model's, and vs the fp32 PyTorch reference
+MIN_COSINE = 0.9999  # fp16 relevance vs the fp32 model's and vs the fp32 PyTorch reference (>= 0.99995 seen)
 
 
 @pytest.fixture(scope="module")
