@@ -7,6 +7,10 @@ Runs in its own process: LXT's monkey_patch changes transformers classes process
 zero the removed tokens' `inputs_embeds` (LXT patches change gradients only, not forward values).
 Writes per example: LXT's token relevance, its curves and ABPC, and the relative L2 distance between
 LXT's token relevance and lrp-onnx's attnlrp token relevance from results.json.
+
+The perturbation protocol (token order, curves, ABPC) is written here again (`removal_scales`,
+`area_between`) and lrp_onnx is never imported, so "lrp-onnx's ABPC equals LXT's" compares two
+separate implementations, not one function with itself.
 """
 from __future__ import annotations
 
@@ -19,6 +23,34 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def removal_scales(relevance, removable, length):
+    """Per-token input scales, one row per perturbation step: MoRF (zero the most relevant removable
+    token, then the two most relevant, ... all of them; the first row removes nothing), then LeRF
+    (least relevant first). Ties keep token order."""
+    relevance, removable = np.asarray(relevance, np.float64), np.asarray(removable, np.int64)
+    most_first = sorted(removable.tolist(), key=lambda t: (-relevance[t], t))
+    least_first = sorted(removable.tolist(), key=lambda t: (relevance[t], t))
+    rows = []
+    for order in (most_first, least_first):
+        for step in range(len(order) + 1):
+            row = [1.0] * length
+            for t in order[:step]:
+                row[t] = 0.0
+            rows.append(row)
+    return np.asarray(rows, np.float32)
+
+
+def area_between(morf, lerf):
+    """ABPC: area under LeRF minus area under MoRF over the removed fraction 0..1, trapezoid rule."""
+    n = len(morf)
+    if n < 2:
+        return 0.0
+    area = 0.0
+    for k in range(n - 1):
+        area += ((lerf[k] - morf[k]) + (lerf[k + 1] - morf[k + 1])) / 2.0 / (n - 1)
+    return float(area)
 
 
 def main(argv=None) -> int:
@@ -34,7 +66,6 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from lrp_onnx.faithfulness import abpc, perturbation_curves
     from tests.reference import patch_classes
 
     family = "llama" if args.loader == "smollm2" else "bert"
@@ -75,7 +106,7 @@ def main(argv=None) -> int:
         explained.sum().backward()
         relevance = (x * x.grad).detach().sum(-1)[0].double().numpy()
         length = ids.shape[1]
-        scales = torch.from_numpy(perturbation_curves(relevance, np.asarray(example["removable"]), length))
+        scales = torch.from_numpy(removal_scales(relevance, example["removable"], length))
         scores = []
         with torch.no_grad():
             base = embed(ids).detach()
@@ -87,7 +118,7 @@ def main(argv=None) -> int:
         ours = np.asarray(example["relevance"]["attnlrp"]) if "attnlrp" in example["relevance"] else None
         out["examples"].append({
             "relevance": relevance.tolist(), "morf": curve[:half].tolist(), "lerf": curve[half:].tolist(),
-            "abpc": abpc(curve[:half], curve[half:]),
+            "abpc": area_between(curve[:half], curve[half:]),
             "relevance_rel_l2_vs_lrp_onnx": None if ours is None else
             float(np.linalg.norm(ours - relevance) / np.linalg.norm(relevance)),
         })
