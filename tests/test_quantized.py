@@ -14,10 +14,6 @@ RULES = ["gradient", "attnlrp", "cp-lrp"]
 # cosine to the float model's relevance under the same rule set (seen: 0.999 / 0.963 / 0.920), set between
 # it and the cosine to the float model's relevance under the other rule sets (seen <= 0.73 / 0.92 / 0.96)
 MIN_COSINE = {"gradient": 0.99, "attnlrp": 0.94, "cp-lrp": 0.94}
-QDQ_SOFTMAX_BUG = ("engine bug (reported): a QuantizeLinear->DequantizeLinear pair between the attention Softmax "
-                   "and the A.V MatMul hides the Softmax's attention_probs category, so cp-lrp keeps its gradient "
-                   "and gives attnlrp's relevance")
-
 
 @pytest.fixture(scope="module")
 def qdq_bert(tiny_model, workdir):
@@ -65,11 +61,27 @@ def test_every_activation_qdq_pair_passes_straight_through(rules, qdq_bert):
     assert len(pairs) >= 20  # every MatMul/Gemm input of 2 layers, attention products included
     report = lrp_onnx.inspect_model(qdq_bert, rules=rules)
     assert report.supported
+    if rules == "cp-lrp":  # the attention probabilities are constants: pairs feeding only Q·Kᵀ are off the path
+        model = onnx.load(qdq_bert)
+        probs = {n.output[0] for n in model.graph.node if n.op_type == "Softmax"}
+        after_softmax = {n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in probs}
+        pairs = [p for p in pairs if p[1] in _nodes_reaching_output(model, cut="Softmax") and p[0] not in after_softmax]
+        assert len(pairs) >= 20
     assert sum(rule == "straight_through" for _, _, rule in report.rows) == len(pairs)
 
 
-@pytest.mark.parametrize("rules", ["gradient", "attnlrp",
-                                   pytest.param("cp-lrp", marks=pytest.mark.xfail(strict=True, reason=QDQ_SOFTMAX_BUG))])
+def _nodes_reaching_output(model, cut):
+    """Names of the nodes whose outputs reach the first graph output without passing through an op of
+    type `cut` (from the graph alone)."""
+    needed, reaching = {model.graph.output[0].name}, set()
+    for n in reversed(model.graph.node):
+        if n.op_type != cut and any(o in needed for o in n.output):
+            reaching.add(n.name)
+            needed.update(n.input)
+    return reaching
+
+
+@pytest.mark.parametrize("rules", ["gradient", "attnlrp", "cp-lrp"])
 def test_qdq_bert_relevance_close_to_float_model(rules, relevances):
     qdq, full = relevances["qdq", rules], relevances["float", rules]
     assert qdq.relevance.dtype == np.float32 and np.isfinite(qdq.relevance).all()
@@ -83,7 +95,6 @@ def test_qdq_bert_relevance_close_to_float_model(rules, relevances):
 
 
 
-@pytest.mark.xfail(strict=True, reason=QDQ_SOFTMAX_BUG)
 def test_qdq_attention_softmax_keeps_its_category(qdq_bert):
     rules = {r: [(cats, rule) for desc, cats, rule in lrp_onnx.inspect_model(qdq_bert, rules=r).rows
                  if "::Softmax" in desc] for r in ("attnlrp", "cp-lrp")}
