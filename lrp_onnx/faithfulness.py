@@ -692,6 +692,17 @@ def prepare_image_graphs(model_path, workdir, methods=METHODS, output: str | Non
     return ImageGraphs(forward, output, explain, pixel.name, tuple(dims), dtype)
 
 
+def image_files(directory, limit: int | None = None) -> list[str]:
+    """The names of the image files in `directory`, sorted (refused when there are none)."""
+    if not os.path.isdir(directory):
+        raise LRPError(f"{directory}: --images is not a directory")
+    names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(directory, n)))
+    if not names:
+        raise LRPError(f"{directory}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return names[:limit] if limit else names
+
+
 def load_images(directory, shape, dtype=np.float32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                 image_size: int | None = None, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
     """(file name, pixels [channels, height, width]) for the image files of `directory` in name order:
@@ -701,8 +712,7 @@ def load_images(directory, shape, dtype=np.float32, mean=(0.5, 0.5, 0.5), std=(0
         from PIL import Image
     except ImportError:
         raise LRPError("--images needs Pillow: pip install pillow") from None
-    if not os.path.isdir(directory):
-        raise LRPError(f"{directory}: --images is not a directory")
+    names = image_files(directory, limit)
     channels, height, width = shape
     if image_size:
         height = width = image_size
@@ -712,10 +722,6 @@ def load_images(directory, shape, dtype=np.float32, mean=(0.5, 0.5, 0.5), std=(0
     std = np.asarray(std, np.float32).reshape(-1, 1, 1)
     if mean.size not in (1, channels) or std.size not in (1, channels):
         raise LRPError(f"--mean/--std need 1 or {channels} values")
-    names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
-        raise LRPError(f"{directory}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    names = names[:limit] if limit else names
     images = []
     for name in names:
         path = os.path.join(directory, name)
@@ -767,6 +773,8 @@ def evaluate_images(model_path, images, *, methods=METHODS, workdir=None, output
         raise LRPError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
     if patch < 1:
         raise LRPError(f"--patch must be a positive number of pixels, not {patch}")
+    if isinstance(images, (str, os.PathLike)):
+        image_files(images, limit)  # before any conversion: a folder without images is refused at once
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="lrp-evaluate-")
