@@ -283,3 +283,25 @@ def test_cli_evaluate_classifier_errors(case, message, tiny_model, cls_tokenizer
     assert message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_lxt_side_of_the_classifier_table_matches(bert_evaluation, tiny_model, workdir):
+    """tools/lxt_perturbation.py --loader classifier (LXT 2.1's AttnLRP in PyTorch, a fresh process) on
+    the examples of the classification evaluation: its relevance and curves equal lrp-onnx's attnlrp."""
+    from pathlib import Path
+
+    hf_dir, _ = tiny_model("bert")
+    results, out = workdir / "bert-cls-results.json", workdir / "bert-cls-lxt.json"
+    results.write_text(json.dumps(bert_evaluation.to_dict()))
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(repo / "tools" / "lxt_perturbation.py"), "--loader", "classifier",
+                           "--hf-dir", str(hf_dir), "--results", str(results), "--out", str(out)],
+                          cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lxt = json.loads(out.read_text())
+    for k, theirs in enumerate(lxt["examples"]):
+        ours = np.asarray(bert_evaluation.methods["attnlrp"].relevance[k])
+        reference = np.asarray(theirs["relevance"])
+        assert np.linalg.norm(ours - reference) <= 1e-3 * np.linalg.norm(reference)
+        np.testing.assert_allclose(bert_evaluation.methods["attnlrp"].morf[k], theirs["morf"], rtol=1e-4, atol=1e-5)
+        assert theirs["abpc"] == pytest.approx(bert_evaluation.methods["attnlrp"].abpc[k], rel=1e-3, abs=1e-4)
