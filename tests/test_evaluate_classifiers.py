@@ -262,7 +262,9 @@ def test_cli_evaluate_images_and_classification(tiny_model, cls_tokenizer, workd
     ("lm-classification", "task classification needs class logits [batch, classes]"),
     ("bad-patch", "--patch must be a positive number of pixels"),
 ])
-def test_cli_evaluate_classifier_errors(case, message, tiny_model, cls_tokenizer, workdir):
+def test_cli_evaluate_classifier_errors(case, message, tiny_model, cls_tokenizer, workdir, capsys):
+    from lrp_onnx.cli import main
+
     _, vit = tiny_model("vit")
     _, gpt2 = tiny_model("gpt2")
     from PIL import Image
@@ -278,10 +280,11 @@ def test_cli_evaluate_classifier_errors(case, message, tiny_model, cls_tokenizer
             "lm-images": [gpt2, "--images", one],
             "lm-classification": [gpt2, "--tokenizer", cls_tokenizer, "--texts", texts, "--task", "classification"],
             "bad-patch": [vit, "--images", empty, "--patch", "0"]}[case]
-    done = lrp_onnx_cli("evaluate", *args, "--out", out, "--quiet")
-    assert done.returncode == 2
-    assert message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    code = main(["evaluate", *map(str, args), "--out", str(out), "--quiet"])  # in-process: no interpreter start
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
     assert not out.exists()
 
 
