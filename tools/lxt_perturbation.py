@@ -1,7 +1,12 @@
 """LXT's AttnLRP relevance and its MoRF/LeRF curves, in PyTorch, for the examples of an
 `lrp-onnx evaluate` results.json (same token ids, same explained target or reference sentence).
 
-    python tools/lxt_perturbation.py --loader smollm2|minilm --hf-dir DIR --results results.json --out lxt.json
+    python tools/lxt_perturbation.py --loader smollm2|minilm|classifier --hf-dir DIR --results results.json --out lxt.json
+
+`--loader classifier`: a Hugging Face sequence classifier saved in DIR (config.json + weights, e.g. a
+BertForSequenceClassification; its model_type must be one LXT 2.1 patches: bert) for the results of
+`lrp-onnx evaluate --task classification`: the score is the explained class's logit (or its
+log-softmax, when the results were computed with --score logprob).
 
 Runs in its own process: LXT's monkey_patch changes transformers classes process-wide. The curves
 zero the removed tokens' `inputs_embeds` (LXT patches change gradients only, not forward values).
@@ -55,7 +60,7 @@ def area_between(morf, lerf):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loader", choices=["smollm2", "minilm"], required=True)
+    parser.add_argument("--loader", choices=["smollm2", "minilm", "classifier"], required=True)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--results", required=True, help="results.json written by lrp-onnx evaluate")
     parser.add_argument("--out", required=True)
@@ -68,9 +73,19 @@ def main(argv=None) -> int:
 
     from tests.reference import patch_classes
 
-    family = "llama" if args.loader == "smollm2" else "bert"
+    if args.loader == "classifier":
+        config = json.loads((Path(args.hf_dir) / "config.json").read_text())
+        family = config.get("model_type")
+        if family != "bert":
+            raise SystemExit(f"LXT 2.1's AttnLRP classifier comparison supports bert here, not {family!r}")
+    else:
+        family = "llama" if args.loader == "smollm2" else "bert"
     patch_classes(family, "attnlrp")  # before loading: LXT may replace classes
-    if args.loader == "smollm2":
+    if args.loader == "classifier":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(args.hf_dir)
+    elif args.loader == "smollm2":
         from models import smollm2
 
         model = smollm2.load(args.hf_dir)
@@ -90,9 +105,16 @@ def main(argv=None) -> int:
         return out[:, -1] if task == "next-token" else out
 
     out = {"examples": []}
+    logprob = results["settings"].get("score") == "logprob"
     for example in results["examples"]:
         ids = torch.tensor([example["input_ids"]])
-        if task == "next-token":
+        if task == "classification":
+            def score(o, target=example["target"]):
+                return torch.log_softmax(o.double(), -1)[:, target] if logprob else o[:, target]
+
+            def logit(o, target=example["target"]):  # the relevance explains the logit
+                return o[:, target]
+        elif task == "next-token":
             def score(o, target=example["target"]):
                 return o[:, target]
         else:
@@ -101,8 +123,10 @@ def main(argv=None) -> int:
 
             def score(o, reference=reference):
                 return o @ reference
+        if task != "classification":
+            logit = score
         x = embed(ids).detach().requires_grad_()
-        explained = score(run(x))
+        explained = logit(run(x))
         explained.sum().backward()
         relevance = (x * x.grad).detach().sum(-1)[0].double().numpy()
         length = ids.shape[1]
