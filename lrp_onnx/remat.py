@@ -14,11 +14,17 @@ any other node reads its fp16 output, so reading any half-precision intermediate
 
 So after the backward is emitted, every forward tensor it reads that a fusion may hide is replaced by
 a recomputation in the backward (`lrp/remat/...`): a renamed copy of the ops that produce it, back to
-tensors no fusion hides (graph inputs, constants, outputs of heavy ops: MatMul, Gemm, Conv, Softmax,
-Gather, attention...). Cheap ops only are copied (elementwise, reductions, norms, reshapes), so the
-cost is a few memory-bound passes. For half-precision models every half-precision intermediate is
-recomputed, in fp32 (precision.promote_backward_to_fp32 turns the copies to fp32 afterwards): the
-backward reads only the graph inputs and constants, and relevance is that of the fp32 forward.
+tensors no fusion hides (graph inputs, constants, outputs of heavy ops and fused kernels: MatMul,
+Gemm, Conv, Softmax, Gather, LayerNormalization...). Only cheap ops are copied (elementwise,
+reductions, reshapes), so the cost is a few memory-bound passes. The float result of an integer
+kernel (Cast, scale Mul, bias Add after MatMulInteger: MatMulIntegerToFloat's output) is read as is.
+For half-precision models every half-precision intermediate is recomputed, in fp32
+(precision.promote_backward_to_fp32 turns the copies to fp32 afterwards): the backward reads only
+graph inputs, constants, and lookups in the model's own tables (an embedding Gather, repeated in half
+precision and cast, so the table is never cast to fp32); relevance is that of the fp32 forward, which
+on CPU is the forward onnxruntime runs. One fusion is still given up: Gemm -> activation (FusedGemm),
+whose Gemm output the identity rule reads (recomputing it would repeat the Gemm); the activation is
+applied to the Gemm's result either way (outputs bit-identical on the tiny bert's pooler).
 
 A copy must not be merged back into the forward by onnxruntime's common-subexpression elimination
 (which would make the forward tensor read again): each recomputation reads its forward inputs as
@@ -51,6 +57,9 @@ REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "Reduce
 MOVEMENT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice", "Concat", "Split",
             "Tile"}
 RECOMPUTABLE = ELEMENTWISE | REDUCTIONS | MOVEMENT
+SELECTIONS = {"Gather", "GatherElements", "GatherND", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+              "Slice", "Expand", "Tile", "Identity"}  # outputs are values of their first input
+ANCHOR_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT32, TensorProto.INT64}
 
 
 def recomputable(node: onnx.NodeProto) -> bool:
@@ -73,7 +82,7 @@ def rematerialize(b: Builder, backward: list[onnx.NodeProto], half: bool) -> int
 
     def hidden(t: str) -> bool:
         """Whether a fusion may hide forward tensor t (so the backward must not read it)."""
-        return bool(t) and _kind(t) in ("recompute", "scale")
+        return bool(t) and _kind(t) in ("recompute", "scale", "select")
 
     def _kind(t: str) -> str:
         """exposed: read as is; recompute: copy its producers; scale: a DynamicQuantizeLinear scale;
@@ -92,6 +101,11 @@ def rematerialize(b: Builder, backward: list[onnx.NodeProto], half: bool) -> int
         if not view.is_float(t):
             return "exposed"
         if half and view.dtype(t) in HALF:
+            # a lookup or view of half-precision data the model holds (an embedding table) is exact in any
+            # precision: read it as is rather than cast the whole table to fp32
+            data = node.input[0] if node.input else ""
+            if node.op_type in SELECTIONS and data and (view.is_constant(data) or data in view.graph_inputs):
+                return "select" if _index_input(view, node) is not None else "exposed"
             return "recompute"
         if not recomputable(node):
             return "exposed"
@@ -105,12 +119,12 @@ def rematerialize(b: Builder, backward: list[onnx.NodeProto], half: bool) -> int
                 return "epilogue"
         return "recompute"
 
-    def anchor(t: str) -> str:
+    def anchor(t: str, force: bool = False) -> str:
         """Forward tensor t as a recomputation reads it: in fp32 models as Max(t, t), equal to t and read
         by no forward node, so common-subexpression elimination cannot merge the copy back into the
         forward (onnxruntime removes a Cast to the same type or an Identity first); in half models
         precision.py's fp32 casts do that."""
-        if half and view.dtype(t) in HALF or not view.is_float(t) or view.is_constant(t):
+        if not force and (half and view.dtype(t) in HALF or not view.is_float(t) or view.is_constant(t)):
             return t
         if t not in anchors:
             anchors[t] = f"{PREFIX}read/{t}"
@@ -135,21 +149,35 @@ def rematerialize(b: Builder, backward: list[onnx.NodeProto], half: bool) -> int
                 copies[top] = _quantization_scale(b, copies.get(x) or x, top, added)
                 stack.pop()
                 continue
+            if _kind(top) == "select":  # Gather(table, Max(ids, ids)) in half precision, then cast
+                k = _index_input(view, node)
+                clone = _clone(node, [anchor(i, force=True) if j == k else i for j, i in enumerate(node.input)],
+                               f"{PREFIX}half/")
+                added.append(clone)
+                for o, r in zip(node.output, clone.output):
+                    if o:
+                        cast = f"{PREFIX}fp32/{o}"
+                        added.append(helper.make_node("Cast", [r], [cast], name=f"{PREFIX}fp32_node/{o}",
+                                                      to=TensorProto.FLOAT))
+                        copies[o] = cast
+                        view.info[r] = view.info.get(o)
+                        view.info[cast] = TensorInfo(TensorProto.FLOAT, view.shape(o))
+                stack.pop()
+                continue
             pending = [i for i in node.input if i and hidden(i) and i not in copies]
             if pending:
                 stack.extend(pending)
                 continue
             inputs = [copies[i] if i in copies else (anchor(i) if i else "") for i in node.input]
-            outs = [f"{PREFIX}{o}" if o else "" for o in node.output]
-            clone = onnx.NodeProto()
-            clone.CopyFrom(node)
-            clone.name = f"{PREFIX}{node.name or node.op_type}"
-            del clone.input[:]
-            clone.input.extend(inputs)
-            del clone.output[:]
-            clone.output.extend(outs)
+            if not any(i in copies or i in anchors for i in node.input if i):
+                # only integer or constant inputs: anchor one, else the copy would merge with the forward node
+                k = next((k for k, i in enumerate(node.input) if i and not view.is_constant(i)
+                          and view.dtype(i) in ANCHOR_TYPES), None)
+                if k is not None:
+                    inputs[k] = anchor(node.input[k], force=True)
+            clone = _clone(node, inputs, PREFIX)
             added.append(clone)
-            for o, r in zip(node.output, outs):
+            for o, r in zip(node.output, clone.output):
                 if o:
                     copies[o] = r
                     view.info[r] = view.info.get(o)
@@ -171,6 +199,23 @@ INTEGER_KERNELS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "Qua
 def _integer_kernel_output(view, t: str) -> bool:
     node = view.nodes[view.producer[t]]
     return not view.is_float(t) and node.op_type in INTEGER_KERNELS
+
+
+def _clone(node: onnx.NodeProto, inputs: list, prefix: str) -> onnx.NodeProto:
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    clone.name = f"{prefix}{node.name or node.op_type}"
+    del clone.input[:]
+    clone.input.extend(inputs)
+    del clone.output[:]
+    clone.output.extend(f"{prefix}{o}" if o else "" for o in node.output)
+    return clone
+
+
+def _index_input(view, node: onnx.NodeProto):
+    """The position of a selection's non-constant integer input (Gather's indices), or None."""
+    return next((k for k, i in enumerate(node.input[1:], 1) if i and not view.is_constant(i)
+                 and view.dtype(i) in ANCHOR_TYPES), None)
 
 
 def _parameter_like(view, t: str) -> bool:
