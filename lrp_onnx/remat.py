@@ -228,11 +228,13 @@ def _quantization_scale(b: Builder, x: str, scale: str, added: list) -> str:
     """DynamicQuantizeLinear's y_scale of x: (max(0, max x) - min(0, min x)) / 255, over all of x."""
     dt = b.view.dtype(scale) or TensorProto.FLOAT
     zero, levels = b.scalar_like(0.0, scale), b.scalar_like(255.0, scale)
-    start = len(b.nodes)
+    start, scope = len(b.nodes), b.scope
+    b.scope = "remat/quantization_scale"
     high = b.op("Max", [b.op("ReduceMax", [x], keepdims=0), zero])
     low = b.op("Min", [b.op("ReduceMin", [x], keepdims=0), zero])
     out = b.op("Div", [b.op("Sub", [high, low]), levels], dtype=dt, shape=[])
     added.extend(b.nodes[start:])  # built with the builder, moved to the recomputations
     del b.nodes[start:]
+    b.scope = scope
     b.view.info[out] = TensorInfo(dt, [])
     return out

@@ -98,3 +98,37 @@ def test_original_outputs_bit_identical_under_default_session(family, precision,
     assert np.abs(got.astype(np.float64) - original).max() <= 1e-6 * scale
     np.testing.assert_array_equal(result.outputs["logits"], original)
     assert np.isfinite(result.relevance).all() and np.abs(result.relevance).max() > 0
+
+
+def test_dynamic_quantization_scale_is_recomputed():
+    """A quantized MatMul whose scale product the backward must read (here behind an Identity): the
+    activation's DynamicQuantizeLinear scale is recomputed from x, never read, and the gradient is the
+    exact one with the dequantized weight."""
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    k, n = 8, 5
+    weight = rng.integers(-127, 127, (k, n)).astype(np.int8)
+    b_scale = np.float32(0.02)
+    nodes = [h.make_node("DynamicQuantizeLinear", ["x"], ["xq", "a_scale", "a_zp"]),
+             h.make_node("MatMulInteger", ["xq", "W", "a_zp"], ["acc"]),
+             h.make_node("Cast", ["acc"], ["accf"], to=T.FLOAT),
+             h.make_node("Mul", ["a_scale", "b_scale"], ["s0"]),
+             h.make_node("Identity", ["s0"], ["s"]),
+             h.make_node("Mul", ["accf", "s"], ["logits"])]
+    graph = h.make_graph(nodes, "q", [h.make_tensor_value_info("x", T.FLOAT, [2, 3, k])],
+                         [h.make_tensor_value_info("logits", T.FLOAT, [2, 3, n])],
+                         [nh.from_array(weight, "W"), nh.from_array(np.array(b_scale), "b_scale")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    converted = lrp_onnx.convert(model, rules="gradient", source="x")
+    assert not [m.name for m in converted.graph.node if m.name.startswith("lrp/") and
+                {"a_scale", "s0", "s"} & set(m.input)]
+    x = rng.normal(size=(2, 3, k)).astype(np.float32)
+    result = lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"]).run(
+        x=x, target=np.array([1, 3]))
+    seed = np.zeros((2, 3, n), np.float32)
+    seed[0, -1, 1] = seed[1, -1, 3] = 1
+    expected = x * (seed @ (weight.astype(np.float32) * b_scale).T)
+    np.testing.assert_allclose(result.relevance, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(_session(converted).run(["logits"], {"x": x})[0],
+                                  _session(model).run(["logits"], {"x": x})[0])
