@@ -21,6 +21,7 @@ from .analysis import Unit, classify, make_units, on_path, relevance_path
 from .builder import PREFIX as BACKWARD_PREFIX, Builder
 from .shapes import infer_shapes
 from .precision import HALF, is_half, promote_backward_to_fp32
+from .remat import rematerialize
 from .unfuse import unfuse_contrib_ops
 from .control import branch_model, free_names as outer_references_of_graph, has_subgraph, \
     inline_constant_ifs, renamed_branch, subgraphs
@@ -506,8 +507,11 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
             b.nodes.append(helper.make_node("Mul", [t, g], [name], name=f"lrp/{name}"))
         relevance_outputs.append(helper.make_tensor_value_info(name, view.dtype(t) or TensorProto.FLOAT,
                                                                view.shape(t)))
+    # the backward reads only forward tensors that onnxruntime's fused forward still computes as they are
+    half = any(is_half(view, t) for t in [output] + list(sources))
+    rematerialize(b, b.nodes, half)
     # half-precision models: the backward (seed included) runs in fp32, relevance comes out in fp32
-    if any(is_half(view, t) for t in [output] + list(sources)):
+    if half:
         promote_backward_to_fp32(b, b.nodes)
         for vi in relevance_outputs + [vi for _, vi in seed.outputs.values()]:
             if vi.type.tensor_type.elem_type in HALF:

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .builder import Builder
 
 HALF = {TensorProto.FLOAT16, TensorProto.BFLOAT16}
+KEEP_HALF = "lrp/remat/half/"  # backward nodes left in half precision (exact: they only select values)
 
 
 def promote_backward_to_fp32(b: Builder, backward: list[onnx.NodeProto]) -> None:
@@ -26,6 +27,9 @@ def promote_backward_to_fp32(b: Builder, backward: list[onnx.NodeProto]) -> None
         if t.data_type in HALF:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
     for n in backward:
+        if n.name.startswith(KEEP_HALF):  # a lookup in the model's own half-precision table (remat.py)
+            promoted.append(n)
+            continue
         for k, name in enumerate(n.input):
             if name and name not in produced and name not in own_constants and view.dtype(name) in HALF:
                 if name not in casts:
