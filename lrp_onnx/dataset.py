@@ -166,8 +166,8 @@ class RowExplainer:
             value = positions[i] if positions is not None else None
             if value is None:
                 position[i] = length - 1  # the last token of the row
-            elif isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
-                errors[i] = f"position {value!r} is not an integer"
+            elif not _is_integer(value):
+                errors[i] = f"position {value!r:.40} is not an integer"
             elif not -length <= int(value) < length:
                 errors[i] = f"position {int(value)} is outside the text's {length} tokens [-{length}, {length - 1}]"
             else:
@@ -205,8 +205,8 @@ class RowExplainer:
         if isinstance(value, str):
             token = self.tokenizer.token_to_id(value)
             return (token, None) if token is not None else (-1, f"target token {value!r} is not in the vocabulary")
-        if isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
-            return -1, f"target {value!r} is not an integer"
+        if not _is_integer(value):
+            return -1, f"target {value!r:.40} is not an integer"
         if value < 0:
             return -1, f"target {int(value)} is negative"
         return int(value), None
@@ -232,6 +232,15 @@ class RowExplainer:
             if self.full:
                 full = result.relevance[r, :n] if result.relevance.ndim >= 3 else result.relevance[r, :n, None]
                 out["relevance_full"][i] = full.astype(np.float16)
+
+
+def _is_integer(value) -> bool:
+    """An int, or a float holding one (JSON/CSV columns with nulls may arrive as floats)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and bool(np.isfinite(value)) and float(value).is_integer()
 
 
 def _result_fields(full: bool):
