@@ -345,12 +345,20 @@ def cmd_explain_dataset(args) -> int:
 
     if args.generate is not None:
         raise LRPError("explain-dataset --generate is not available yet")
-    result = explain_dataset(args.model, args.tokenizer, args.input, args.out, text_column=args.text_column,
-                             id_column=args.id_column, target_column=args.target_column,
-                             position_column=args.position_column, batch_size=args.batch_size,
-                             max_length=args.max_length, limit=args.limit, full=args.full, shard_rows=args.shard_rows,
-                             workers=args.workers, threads=args.threads, ray=args.ray, restart=args.restart,
-                             progress=not args.quiet)
+    from .files import Terminated
+
+    try:
+        result = explain_dataset(args.model, args.tokenizer, args.input, args.out, text_column=args.text_column,
+                                 id_column=args.id_column, target_column=args.target_column,
+                                 position_column=args.position_column, batch_size=args.batch_size,
+                                 max_length=args.max_length, limit=args.limit, full=args.full,
+                                 shard_rows=args.shard_rows, workers=args.workers, threads=args.threads, ray=args.ray,
+                                 restart=args.restart, progress=not args.quiet)
+    except (KeyboardInterrupt, Terminated):
+        if os.path.isdir(args.out + ".shards"):
+            print(f"lrp-onnx: the finished shards are kept in {args.out}.shards/; rerun the same command to resume",
+                  file=sys.stderr)
+        raise
     resumed = f", {result.resumed_shards} of {result.shards} shards resumed" if result.resumed_shards else ""
     print(f"wrote {result.path}: {result.rows} rows, {result.errors} with an error (see its 'error' column)"
           f"{resumed}; {result.rows_per_second:.1f} rows/s")

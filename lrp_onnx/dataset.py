@@ -459,14 +459,15 @@ def _open_shard_dir(shard_dir: str, fingerprint: dict, restart: bool) -> set[str
                 previous = json.load(f)
         except (OSError, ValueError):
             previous = None
-        if previous != fingerprint:
+        done = [n for n in os.listdir(shard_dir) if n.startswith("shard-") and n.endswith(".parquet")]
+        if previous != fingerprint and (previous is not None or done):
             if not restart:
                 changed = _difference(previous, fingerprint)
                 raise LRPError(f"{shard_dir}: holds the shards of another job ({changed}); rerun with the same "
                                f"arguments to resume, or give --restart to discard them")
             shutil.rmtree(shard_dir)
-    if not os.path.isdir(shard_dir):
-        os.makedirs(shard_dir)
+    if not os.path.isdir(shard_dir) or not os.path.isfile(manifest):
+        os.makedirs(shard_dir, exist_ok=True)
         _write_bytes(manifest, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
         return set()
     return {name for name in os.listdir(shard_dir) if name.startswith("shard-") and name.endswith(".parquet")}

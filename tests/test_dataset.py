@@ -126,6 +126,21 @@ def test_jsonl_relevance_equals_explainer_row_by_row(lm, word_tokenizer, dataset
     assert not (tmp_path / "out.parquet.shards").exists()
 
 
+def test_full_relevance_sums_to_the_per_token_relevance(lm, word_tokenizer, dataset_200, tmp_path):
+    out = tmp_path / "full.parquet"
+    lrp_onnx.explain_dataset(lm, word_tokenizer, dataset_200, out, limit=12, batch_size=5, full=True, progress=False)
+    table = pq.read_table(out)
+    assert table.schema.field("relevance_full").type == pa.list_(pa.list_(pa.float16()))
+    explainer = Explainer(lm, providers=["CPUExecutionProvider"])
+    for row in table.to_pylist():
+        ids = ids_of(row["text"])
+        expected = explainer.run(input_ids=ids, attention_mask=np.ones_like(ids)).relevance[0]
+        full = np.array(row["relevance_full"], dtype=np.float32)
+        assert full.shape == expected.shape  # [tokens, hidden]
+        np.testing.assert_allclose(full, expected, rtol=2e-3, atol=1e-4)  # float16
+        np.testing.assert_allclose(full.sum(-1), row["relevance"], rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_csv_and_parquet_inputs_with_targets(fmt, classifier, word_tokenizer, tmp_path):
     rows = texts(40, seed=1, longest=30)
@@ -276,7 +291,7 @@ def test_worker_processes_equal_the_local_run_and_no_ray_import(lm, word_tokeniz
 
 
 def test_ray_local_cluster_gives_the_local_table(lm, word_tokenizer, dataset_200, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
     local = tmp_path / "local.parquet"
     lrp_onnx.explain_dataset(lm, word_tokenizer, dataset_200, local, batch_size=16, shard_rows=40, progress=False,
                              threads=1)
