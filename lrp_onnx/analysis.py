@@ -19,7 +19,8 @@ AFFINE_OPS = {"Identity", "Dropout", "Cast", "CastLike", "Reshape", "Flatten", "
               "Expand", "Concat", "Split", "Slice", "Gather", "GatherElements", "GatherND", "ScatterElements",
               "ScatterND", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "Where", "Add", "Sub", "Neg", "Sum", "DFT",
               "Mean", "ReduceSum", "ReduceMean", "CumSum", "Resize", "Upsample", "AveragePool", "GlobalAveragePool",
-              "BatchNormalization", "Conv", "ConvTranspose", "Compress", "ReverseSequence", "Trilu"}
+              "BatchNormalization", "Conv", "ConvTranspose", "Compress", "ReverseSequence", "Trilu",
+              "DynamicQuantizeMatMul", "MatMulNBits"}  # onnxruntime's quantized MatMuls: linear in x
 # Multilinear: linear in each operand. With one relevance-carrying operand a linear map; with two or
 # more a product (AttnLRP's uniform rule).
 MULTILINEAR_OPS = {"Mul", "MatMul", "Gemm", "Einsum", "FusedMatMul"}
@@ -40,6 +41,8 @@ NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalizat
 SOFTMAX_OPS = {"Softmax", "LogSoftmax", "ReduceLogSumExp"}
 ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                "Expand"}
+# a QDQ model's QuantizeLinear -> DequantizeLinear pairs: a rounding, seen through like a cast
+FAKE_QUANTIZATION = {"QuantizeLinear", "DequantizeLinear"}
 # ops between an MoE router's softmax and the product with an expert's output: top-k selection,
 # renormalisation by the sum of the selected weights, per-expert gathers of the tokens' weights
 ROUTER_WEIGHT_OPS = ROUTING_OPS | {"TopK", "ReduceSum", "Div", "Gather", "GatherND", "GatherElements", "Flatten",
@@ -252,7 +255,8 @@ def _consumers_through(view: GraphView, t: str, depth: int = 6):
             scaled = n.op_type == "Mul" or (n.op_type == "Div" and n.input[0] == name)
             if scaled and d < depth and _scalar_operand(view, n, name) is not None:
                 frontier.append((n.output[0], d + 1))
-            elif n.op_type in ROUTING_OPS and d < depth and n.output and n.input and n.input[0] == name \
+            elif n.op_type in ROUTING_OPS | FAKE_QUANTIZATION and d < depth and n.output and n.input \
+                    and n.input[0] == name \
                     or n.op_type == "Where" and d < depth and name in n.input[1:]:
                 frontier.append((n.output[0], d + 1))
             else:

@@ -308,7 +308,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .faithfulness import METHODS, evaluate
+    from .faithfulness import METHODS, evaluate, evaluate_images
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     # before any work: where the results go, what writing them needs, and the texts
@@ -325,14 +325,25 @@ def cmd_evaluate(args) -> int:
     except ImportError:
         raise LRPError("evaluate writes curves.png and needs matplotlib: pip install matplotlib "
                        "(or pip install lrp-onnx[eval]); nothing was written") from None
-    if not isinstance(args.texts, list):
-        read_text_file(args.texts, "text")
-    result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,
-                      workdir=args.workdir, output=args.output, source=args.source, limit=args.limit,
-                      ig_steps=args.ig_steps, batch_size=args.batch_size, progress=not args.quiet,
-                      both_ways=args.both_ways, score=args.score)
+    if args.images is not None:
+        if args.texts is not None or args.tokenizer is not None:
+            raise LRPError("--images evaluates an image classifier: give --images or --texts/--tokenizer, not both")
+        result = evaluate_images(args.model, args.images, methods=methods, workdir=args.workdir, output=args.output,
+                                 patch=args.patch, image_size=args.image_size, mean=_floats(args.mean, "--mean"),
+                                 std=_floats(args.std, "--std"), limit=args.limit, ig_steps=args.ig_steps,
+                                 batch_size=args.batch_size, progress=not args.quiet, score=args.score)
+    else:
+        if args.texts is None or args.tokenizer is None:
+            raise LRPError("evaluate needs --texts and --tokenizer (or --images for an image classifier)")
+        if not isinstance(args.texts, list):
+            read_text_file(args.texts, "text")
+        result = evaluate(args.model, args.tokenizer, args.texts, task=args.task, methods=methods,
+                          workdir=args.workdir, output=args.output, source=args.source, limit=args.limit,
+                          ig_steps=args.ig_steps, batch_size=args.batch_size, progress=not args.quiet,
+                          both_ways=args.both_ways, score=args.score, target_column=args.target_column,
+                          labels=[v.strip() for v in args.labels.split(",")] if args.labels else None)
     written = result.write(args.out, title=args.title)
-    print(f"{'method':<10} {'ABPC':>9} {'std':>8} {'sem':>8}   n={len(result.examples)} ({args.task})")
+    print(f"{'method':<10} {'ABPC':>9} {'std':>8} {'sem':>8}   n={len(result.examples)} ({result.task})")
     for m, r in result.methods.items():
         s = r.summary()
         print(f"{m:<10} {s['abpc_mean']:>9.4f} {s['abpc_std']:>8.4f} {s['abpc_sem']:>8.4f}")
@@ -363,6 +374,13 @@ def cmd_explain_dataset(args) -> int:
     print(f"wrote {result.path}: {result.rows} rows, {result.errors} with an error (see its 'error' column)"
           f"{resumed}; {result.rows_per_second:.1f} rows/s")
     return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise LRPError(f"{what} takes comma-separated numbers, not {text!r}") from None
 
 
 def _explain_image(explainer, args) -> int:
@@ -440,15 +458,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("evaluate", help="faithfulness: MoRF/LeRF perturbation curves and ABPC per method")
     p.add_argument("model", help="the exported ONNX model (not converted: each method is converted here)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (Hugging Face tokenizers format)")
-    p.add_argument("--texts", required=True, help="text file: one text per line, or text<TAB>reference")
-    p.add_argument("--task", choices=["next-token", "similarity"], default="next-token",
+    p.add_argument("--tokenizer", help="tokenizer.json (Hugging Face tokenizers format); text models")
+    p.add_argument("--texts", help="text file: one text per line, or text<TAB>reference (similarity), or "
+                   "TAB-separated columns (classification with --target-column)")
+    p.add_argument("--task", choices=["next-token", "similarity", "classification"], default="next-token",
                    help="next-token: the LM's argmax next token after the text minus its last word; "
-                        "similarity: the embedding's dot product with the reference's (default next-token)")
+                        "similarity: the embedding's dot product with the reference's; classification: "
+                        "the [batch, classes] logit of the predicted class (default next-token)")
+    p.add_argument("--target-column", type=int, metavar="N",
+                   help="classification: explain the label in column N (>= 2) of each --texts line, a class "
+                        "index or a --labels name (default: the predicted class)")
+    p.add_argument("--labels", help="classification: the class names in index order, comma-separated")
+    p.add_argument("--images", metavar="DIR", help="evaluate an image classifier on the image files of DIR: "
+                   "patches removed (set to 0, the normalised mean) by their summed relevance")
+    p.add_argument("--patch", type=int, default=16, help="--images: patch side in pixels (default 16)")
+    p.add_argument("--image-size", type=int, help="--images: resize to this square size (default: the "
+                   "model's input size)")
+    p.add_argument("--mean", default="0.5,0.5,0.5", help="--images: per-channel mean (default 0.5,0.5,0.5)")
+    p.add_argument("--std", default="0.5,0.5,0.5", help="--images: per-channel std (default 0.5,0.5,0.5)")
     p.add_argument("--methods", help="comma-separated subset of attnlrp,cp-lrp,gradient,ig,random (default all)")
     p.add_argument("--limit", type=int, help="use the first N texts")
     p.add_argument("--score", choices=["logit", "logprob", "dot"],
-                   help="what the curves track: next-token logit (default) or logprob; similarity: dot")
+                   help="what the curves track: the explained logit (default) or its logprob "
+                        "(next-token, classification, images); similarity: dot")
     p.add_argument("--both-ways", action="store_true",
                    help="similarity: explain each text<TAB>reference line both ways round")
     p.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps (default 16)")

@@ -15,9 +15,11 @@ and take the area between the two curves (ABPC = area(LeRF) - area(MoRF), over t
 
 Methods: attnlrp, cp-lrp, gradient (Gradient×Input), ig (Integrated Gradients, zero baseline,
 midpoint rule; its steps run as one batch through the gradient graph) and random.
-Tasks: "next-token" (a causal LM's logit of its own argmax next token at the last position) and
+Tasks: "next-token" (a causal LM's logit of its own argmax next token at the last position),
 "similarity" (a sentence-embedding model's dot product with a reference sentence's embedding,
-explained through the seed input).
+explained through the seed input) and "classification" (a sequence classifier's [batch, classes]
+logit of its predicted class, or of a given label). Image classifiers (evaluate_images): patches of
+the pixel input are removed (set to 0, the normalised image's mean) by their summed relevance.
 """
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ from .runner import text_inputs
 
 METHODS = ("attnlrp", "cp-lrp", "gradient", "ig", "random")
 CONVERTED_METHODS = {"attnlrp": "attnlrp", "cp-lrp": "cp-lrp", "gradient": "gradient", "ig": "gradient"}
-TASKS = ("next-token", "similarity")
-SCORES = {"next-token": ("logit", "logprob"), "similarity": ("dot",)}
+TASKS = ("next-token", "similarity", "classification")
+SCORES = {"next-token": ("logit", "logprob"), "similarity": ("dot",), "classification": ("logit", "logprob"),
+          "image-classification": ("logit", "logprob")}
 SCALE_INPUT = "lrp_source_scale"
 WEIGHTS_FILE = "weights.data"
 
@@ -92,7 +95,8 @@ def _save_with_shared_weights(model: onnx.ModelProto, path: str, base_dir: str |
 @dataclass
 class Graphs:
     forward: str               # inputs of the model + lrp_source_scale (+ lrp_position); one output
-    score_output: str          # that output: [batch, 1, vocab] (next-token) or [batch, dim] (similarity)
+    score_output: str          # that output: [batch, 1, vocab] (next-token), [batch, dim] (similarity),
+                               # [batch, classes] (classification)
     explain: dict              # method -> converted model path
     source: str
     task: str
@@ -119,6 +123,8 @@ def prepare_graphs(model_path, workdir, methods=METHODS, task: str = "next-token
         raise LRPError(f"task next-token needs logits [batch, sequence, vocab]; '{output}' has rank {rank}")
     if task == "similarity" and rank != 2:
         raise LRPError(f"task similarity needs an embedding [batch, dim]; '{output}' has rank {rank}")
+    if task == "classification" and rank != 2:
+        raise LRPError(f"task classification needs class logits [batch, classes]; '{output}' has rank {rank}")
     source = source or default_sources(view, output)[0]
     if view.rank(source) != 3:
         raise LRPError(f"source '{source}' must be [batch, sequence, hidden] to remove tokens from it")
@@ -166,8 +172,14 @@ class Example:
     input_ids: np.ndarray               # int64 [sequence]
     removable: np.ndarray               # indices of the tokens that perturbation may remove
     reference_ids: np.ndarray | None = None  # similarity: the reference sentence
-    target: int | None = None           # next-token: the explained vocabulary index (filled in)
+    target: int | None = None           # next-token, classification: the explained index (filled in)
     seed: np.ndarray | None = None      # similarity: the reference embedding (filled in)
+    label: int | None = None            # classification: the class to explain (None: the predicted one)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "input_ids": self.input_ids.tolist(),
+                "removable": self.removable.tolist(), "target": self.target,
+                "reference_ids": None if self.reference_ids is None else self.reference_ids.tolist()}
 
 
 def read_sentence_pairs(path, limit: int | None = None) -> list[tuple[str, str | None]]:
@@ -187,9 +199,51 @@ def read_sentence_pairs(path, limit: int | None = None) -> list[tuple[str, str |
     return pairs[:limit] if limit else pairs
 
 
+def read_labeled_texts(path, target_column: int | None, limit: int | None = None) -> list[tuple[str, str | None]]:
+    """classification: TAB-separated lines, the text in column 1 and (with target_column, 1-based) the
+    label to explain in that column; blank lines and lines starting with # are skipped."""
+    if not os.path.isfile(path):
+        raise LRPError(f"{path}: no such text file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            columns = line.split("\t")
+            label = None
+            if target_column is not None:
+                if target_column > len(columns):
+                    raise LRPError(f"{path}, line {number}: no column {target_column} (--target-column); "
+                                   f"the line has {len(columns)}")
+                label = columns[target_column - 1].strip()
+            rows.append((columns[0].strip(), label))
+    if not rows:
+        raise LRPError(f"{path}: holds no text lines")
+    return rows[:limit] if limit else rows
+
+
+def class_index(label, labels: list[str] | None, classes: int | None = None) -> int:
+    """A class index from a label: an integer, or one of `labels` (the class names in index order)."""
+    if isinstance(label, (int, np.integer)):
+        index = int(label)
+    elif labels and str(label) in labels:
+        index = labels.index(str(label))
+    else:
+        try:
+            index = int(str(label))
+        except ValueError:
+            known = f"; class names are: {', '.join(labels)}" if labels else " (give class names with --labels)"
+            raise LRPError(f"label {label!r} is neither a class index nor a class name{known}") from None
+    if index < 0 or (classes is not None and index >= classes):
+        raise LRPError(f"label {label!r}: class index {index} is out of range for {classes} classes")
+    return index
+
+
 def make_examples(tokenizer_path, pairs, task: str) -> list[Example]:
     """next-token: the text without its last word is the prompt (the model predicts what follows);
-    similarity: the text, explained against its reference (pairs without one are an error)."""
+    similarity: the text, explained against its reference (pairs without one are an error);
+    classification: the text, its label (second element, or None: the predicted class) kept as is."""
     from .cli import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
@@ -199,6 +253,8 @@ def make_examples(tokenizer_path, pairs, task: str) -> list[Example]:
             prompt = text.rsplit(" ", 1)[0] if " " in text else text
             e = tok.encode(prompt)
             ref = None
+        elif task == "classification":
+            prompt, e, ref = text, tok.encode(text), None
         else:
             if reference is None:
                 raise LRPError(f"task similarity needs 'text<TAB>reference' lines; no reference for {text!r}")
@@ -208,7 +264,10 @@ def make_examples(tokenizer_path, pairs, task: str) -> list[Example]:
         removable = np.flatnonzero(~special)
         if len(removable) == 0:
             continue
-        examples.append(Example(prompt, list(e.tokens), np.asarray(e.ids, np.int64), removable, ref))
+        example = Example(prompt, list(e.tokens), np.asarray(e.ids, np.int64), removable, ref)
+        if task == "classification":
+            example.label = reference
+        examples.append(example)
     return examples
 
 
@@ -236,16 +295,21 @@ def _forward_scores(sessions: _Sessions, graphs: Graphs, ids: np.ndarray, scales
         if "lrp_position" in sessions.forward_inputs:
             feed["lrp_position"] = np.full(len(chunk), -1, np.int64)
         out = sessions.forward.run([graphs.score_output], feed)[0]
-        if graphs.task == "next-token" and score == "logprob":
-            logits = out[:, 0].astype(np.float64)
-            peak = logits.max(axis=1)
-            log_norm = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
-            scores.append(logits[:, example.target] - log_norm)
-        elif graphs.task == "next-token":
-            scores.append(out[:, 0, example.target])
-        else:
+        if graphs.task == "similarity":
             scores.append(out @ example.seed)
+        else:
+            scores.append(class_score(out[:, 0] if graphs.task == "next-token" else out, example.target, score))
     return np.concatenate(scores).astype(np.float64)
+
+
+def class_score(logits: np.ndarray, target: int, score: str) -> np.ndarray:
+    """The target's logit, or its log-softmax over the last axis (float64), of logits [rows, classes]."""
+    if score == "logprob":
+        logits = logits.astype(np.float64)
+        peak = logits.max(axis=1)
+        log_norm = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+        return logits[:, target] - log_norm
+    return logits[:, target].astype(np.float64)
 
 
 def _relevance(sessions: _Sessions, graphs: Graphs, method: str, example: Example, ig_steps: int,
@@ -262,6 +326,8 @@ def _relevance(sessions: _Sessions, graphs: Graphs, method: str, example: Exampl
     feed[SCALE_INPUT] = np.repeat(alphas[:, None], length, axis=1).astype(np.float32)
     if graphs.task == "next-token":
         kwargs = dict(target=np.full(rows, example.target), position=np.full(rows, -1))
+    elif graphs.task == "classification":
+        kwargs = dict(target=np.full(rows, example.target))
     else:
         kwargs = dict(seed=np.repeat(example.seed[None].astype(np.float32), rows, axis=0))
     result = explainer.run(**kwargs, **feed)
@@ -283,6 +349,26 @@ def perturbation_curves(relevance: np.ndarray, removable: np.ndarray, length: in
             s[order[:k]] = 0.0
             rows.append(s)
     return np.stack(rows)
+
+
+def record_curves(results: dict, relevance: dict, removable: np.ndarray, length: int, score_rows) -> None:
+    """For each method's relevance [length]: its MoRF/LeRF removal rows, scored once per distinct row
+    by score_rows(scales [rows, length]) -> [rows]; appends relevance, curves and ABPC to results."""
+    rows, spans = [], {}
+    for m, rel in relevance.items():
+        results[m].relevance.append(rel)
+        scales = perturbation_curves(rel, removable, length)
+        spans[m] = (len(rows), len(scales))
+        rows.extend(scales)
+    unique, inverse = np.unique(np.stack(rows), axis=0, return_inverse=True)
+    scores = np.asarray(score_rows(unique))[np.asarray(inverse).reshape(-1)]
+    for m in relevance:
+        start, n = spans[m]
+        curve = scores[start:start + n]
+        morf, lerf = curve[: n // 2], curve[n // 2:]
+        results[m].morf.append(morf)
+        results[m].lerf.append(lerf)
+        results[m].abpc.append(abpc(morf, lerf))
 
 
 def abpc(morf: np.ndarray, lerf: np.ndarray) -> float:
@@ -326,9 +412,7 @@ class Evaluation:
             "mean_curves": {m: {"fraction_removed": self.GRID.tolist(), "morf": self.mean_curve(m, "morf").tolist(),
                                 "lerf": self.mean_curve(m, "lerf").tolist()} for m in self.methods},
             "examples": [
-                {"text": e.text, "tokens": e.tokens, "input_ids": e.input_ids.tolist(),
-                 "removable": e.removable.tolist(), "target": e.target,
-                 "reference_ids": None if e.reference_ids is None else e.reference_ids.tolist(),
+                {**e.to_dict(),
                  "abpc": {m: r.abpc[k] for m, r in self.methods.items()},
                  "relevance": {m: np.asarray(r.relevance[k]).tolist() for m, r in self.methods.items()},
                  "morf": {m: np.asarray(r.morf[k]).tolist() for m, r in self.methods.items()},
@@ -384,7 +468,8 @@ def render_curves(evaluation: Evaluation, title: str | None = None) -> bytes:
         c = colors.get(m)
         ax.plot(x, evaluation.mean_curve(m, "morf"), color=c, label=f"{m} (ABPC {s['abpc_mean']:.2f})")
         ax.plot(x, evaluation.mean_curve(m, "lerf"), color=c, linestyle="--")
-    ax.set_xlabel("fraction of tokens removed (solid: MoRF, dashed: LeRF)")
+    unit = "patches" if evaluation.task == "image-classification" else "tokens"
+    ax.set_xlabel(f"fraction of {unit} removed (solid: MoRF, dashed: LeRF)")
     ax.set_ylabel("explained score")
     ax.set_title(title or f"perturbation curves, {evaluation.task}, n={len(evaluation.examples)}")
     ax.legend(fontsize=8)
@@ -398,12 +483,16 @@ def render_curves(evaluation: Evaluation, title: str | None = None) -> bytes:
 def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", methods=METHODS,
              workdir=None, output: str | None = None, source: str | None = None, limit: int | None = None,
              ig_steps: int = 16, batch_size: int = 64, threads: int | None = None, seed: int = 0,
-             progress: bool = True, both_ways: bool = False, score: str | None = None) -> Evaluation:
+             progress: bool = True, both_ways: bool = False, score: str | None = None,
+             target_column: int | None = None, labels: list[str] | None = None) -> Evaluation:
     """MoRF/LeRF curves and ABPC of each method on the texts (a file of lines, or a list of strings or
     (text, reference) pairs), computed in onnxruntime. `workdir` receives the graphs (default: a
     temporary directory). both_ways: each (text, reference) pair also as (reference, text), after
-    `limit` is applied. score (next-token): what the curves track, "logit" (the explained logit, the
-    paper's protocol) or "logprob" (its log-probability); the relevance always explains the logit."""
+    `limit` is applied. score (next-token, classification): what the curves track, "logit" (the
+    explained logit, the paper's protocol) or "logprob" (its log-probability); the relevance always
+    explains the logit. classification: the explained class is the predicted one, or the label in
+    column `target_column` (1-based) of the text file (or the second element of a (text, label)
+    pair): a class index, or a name in `labels` (the class names in index order)."""
     import tempfile
 
     if task not in TASKS:
@@ -414,7 +503,12 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LRPError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
-    if isinstance(texts, (str, os.PathLike)):
+    if target_column is not None and (task != "classification" or target_column < 2):
+        raise LRPError("--target-column applies to task classification and is a column number >= 2 "
+                       "(column 1 is the text)")
+    if task == "classification" and isinstance(texts, (str, os.PathLike)):
+        pairs = read_labeled_texts(texts, target_column, limit)
+    elif isinstance(texts, (str, os.PathLike)):
         pairs = read_sentence_pairs(texts, limit)
     else:
         pairs = [(t, None) if isinstance(t, str) else tuple(t) for t in texts][:limit]
@@ -436,25 +530,11 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
         results = {m: MethodResult() for m in methods}
         bar = _progress(len(examples), "evaluate") if progress else None
         for example in examples:
-            _fill_explained(sessions, graphs, example)
-            length = len(example.input_ids)
-            rows, spans = [], {}
-            for m in methods:
-                rel = _relevance(sessions, graphs, m, example, ig_steps, rng)
-                results[m].relevance.append(rel)
-                scales = perturbation_curves(rel, example.removable, length)
-                spans[m] = (len(rows), len(scales))
-                rows.extend(scales)
-            unique, inverse = np.unique(np.stack(rows), axis=0, return_inverse=True)
-            scores = _forward_scores(sessions, graphs, example.input_ids, unique, example, batch_size, score)
-            scores = scores[np.asarray(inverse).reshape(-1)]
-            for m in methods:
-                start, n = spans[m]
-                curve = scores[start:start + n]
-                morf, lerf = curve[: n // 2], curve[n // 2:]
-                results[m].morf.append(morf)
-                results[m].lerf.append(lerf)
-                results[m].abpc.append(abpc(morf, lerf))
+            _fill_explained(sessions, graphs, example, labels)
+            relevance = {m: _relevance(sessions, graphs, m, example, ig_steps, rng) for m in methods}
+            record_curves(results, relevance, example.removable, len(example.input_ids),
+                          lambda scales: _forward_scores(sessions, graphs, example.input_ids, scales, example,
+                                                         batch_size, score))
             if bar:
                 bar.update()
         if bar:
@@ -464,14 +544,23 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
             tmp.cleanup()
     settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
                 "examples": len(examples), "both_ways": both_ways, "score": score, "source": graphs.source, "random_seed": seed,
+                "target": "predicted class" if task == "classification" and target_column is None else
+                (f"the label in column {target_column}" if task == "classification" else None),
                 "removal": "the token's source embedding is multiplied by 0",
                 "abpc": "trapezoid area of (LeRF - MoRF) over the removed fraction 0..1"}
     return Evaluation(task, results, examples, settings)
 
 
-def _fill_explained(sessions: _Sessions, graphs: Graphs, example: Example) -> None:
-    """next-token: the model's own argmax at the last position; similarity: the reference embedding."""
-    if graphs.task == "next-token":
+def _fill_explained(sessions: _Sessions, graphs: Graphs, example: Example, labels=None) -> None:
+    """next-token: the model's own argmax at the last position; similarity: the reference embedding;
+    classification: the label's class, or the predicted one."""
+    if graphs.task == "classification":
+        feed = text_inputs(sessions.forward_inputs, example.input_ids[None])
+        feed[SCALE_INPUT] = np.ones((1, len(example.input_ids)), np.float32)
+        logits = sessions.forward.run([graphs.score_output], feed)[0][0]
+        example.target = (int(logits.argmax()) if example.label is None
+                          else class_index(example.label, labels, len(logits)))
+    elif graphs.task == "next-token":
         feed = text_inputs(sessions.forward_inputs, example.input_ids[None])
         feed[SCALE_INPUT] = np.ones((1, len(example.input_ids)), np.float32)
         feed["lrp_position"] = np.array([-1], np.int64)
@@ -501,3 +590,238 @@ class _PlainProgress:
 
     def close(self):
         print(file=sys.stderr)
+
+
+# -- images --------------------------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageExample:
+    """One explained image: its normalised pixels and the grid of patches that perturbation removes."""
+    text: str                      # the file name
+    pixels: np.ndarray             # [channels, height, width], normalised
+    patch_of_pixel: np.ndarray     # int [height, width]: the patch index of each pixel (row-major grid)
+    grid: tuple                    # (patch rows, patch columns)
+    patch: int
+    target: int | None = None      # the explained class (filled in)
+
+    @property
+    def removable(self) -> np.ndarray:
+        return np.arange(self.grid[0] * self.grid[1])
+
+    def to_dict(self) -> dict:
+        return {"image": self.text, "grid": list(self.grid), "patch": self.patch, "target": self.target}
+
+
+def patch_grid(height: int, width: int, patch: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The patch index of each pixel [height, width] for square patches of `patch` pixels, row-major;
+    when a side is not a multiple of `patch`, the last row/column of patches is narrower."""
+    if patch < 1:
+        raise LRPError(f"--patch must be a positive number of pixels, not {patch}")
+    rows, cols = -(-height // patch), -(-width // patch)
+    r = np.arange(height) // patch
+    c = np.arange(width) // patch
+    return (r[:, None] * cols + c[None, :]).astype(np.int64), (rows, cols)
+
+
+def patch_relevance(relevance: np.ndarray, patch_of_pixel: np.ndarray, patches: int) -> np.ndarray:
+    """Relevance [channels, height, width] summed over channels and over the pixels of each patch."""
+    per_pixel = np.asarray(relevance, np.float64).reshape(-1, *patch_of_pixel.shape).sum(axis=0)
+    return np.bincount(patch_of_pixel.ravel(), weights=per_pixel.ravel(), minlength=patches)
+
+
+def blank_patches(pixels: np.ndarray, patch_of_pixel: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Images [rows, channels, height, width]: `pixels` with the patches where keep [rows, patches] is 0
+    set to 0 (in normalised units: the normalisation mean)."""
+    mask = np.asarray(keep, pixels.dtype)[:, patch_of_pixel]       # [rows, height, width]
+    return pixels[None] * mask[:, None]
+
+
+@dataclass
+class ImageGraphs:
+    forward: str
+    score_output: str
+    explain: dict
+    source: str                # the pixel input
+    shape: tuple               # (channels, height, width) of the pixel input, None where dynamic
+    dtype: type
+    task: str = "image-classification"
+
+
+def prepare_image_graphs(model_path, workdir, methods=METHODS, output: str | None = None, log=None) -> ImageGraphs:
+    """forward.onnx (the model with its class logits only) and one converted model per relevance
+    method, explaining the class logits from the pixel input."""
+    from .canonicalize import drop_outputs
+    from .graph import GraphView
+    from .pipeline import convert, load_model
+    from .shapes import infer_shapes
+
+    os.makedirs(workdir, exist_ok=True)
+    model, base_dir = load_model(model_path)
+    view = GraphView.build(model, infer_shapes(model))
+    output = output or view.graph_outputs[0]
+    if output not in view.graph_outputs:
+        raise LRPError(f"--output '{output}' is not a graph output; outputs are: {', '.join(view.graph_outputs)}")
+    if view.rank(output) != 2:
+        raise LRPError(f"--images needs class logits [batch, classes]; '{output}' has rank {view.rank(output)}")
+    pixel_inputs = [i for i in model.graph.input if i.name in view.graph_inputs and view.is_float(i.name)
+                    and view.rank(i.name) == 4]
+    if len(pixel_inputs) != 1 or len(view.graph_inputs) != 1:
+        raise LRPError(f"{model_path}: --images needs a model whose one input is float pixels [batch, channels, "
+                       f"height, width]; its inputs are: {', '.join(view.graph_inputs)}")
+    pixel = pixel_inputs[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in pixel.type.tensor_type.shape.dim][1:]
+    dtype = np.float16 if pixel.type.tensor_type.elem_type == TensorProto.FLOAT16 else np.float32
+    drop_outputs(model, keep={output})
+    forward = os.path.join(workdir, "forward.onnx")
+    _save_with_shared_weights(model, forward, base_dir)
+    if log:
+        log(f"wrote {forward}")
+    explain = {}
+    for method in methods:
+        rules = CONVERTED_METHODS.get(method)
+        if rules is None:
+            continue
+        path = os.path.join(workdir, f"{rules}.onnx")
+        if path not in explain.values():
+            convert(forward, path, rules=rules, source=pixel.name, output=output, relevance_only=True)
+            if log:
+                log(f"wrote {path}")
+        explain[method] = path
+    return ImageGraphs(forward, output, explain, pixel.name, tuple(dims), dtype)
+
+
+def image_files(directory, limit: int | None = None) -> list[str]:
+    """The names of the image files in `directory`, sorted (refused when there are none)."""
+    if not os.path.isdir(directory):
+        raise LRPError(f"{directory}: --images is not a directory")
+    names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(directory, n)))
+    if not names:
+        raise LRPError(f"{directory}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return names[:limit] if limit else names
+
+
+def load_images(directory, shape, dtype=np.float32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                image_size: int | None = None, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """(file name, pixels [channels, height, width]) for the image files of `directory` in name order:
+    RGB (or grayscale for one channel), resized to the model's input size (or image_size, square),
+    scaled to 0..1 and normalised by mean/std (per channel)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LRPError("--images needs Pillow: pip install pillow") from None
+    names = image_files(directory, limit)
+    channels, height, width = shape
+    if image_size:
+        height = width = image_size
+    if not all(isinstance(d, int) and d > 0 for d in (channels, height, width)):
+        raise LRPError(f"the pixel input has dynamic size {shape}; give --image-size")
+    mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(std, np.float32).reshape(-1, 1, 1)
+    if mean.size not in (1, channels) or std.size not in (1, channels):
+        raise LRPError(f"--mean/--std need 1 or {channels} values")
+    images = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            image = Image.open(path).convert("RGB" if channels == 3 else "L").resize((width, height))
+        except Exception as exc:
+            raise LRPError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+        pixels = np.asarray(image, np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
+        images.append((name, ((pixels - mean) / std).astype(dtype)))
+    return images
+
+
+def _image_relevance(explainers: dict, graphs: ImageGraphs, method: str, example: ImageExample, ig_steps: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Relevance per patch of one method."""
+    patches = example.grid[0] * example.grid[1]
+    if method == "random":
+        return rng.standard_normal(patches)
+    rows = ig_steps if method == "ig" else 1
+    alphas = (np.arange(rows) + 0.5) / rows if method == "ig" else np.ones(1)
+    batch = (alphas[:, None, None, None] * example.pixels[None]).astype(graphs.dtype)
+    result = explainers[method].run(target=np.full(rows, example.target), **{graphs.source: batch})
+    relevance = np.asarray(result.relevance, np.float64)     # [rows, channels, height, width]
+    if method == "ig":
+        relevance = (relevance / alphas[:, None, None, None]).mean(axis=0)
+    else:
+        relevance = relevance[0]
+    return patch_relevance(relevance, example.patch_of_pixel, patches)
+
+
+def evaluate_images(model_path, images, *, methods=METHODS, workdir=None, output: str | None = None,
+                    patch: int = 16, image_size: int | None = None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                    limit: int | None = None, ig_steps: int = 16, batch_size: int = 64,
+                    threads: int | None = None, seed: int = 0, progress: bool = True,
+                    score: str | None = None) -> Evaluation:
+    """MoRF/LeRF curves and ABPC of each method on an image classifier, the AttnLRP paper's ViT
+    protocol: each image (a directory of files, or a list of (name, pixels [C, H, W]) already
+    normalised) is cut into square patches of `patch` pixels; the patches are ordered by the
+    method's relevance summed over each patch and set to 0 (the normalised image's mean)
+    most-relevant-first and least-relevant-first, one patch per step, all steps run as batches of
+    perturbed images; the score is the predicted class's logit (or log-probability)."""
+    import tempfile
+
+    score = score or "logit"
+    if score not in SCORES["image-classification"]:
+        raise LRPError(f"score '{score}' does not apply to image classification; choose one of: logit, logprob")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise LRPError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
+    if patch < 1:
+        raise LRPError(f"--patch must be a positive number of pixels, not {patch}")
+    if isinstance(images, (str, os.PathLike)):
+        image_files(images, limit)  # before any conversion: a folder without images is refused at once
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lrp-evaluate-")
+        workdir = tmp.name
+    try:
+        log = (lambda msg: print(msg, file=sys.stderr)) if progress else None
+        graphs = prepare_image_graphs(model_path, workdir, methods, output, log)
+        if isinstance(images, (str, os.PathLike)):
+            loaded = load_images(images, graphs.shape, graphs.dtype, mean, std, image_size, limit)
+        else:
+            loaded = [(name, np.asarray(p, graphs.dtype)) for name, p in images][:limit]
+        from .runner import Explainer, open_session
+
+        forward, _ = open_session(graphs.forward, threads=threads, label=graphs.forward)
+        by_path = {path: Explainer(path, threads=threads) for path in set(graphs.explain.values())}
+        explainers = {method: by_path[path] for method, path in graphs.explain.items()}
+        rng = np.random.default_rng(seed)
+        results = {m: MethodResult() for m in methods}
+        examples = []
+        bar = _progress(len(loaded), "evaluate") if progress else None
+        for name, pixels in loaded:
+            grid_of_pixel, grid = patch_grid(pixels.shape[1], pixels.shape[2], patch)
+            example = ImageExample(name, pixels, grid_of_pixel, grid, patch)
+            logits = forward.run([graphs.score_output], {graphs.source: pixels[None]})[0]
+            example.target = int(logits[0].argmax())
+            examples.append(example)
+
+            def score_rows(keep, example=example):
+                out = []
+                for start in range(0, len(keep), batch_size):
+                    batch = blank_patches(example.pixels, example.patch_of_pixel, keep[start:start + batch_size])
+                    logits = forward.run([graphs.score_output], {graphs.source: batch})[0]
+                    out.append(class_score(logits, example.target, score))
+                return np.concatenate(out)
+
+            relevance = {m: _image_relevance(explainers, graphs, m, example, ig_steps, rng) for m in methods}
+            record_curves(results, relevance, example.removable, grid[0] * grid[1], score_rows)
+            if bar:
+                bar.update()
+        if bar:
+            bar.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
+                "examples": len(examples), "score": score, "source": graphs.source, "random_seed": seed,
+                "patch": patch, "target": "predicted class",
+                "removal": "the patch's pixels are set to 0 (the normalised image's mean)",
+                "abpc": "trapezoid area of (LeRF - MoRF) over the removed fraction 0..1"}
+    return Evaluation("image-classification", results, examples, settings)

@@ -4,7 +4,11 @@ each next to an equivalent graph written out in standard ops, and helpers to com
 
 The written-out graphs are built here independently of lrp_onnx/unfuse.py: attention as Einsum,
 grouped heads by a Gather on the head axis, RoPE in the rotate-half form with full-width cos/sin,
-masks as constant additive initializers (shapes are static: batch 2, sequence 5)."""
+masks as constant additive initializers (shapes are static: batch 2, sequence 5).
+
+Also the one builder of small one-off graphs (``simple_model``), and the independent gradient
+reference of every hand-built graph: central finite differences of the (written-out) graph itself
+in float64, run by onnxruntime (``finite_difference_relevance``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +17,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx
+from tests.conftest import CPU, cosine, rel_l2  # noqa: F401  (one definition; kept importable from here)
 
 B, S, HID, VOCAB = 2, 5, 16, 6
 TARGET, POSITION = np.array([1, 4]), np.array([-1, 2])
@@ -73,20 +78,76 @@ def relevance(model, rules, feeds):
     converted = lrp_onnx.convert(model, rules=rules, source="x")
     for n in converted.graph.node:
         assert not n.op_type.endswith("Grad"), n.op_type
-    explainer = lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"])
+    explainer = lrp_onnx.Explainer.from_model(converted, providers=CPU)
     result = explainer.run(target=TARGET, position=POSITION, **feeds)
     forward = ort_run(converted, feeds)
     return result, forward
 
 
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+def simple_model(nodes, inputs, outputs, initializers=(), opset=17, domains=()):
+    """A model from nodes; inputs/outputs: [(name, shape)] float32 (or (name, shape, elem_type));
+    initializers: [(name, array)] (float arrays stored as float32, others as they are)."""
+    def info(spec):
+        name, shape, *elem = spec
+        return helper.make_tensor_value_info(name, elem[0] if elem else TensorProto.FLOAT, list(shape))
+
+    def array(v):
+        v = np.asarray(v)
+        return v.astype(np.float32) if v.dtype.kind == "f" else v
+
+    graph = helper.make_graph(list(nodes), "g", [info(i) for i in inputs], [info(o) for o in outputs],
+                              [numpy_helper.from_array(array(v), k) for k, v in initializers])
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
-def cosine(a, b):
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+# -- the independent gradient reference: finite differences of the graph in float64 --------------------
+def to_float64(model):
+    """A copy of `model` computing in float64: float initializers, graph inputs/outputs, value infos,
+    Cast targets and Constant values. Only for the standard ops written-out graphs use."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
+            if n.op_type == "Constant" and a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+    return m
+
+
+def finite_difference_relevance(model, feeds, source="x", target=TARGET, position=POSITION, eps=1e-5,
+                                output="logits"):
+    """x * d(sum_b output[b, position[b], target[b]])/dx by central differences of `model` run in
+    float64 by onnxruntime: the gradient-mode relevance, computed with nothing from lrp_onnx."""
+    session = ort.InferenceSession(to_float64(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    fixed = {k: np.asarray(v, np.float64) if np.asarray(v).dtype == np.float32 else v
+             for k, v in feeds.items() if k != source}
+    x = np.asarray(feeds[source], np.float64)
+    rows = np.arange(x.shape[0])
+
+    def f(value):
+        out = session.run([output], {**fixed, source: value})[0]
+        return out[rows, position, target].sum()
+
+    grad = np.zeros_like(x)
+    flat, g = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        keep = flat[i]
+        flat[i] = keep + eps
+        up = f(x)
+        flat[i] = keep - eps
+        down = f(x)
+        flat[i] = keep
+        g[i] = (up - down) / (2 * eps)
+    return x * grad
 
 
 # -- written-out building blocks (standard ops only) -----------------------------------------------
@@ -150,3 +211,26 @@ def written_rope(g, x, cos, sin, interleaved, rotary_dim, head_size, seq_axis_sh
     if r < head_size:
         out = g.op("Concat", out, x_pass, axis=-1)
     return out
+
+
+def relevance_path_nodes(model, source, output):
+    """Names of the nodes on a float path from tensor `source` to graph output `output`, from the graph
+    alone (onnx shape inference for the element types): reached from the source through float tensors,
+    and reaching the output."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output) + list(g.input)}
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    reached, forward = {source}, set()
+    for n in g.node:  # ONNX nodes are in topological order
+        if any(i in reached for i in n.input):
+            outs = [o for o in n.output if types.get(o) in floats]
+            if outs:
+                forward.add(n.name)
+                reached.update(outs)
+    needed, backward = {output}, set()
+    for n in reversed(g.node):
+        if any(o in needed for o in n.output):
+            backward.add(n.name)
+            needed.update(n.input)
+    return forward & backward

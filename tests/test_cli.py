@@ -1,8 +1,8 @@
 """The command line: conversion and inspection work, bad input fails cleanly (exit 2, one line, nothing written)."""
+import collections
 import hashlib
 import json
-import subprocess
-import sys
+import re
 
 import numpy as np
 import onnx
@@ -10,11 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import lrp_onnx
-
-
-def lrp(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lrp_onnx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+from tests import handbuilt as hb
+from tests.conftest import lrp_cli as lrp
 
 
 def digest(path):
@@ -43,25 +40,23 @@ def test_convert_and_inspect_from_the_command_line(tiny_model, tmp_path):
     text = report.stdout
     assert "SiLU" in text and "identity" in text and "uniform" in text and "RMSNorm rms" in text
     assert "coverage: every unit on the relevance path has a rule" in text
-    # every node is accounted for: on the path with a rule, or off the path
-    summary = [line for line in text.splitlines() if "units on the relevance path" in line][0]
-    on_path = sum(len(u.nodes) for u in _units(path))
-    assert f"{_off_path(summary)} nodes off the path" in summary
-    assert on_path + _off_path(summary) == len(onnx.load(path).graph.node)
-
-
-def _units(path):
-    from lrp_onnx.graph import GraphView
-    from lrp_onnx.pipeline import analyze, default_sources
-    from lrp_onnx.shapes import infer_shapes
+    lines = text.splitlines()
+    summary = next(line for line in lines if "units on the relevance path" in line)
+    match = re.fullmatch(r"(\d+) units on the relevance path \((.*)\); (\d+) nodes off the path need no rule", summary)
+    assert match, summary
+    units, off_path = int(match[1]), int(match[3])
+    counts = {rule: int(n) for n, rule in (part.split() for part in match[2].split(", "))}
+    # the printed table has one row per unit, and the summary counts its rules
+    rows = lines[lines.index(next(line for line in lines if line.startswith("rule "))) + 1:lines.index(summary)]
+    assert len(rows) == units == sum(counts.values())
+    assert collections.Counter(row.split()[0] for row in rows) == counts
+    # what the tiny LLaMA's architecture implies (2 layers): one SiLU per layer (identity), Q·Kᵀ, A·V and
+    # gate·up per layer (uniform), two RMSNorms per layer plus the final one (rms constant)
+    assert (counts["identity"], counts["uniform"], counts["constant"]) == (2, 6, 5)
+    # nodes off the path, counted from the graph alone: not on a float path from the embedding to the logits
     model = onnx.load(path)
-    view = GraphView.build(model, infer_shapes(model))
-    plan = analyze(view, "attnlrp", "logits", default_sources(view, "logits"))
-    return plan.path_units + plan.blocked_units
-
-
-def _off_path(summary):
-    return int(summary.split(";")[1].split()[0])
+    source = next(n.output[0] for n in model.graph.node if n.op_type == "Gather" and "embed_tokens" in n.name)
+    assert off_path == len(model.graph.node) - len(hb.relevance_path_nodes(model, source, "logits"))
 
 
 def test_missing_file(tmp_path):
@@ -105,11 +100,8 @@ def _graph_with(op_type, domain=""):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
              helper.make_node(op_type, ["h"], ["u"], name="strange", domain=domain),
              helper.make_node("MatMul", ["u", "w"], ["y"], name="head")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-                              initializer=[onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    return helper.make_model(graph, opset_imports=opsets)
+    return hb.simple_model(nodes, [("x", [2, 4])], [("y", [2, 4])], [("w", np.eye(4))],
+                           domains=[domain] if domain else [])
 
 
 def test_unsupported_op_on_the_path_is_named(tmp_path):

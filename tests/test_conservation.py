@@ -1,68 +1,72 @@
 """Conservation, rule by rule, on small hand-built graphs.
 
 Each graph is built so that its explained output is a conservative function of the source under
-the rule being tested: sum(input relevance) must equal sum(output relevance) = sum(y * seed).
+the rule being tested: sum(input relevance) must equal sum(output relevance) = sum(y * seed). Beyond
+the sums, every element of the relevance is compared with the rule computed in numpy, and where
+the rule splits relevance between operands (the uniform rule: 1/N each) the split itself is asserted.
 """
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import lrp_onnx
+from tests import handbuilt as hb
 
-RNG = np.random.default_rng(0)
 B, S, H = 2, 5, 8
 
 
 def _model(nodes, inputs, output_shape, initializers=(), output="y"):
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
-        initializer=[numpy_helper.from_array(_as_model_dtype(np.asarray(v)), k) for k, v in initializers])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return hb.simple_model(nodes, [(n, s) for n, s in inputs], [(output, output_shape)], initializers)
 
 
-def _as_model_dtype(v):
-    return v.astype(np.float32) if v.dtype.kind == "f" else v
-
-
-def _relevance(model, feeds, rules="attnlrp"):
-    converted = lrp_onnx.convert(model, rules=rules, seed_input=True)
+def _relevance(model, feeds, rng, rules="attnlrp", **convert_kwargs):
+    """(sum of input relevance, sum(y * seed), every output by name, seed) for a random seed."""
+    converted = lrp_onnx.convert(model, rules=rules, seed_input=True, **convert_kwargs)
     sess = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
     original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     out_shape = original.run(["y"], feeds)[0].shape
-    seed = RNG.normal(size=out_shape).astype(np.float32)
+    seed = rng.normal(size=out_shape).astype(np.float32)
     names = [o.name for o in sess.get_outputs()]
     values = dict(zip(names, sess.run(None, {**feeds, "lrp_seed": seed})))
-    relevance_in = sum(values[n].sum() for n in names if n.startswith("lrp_relevance"))
-    relevance_out = (values["y"] * seed).sum()
-    return relevance_in, relevance_out, values
+    latent = set(lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"]).meta.get("latent", {}))
+    sources = [n for n in names if n.startswith("lrp_relevance") and n not in latent]
+    assert len(sources) == len(convert_kwargs.get("source", [None])), sources
+    relevance_in = sum(values[n].astype(np.float64).sum() for n in sources)
+    relevance_out = (values["y"].astype(np.float64) * seed).sum()
+    return relevance_in, relevance_out, values, seed
 
 
-def _x(*shape):
-    return RNG.normal(size=shape).astype(np.float32)
-
-
-def _assert_conserved(model, feeds, rules="attnlrp"):
-    r_in, r_out, values = _relevance(model, feeds, rules)
+def _assert_conserved(model, feeds, rng, rules="attnlrp", **convert_kwargs):
+    r_in, r_out, values, seed = _relevance(model, feeds, rng, rules, **convert_kwargs)
     assert abs(r_in - r_out) <= 1e-5 * max(1.0, abs(r_out)), (r_in, r_out)
     assert abs(r_out) > 1e-3  # the check is not vacuous
-    return values
+    return values, seed
 
 
-def test_bias_free_linear_is_conservative():
-    w = _x(H, 6)
+def _close(got, expected):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_bias_free_linear_is_conservative(rng):
+    w, w2, x = rng.normal(size=(H, 6)), rng.normal(size=(4, 6)), rng.normal(size=(B, S, H)).astype(np.float32)
     m = _model([helper.make_node("MatMul", ["x", "w"], ["h"]),
                 helper.make_node("Reshape", ["h", "shape"], ["h2"]),
                 helper.make_node("Gemm", ["h2", "w2"], ["y"], transB=1)],
                [("x", [B, S, H])], [B * S, 4],
-               [("w", w), ("w2", _x(4, 6)), ("shape", np.array([-1, 6], dtype=np.int64))])
-    _assert_conserved(m, {"x": _x(B, S, H)})
+               [("w", w), ("w2", w2), ("shape", np.array([-1, 6], dtype=np.int64))])
+    values, seed = _assert_conserved(m, {"x": x}, rng)
+    w, w2 = w.astype(np.float32).astype(np.float64), w2.astype(np.float32).astype(np.float64)
+    _close(values["lrp_relevance"], x * ((seed @ w2).reshape(B, S, 6) @ w.T))  # gradient x input
 
 
-@pytest.mark.parametrize("activation", ["Gelu-erf", "Gelu-tanh", "SiLU", "Tanh", "Sigmoid"])
-def test_identity_rule_is_conservative(activation):
+ACTIVATIONS = {"Gelu-erf": lambda x: 0.5 * x * (1 + np.vectorize(__import__("math").erf)(x / np.sqrt(2))),
+               "Gelu-tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+               "SiLU": lambda x: x / (1 + np.exp(-x)), "Tanh": np.tanh, "Sigmoid": lambda x: 1 / (1 + np.exp(-x))}
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_identity_rule_is_conservative(activation, rng):
     nodes = []
     if activation == "Gelu-erf":  # x * 0.5 * (1 + erf(x / sqrt 2)), as the TorchScript exporter writes it
         nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
@@ -80,67 +84,107 @@ def test_identity_rule_is_conservative(activation):
     consts = [("sqrt2", np.array(np.sqrt(2))), ("one", np.array(1.0)), ("half", np.array(0.5)),
               ("three", np.array(3.0)), ("k", np.array(0.044715)), ("c", np.array(np.sqrt(2 / np.pi)))]
     m = _model(nodes, [("x", [B, S, H])], [B, S, H], consts)
-    x = _x(B, S, H)
-    _assert_conserved(m, {"x": x})
+    x = rng.normal(size=(B, S, H)).astype(np.float32)
+    values, seed = _assert_conserved(m, {"x": x}, rng)
+    # identity rule: each element hands on exactly its own output relevance, f(x) * seed
+    _close(values["lrp_relevance"], ACTIVATIONS[activation](x.astype(np.float64)) * seed)
     rules = [rule for _, _, rule in lrp_onnx.inspect_model(m).rows]
     assert rules.count("identity") == 1 and set(rules) <= {"identity", "gradient"}  # a trailing *0.5 is linear
 
 
-def test_uniform_rule_on_attention_products_is_conservative():
-    # scores = q @ k^T ; probs held linear via seed ; out = probs_like(a) @ v with a from x too
+def test_uniform_rule_on_attention_products_is_conservative(rng):
+    """y = (q kᵀ) v, all three relevance-carrying: each product hands 1/2 to each operand, so v gets
+    half of the output relevance and q, k a quarter each (any other split fails)."""
     nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["q", "kt"], ["scores"]),
              helper.make_node("MatMul", ["scores", "v"], ["y"])]
     m = _model(nodes, [("q", [B, S, H]), ("k", [B, S, H]), ("v", [B, S, H])], [B, S, H])
-    _assert_conserved(m, {"q": _x(B, S, H), "k": _x(B, S, H), "v": _x(B, S, H)})
-    report = lrp_onnx.inspect_model(m)
+    q, k, v = (rng.normal(size=(B, S, H)).astype(np.float32) for _ in range(3))
+    values, seed = _assert_conserved(m, {"q": q, "k": k, "v": v}, rng, source=["q", "k", "v"])
+    r_q, r_k, r_v = values["lrp_relevance"], values["lrp_relevance_1"], values["lrp_relevance_2"]
+    q, k, v = (t.astype(np.float64) for t in (q, k, v))
+    total = (values["y"] * seed).sum()
+    np.testing.assert_allclose([r_q.sum(), r_k.sum(), r_v.sum()], [total / 4, total / 4, total / 2], rtol=1e-4)
+    scores = q @ k.transpose(0, 2, 1)
+    g_scores = seed @ v.transpose(0, 2, 1) / 2  # 1/2 of the gradient to each operand of y = scores v
+    _close(r_v, v * (scores.transpose(0, 2, 1) @ seed) / 2)
+    _close(r_q, q * (g_scores @ k) / 2)
+    _close(r_k, k * (g_scores.transpose(0, 2, 1) @ q) / 2)
+    report = lrp_onnx.inspect_model(m, source=["q", "k", "v"])
     assert [rule for _, _, rule in report.rows if "MatMul" in _] == ["uniform", "uniform"]
 
 
-def test_uniform_rule_on_gating_is_conservative():
+def test_uniform_rule_on_gating_is_conservative(rng):
+    """y = g * u with g, u both from x: each factor gets exactly half of y's relevance, elementwise."""
+    wg, wu = rng.normal(size=(H, 6)).astype(np.float32), rng.normal(size=(H, 6)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "wg"], ["g"]), helper.make_node("MatMul", ["x", "wu"], ["u"]),
              helper.make_node("Mul", ["g", "u"], ["y"])]
-    m = _model(nodes, [("x", [B, S, H])], [B, S, 6], [("wg", _x(H, 6)), ("wu", _x(H, 6))])
-    _assert_conserved(m, {"x": _x(B, S, H)})
+    m = _model(nodes, [("x", [B, S, H])], [B, S, 6], [("wg", wg), ("wu", wu)])
+    x = rng.normal(size=(B, S, H)).astype(np.float32)
+    values, seed = _assert_conserved(m, {"x": x}, rng, latent=["g", "u"])
+    r_y = values["y"].astype(np.float64) * seed
+    _close(values["lrp_relevance_g"], r_y / 2)
+    _close(values["lrp_relevance_u"], r_y / 2)
+    x, g, u = x.astype(np.float64), x.astype(np.float64) @ wg, x.astype(np.float64) @ wu
+    _close(values["lrp_relevance"], x * ((seed * u / 2) @ wg.T + (seed * g / 2) @ wu.T))
 
 
-def test_layer_normalization_with_constant_std_is_conservative():
+def _constant_std_relevance(x, w, seed, centered):
+    """x * d(sum(y * seed))/dx with the std (rms) held constant: y = (x - mean) / std * w."""
+    x = x.astype(np.float64)
+    c = x - x.mean(-1, keepdims=True) if centered else x
+    std = np.sqrt((c ** 2).mean(-1, keepdims=True) + (1e-5 if centered else 1e-6))
+    g = seed * w
+    if centered:
+        g = g - g.mean(-1, keepdims=True)
+    return x * g / std
+
+
+def test_layer_normalization_with_constant_std_is_conservative(rng):
+    w, x = rng.normal(size=H).astype(np.float32), rng.normal(size=(B, S, H)).astype(np.float32)
     nodes = [helper.make_node("LayerNormalization", ["x", "w", "b"], ["y"], axis=-1, epsilon=1e-5)]
-    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("w", _x(H)), ("b", np.zeros(H))])
-    _assert_conserved(m, {"x": _x(B, S, H)})
+    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("w", w), ("b", np.zeros(H))])
+    values, seed = _assert_conserved(m, {"x": x}, rng)
+    _close(values["lrp_relevance"], _constant_std_relevance(x, w, seed, centered=True))
 
 
-def test_written_out_rms_norm_with_constant_rms_is_conservative():
+def test_written_out_rms_norm_with_constant_rms_is_conservative(rng):
+    w, x = rng.normal(size=H).astype(np.float32), rng.normal(size=(B, S, H)).astype(np.float32)
     nodes = [helper.make_node("Pow", ["x", "two"], ["p"]),
              helper.make_node("ReduceMean", ["p"], ["ms"], axes=[-1], keepdims=1),
              helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
              helper.make_node("Reciprocal", ["rms"], ["inv"]), helper.make_node("Mul", ["x", "inv"], ["n"]),
              helper.make_node("Mul", ["w", "n"], ["y"])]
-    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("two", np.array(2.0)), ("eps", np.array(1e-6)),
-                                                       ("w", _x(H))])
-    _assert_conserved(m, {"x": _x(B, S, H)})
+    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("two", np.array(2.0)), ("eps", np.array(1e-6)), ("w", w)])
+    values, seed = _assert_conserved(m, {"x": x}, rng)
+    expected = _constant_std_relevance(x, w, seed, centered=False)
+    _close(values["lrp_relevance"], expected)
+    _close(values["lrp_relevance"], values["y"].astype(np.float64) * seed)  # elementwise: R_in = R_out
     rules = {rule for _, cats, rule in lrp_onnx.inspect_model(m).rows if cats[0] == "norm_scale"}
     assert rules == {"constant"}
 
 
-def test_written_out_layer_norm_with_constant_std_is_conservative():
+def test_written_out_layer_norm_with_constant_std_is_conservative(rng):
+    w, x = rng.normal(size=H).astype(np.float32), rng.normal(size=(B, S, H)).astype(np.float32)
     nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1], keepdims=1),
              helper.make_node("Sub", ["x", "mean"], ["c"]), helper.make_node("Pow", ["c", "two"], ["p"]),
              helper.make_node("ReduceMean", ["p"], ["var"], axes=[-1], keepdims=1),
              helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
              helper.make_node("Div", ["c", "std"], ["n"]), helper.make_node("Mul", ["n", "w"], ["y"])]
-    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("two", np.array(2.0)), ("eps", np.array(1e-5)),
-                                                       ("w", _x(H))])
-    _assert_conserved(m, {"x": _x(B, S, H)})
+    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("two", np.array(2.0)), ("eps", np.array(1e-5)), ("w", w)])
+    values, seed = _assert_conserved(m, {"x": x}, rng)
+    _close(values["lrp_relevance"], _constant_std_relevance(x, w, seed, centered=True))
 
 
-def test_residual_add_is_conservative():
+def test_residual_add_is_conservative(rng):
+    w, x = rng.normal(size=(H, H)).astype(np.float32), rng.normal(size=(B, S, H)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["x", "h"], ["y"])]
-    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("w", _x(H, H))])
-    _assert_conserved(m, {"x": _x(B, S, H)})
+    m = _model(nodes, [("x", [B, S, H])], [B, S, H], [("w", w)])
+    values, seed = _assert_conserved(m, {"x": x}, rng)
+    _close(values["lrp_relevance"], x * (seed + seed @ w.T.astype(np.float64)))
 
 
-def test_routing_ops_are_conservative():
+def test_routing_ops_are_conservative(rng):
     i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
     nodes = [helper.make_node("Reshape", ["x", "shape4"], ["r"]),
              helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1, 3]),
@@ -157,16 +201,24 @@ def test_routing_ops_are_conservative():
               "idx": i64([0, 2, 1]), "ax0": i64([0]), "eshape": i64([B, 2, 3, 4]), "zero": np.array(0.0),
               "cond": np.array([True, False, True, True]).reshape(1, 1, 1, 4)}
     m = _model(nodes, [("x", [B, S, H])], [B, 2, 3, 4], consts.items())
-    _assert_conserved(m, {"x": _x(B, S, H)})
+    x = rng.normal(size=(B, S, H)).astype(np.float32)
+    values, seed = _assert_conserved(m, {"x": x}, rng)
+    # the same routing in numpy: x -> [B, 2, S, 4] -> rows 1..3 -> halves swapped -> rows 0, 2, 1 -> masked
+    t = np.arange(x.size).reshape(B, S, 2, 4).transpose(0, 2, 1, 3)[:, :, 1:4]
+    t = np.concatenate([t[..., 2:], t[..., :2]], axis=3)[:, :, [0, 2, 1]]
+    keep = np.broadcast_to(consts["cond"], t.shape)
+    grad = np.zeros(x.size)
+    np.add.at(grad, t[keep], seed.astype(np.float64)[keep])
+    _close(values["lrp_relevance"], x * grad.reshape(x.shape))
 
 
-def test_softmax_rule_is_gradient_times_input():
+def test_softmax_rule_is_gradient_times_input(rng):
     """AttnLRP's softmax rule is G×I through softmax: not conservative, equal to x*(g - sum(g*y))*y."""
     m = _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [("x", [B, H])], [B, H])
-    x = _x(B, H)
+    x = rng.normal(size=(B, H)).astype(np.float32)
     converted = lrp_onnx.convert(m, seed_input=True)
     sess = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
-    seed = _x(B, H)
+    seed = rng.normal(size=(B, H)).astype(np.float32)
     y, relevance = sess.run(["y", "lrp_relevance"], {"x": x, "lrp_seed": seed})
     expected = x * y * (seed - (seed * y).sum(-1, keepdims=True))
     np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-6)

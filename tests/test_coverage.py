@@ -2,12 +2,10 @@
 in both exports and every rule set that applies, has a rule (and its backward can be emitted).
 The relevance of each is checked against its reference in test_parity / test_families / test_moe /
 test_t5 / test_vit; this file is the one place that lists them all."""
-import subprocess
-import sys
-
 import pytest
 
 import lrp_onnx
+from tests.conftest import lrp_cli
 
 TEXT_FAMILIES = ["bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe", "t5"]
 CASES = [(f, e, r) for f in TEXT_FAMILIES for e in ("torchscript", "dynamo") for r in ("gradient", "attnlrp", "cp-lrp")]
@@ -25,6 +23,6 @@ def test_every_unit_on_the_path_has_a_rule(family, exporter, rules, tiny_model):
 
 def test_cli_inspect_reports_full_coverage(tiny_model):
     _, path = tiny_model("mixtral")
-    done = subprocess.run([sys.executable, "-m", "lrp_onnx", "inspect", str(path)], capture_output=True, text=True)
+    done = lrp_cli("inspect", path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith("coverage: every unit on the relevance path has a rule")

@@ -137,4 +137,4 @@ def test_quantized_layer_gradient_is_exact(form, workdir):
         expected = np.zeros((hb.B, hb.S, K))
         for b, (t, p) in enumerate(zip(hb.TARGET, hb.POSITION)):
             expected[b, p] = x[b, p] * w[:, t]
-        assert rel_l2(result.relevance, expected) <= 1e-6, rules
+        assert rel_l2(result.relevance, expected) <= 2e-7, rules  # <= 4.4e-8 seen (0 for MatMulNBits)

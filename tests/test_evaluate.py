@@ -2,14 +2,14 @@
 
 On tiny random-weight models with a word-level tokenizer over their 100-token vocabulary:
 * every perturbed score equals PyTorch's logit with those tokens' inputs_embeds zeroed;
-* each method's relevance equals an independent computation: attnlrp / cp-lrp / gradient the
-  converted original model's (the perturbation input must not change it), IG torch.autograd's;
-* MoRF removes the most relevant token first, ABPC is the trapezoid area between the curves;
+* each method's relevance equals the PyTorch references (LXT 2.1 for attnlrp / cp-lrp,
+  torch.autograd for gradient and IG) and the converted original model's (the perturbation input
+  must not change it);
+* MoRF removes the most relevant token first, ABPC is the trapezoid area between the curves (both
+  recomputed here with this file's own small code, not lrp_onnx.faithfulness's);
 * the CLI writes JSON/CSV/PNG, and bad input gets one error line and no output files.
 """
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +17,35 @@ import torch
 
 import lrp_onnx
 from lrp_onnx.faithfulness import abpc, evaluate, perturbation_curves
+from tests.conftest import lrp_cli as lrp_onnx_cli
+from tests.conftest import rel_l2
 
 TEXTS = ["w5 w17 w3 w44 w9 w12", "w8 w2 w61 w30", "w7 w7 w90 w11 w23 w4 w56"]
+METHODS = {"attnlrp", "cp-lrp", "gradient", "ig", "random"}
+
+
+def own_scales(relevance, removable, length):
+    """The protocol, written here: rows of per-token scales, MoRF (most relevant removable token zeroed
+    first, one more per step, from none to all) then LeRF (least relevant first)."""
+    removable = np.asarray(removable)
+    order = removable[np.argsort(-np.asarray(relevance)[removable], kind="stable")]
+    rows = []
+    for sequence in (order, order[::-1]):
+        for step in range(len(sequence) + 1):
+            row = np.ones(length)
+            row[sequence[:step]] = 0.0
+            rows.append(row)
+    return np.array(rows)
+
+
+def own_abpc(morf, lerf):
+    """area(LeRF) - area(MoRF) over the removed fraction 0..1, trapezoid rule."""
+    morf, lerf = np.asarray(morf, np.float64), np.asarray(lerf, np.float64)
+    if len(morf) < 2:
+        return 0.0
+    width = 1.0 / (len(morf) - 1)
+    area = lambda c: width * (c[0] / 2 + c[1:-1].sum() + c[-1] / 2)  # noqa: E731
+    return float(area(lerf) - area(morf))
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +85,22 @@ def test_curves_equal_pytorch_with_zeroed_embeddings(llama_evaluation, tiny_mode
 
     hf_dir, _ = tiny_model("llama")
     model = tiny.load("llama", hf_dir)
+    assert len(llama_evaluation.examples) == len(TEXTS)
+    assert set(llama_evaluation.methods) == METHODS
     for k, example in enumerate(llama_evaluation.examples):
         prompt = ids_of(TEXTS[k])[:-1]  # next-token: the text without its last word
         np.testing.assert_array_equal(example.input_ids, prompt)
+        np.testing.assert_array_equal(example.removable, np.arange(len(prompt)))  # no special tokens
         full = torch_logits(model, prompt, np.ones((1, len(prompt))))[0, -1]
         assert example.target == int(full.argmax())
         for method, result in llama_evaluation.methods.items():
-            scales = perturbation_curves(np.asarray(result.relevance[k]), example.removable, len(prompt))
+            assert len(result.morf[k]) == len(result.lerf[k]) == len(prompt) + 1
+            scales = own_scales(result.relevance[k], example.removable, len(prompt))
             expected = torch_logits(model, prompt, scales)[:, -1, example.target].numpy()
             got = np.concatenate([result.morf[k], result.lerf[k]])
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
             assert result.morf[k][0] == pytest.approx(float(full[example.target]), rel=1e-4, abs=1e-5)
-            assert result.abpc[k] == pytest.approx(abpc(result.morf[k], result.lerf[k]))
+            assert result.abpc[k] == pytest.approx(own_abpc(result.morf[k], result.lerf[k]), rel=1e-9, abs=1e-12)
 
 
 def test_logprob_score_equals_pytorch_log_softmax(tiny_model, word_tokenizer, workdir):
@@ -79,9 +110,10 @@ def test_logprob_score_equals_pytorch_log_softmax(tiny_model, word_tokenizer, wo
     ev = evaluate(path, word_tokenizer, TEXTS[:2], task="next-token", methods=["attnlrp"], score="logprob",
                   workdir=workdir / "eval-llama-logprob", progress=False)
     model = tiny.load("llama", hf_dir)
+    assert len(ev.examples) == 2 and set(ev.methods) == {"attnlrp"}
     for k, example in enumerate(ev.examples):
         result = ev.methods["attnlrp"]
-        scales = perturbation_curves(np.asarray(result.relevance[k]), example.removable, len(example.input_ids))
+        scales = own_scales(result.relevance[k], example.removable, len(example.input_ids))
         logits = torch_logits(model, example.input_ids, scales)[:, -1]
         expected = torch.log_softmax(logits.double(), -1)[:, example.target].numpy()
         np.testing.assert_allclose(np.concatenate([result.morf[k], result.lerf[k]]), expected, rtol=1e-4, atol=1e-4)
@@ -90,12 +122,41 @@ def test_logprob_score_equals_pytorch_log_softmax(tiny_model, word_tokenizer, wo
 
 
 @pytest.mark.parametrize("method", ["attnlrp", "cp-lrp", "gradient"])
-def test_relevance_equals_converted_original(method, llama_evaluation, tiny_model, workdir):
-    _, path = tiny_model("llama")
+def test_relevance_equals_reference_and_converted_original(method, llama_evaluation, tiny_model, workdir):
+    from tests.reference import run_reference
+
+    hf_dir, path = tiny_model("llama")
+    examples = llama_evaluation.examples
+    assert len(examples) == len(TEXTS)
+    if method == "attnlrp":  # LXT 2.1 (a subprocess), every example in one right-padded batch
+        lengths = np.array([len(e.input_ids) for e in examples])
+        ids = np.zeros((len(examples), lengths.max()), np.int64)
+        mask = np.zeros_like(ids)
+        for k, e in enumerate(examples):
+            ids[k, :lengths[k]], mask[k, :lengths[k]] = e.input_ids, 1
+        ref = run_reference("llama", hf_dir, method, {"input_ids": ids, "attention_mask": mask, "position": lengths - 1,
+                                                      "target": np.array([e.target for e in examples])},
+                            workdir / "ref-evaluate")
+        expected = [ref["relevance"][k, :lengths[k]].sum(-1) for k in range(len(examples))]
+    elif method == "gradient":  # torch.autograd, in this process
+        from models import tiny
+
+        model = tiny.load("llama", hf_dir)
+        expected = []
+        for e in examples:
+            x = model.get_input_embeddings()(torch.as_tensor(e.input_ids)[None]).detach().requires_grad_()
+            model(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.int64)).logits[0, -1, e.target].backward()
+            expected.append((x * x.grad)[0].sum(-1).detach().double().numpy())
+    else:  # cp-lrp: checked against LXT in test_parity; here only against the converted original below
+        expected = None
+    for k in range(len(examples) if expected is not None else 0):
+        # token relevance (summed over the hidden axis, which cancels): ~3e-7 (attnlrp), ~8e-6 (gradient) seen
+        assert rel_l2(llama_evaluation.methods[method].relevance[k], expected[k]) <= 5e-5, k
+    # the converted original model (without the perturbation input) gives the same
     out = workdir / f"eval-llama-original.{method}.onnx"
     lrp_onnx.convert(path, out, rules=method)
     explainer = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"])
-    for k, example in enumerate(llama_evaluation.examples):
+    for k, example in enumerate(examples):
         ids = example.input_ids[None]
         result = explainer.run(target=[example.target], input_ids=ids, attention_mask=np.ones_like(ids))
         np.testing.assert_allclose(llama_evaluation.methods[method].relevance[k], result.token_relevance()[0],
@@ -108,6 +169,7 @@ def test_integrated_gradients_equal_autograd(llama_evaluation, tiny_model):
     hf_dir, _ = tiny_model("llama")
     model = tiny.load("llama", hf_dir)
     steps = llama_evaluation.settings["ig_steps"]
+    assert steps == 8 and len(llama_evaluation.examples) == len(TEXTS)
     for k, example in enumerate(llama_evaluation.examples):
         ids = torch.as_tensor(example.input_ids)[None]
         x = model.get_input_embeddings()(ids).detach()
@@ -117,7 +179,7 @@ def test_integrated_gradients_equal_autograd(llama_evaluation, tiny_model):
         logits[:, -1, example.target].sum().backward()
         expected = (x[0] * scaled.grad.mean(0)).sum(-1).double().numpy()
         got = np.asarray(llama_evaluation.methods["ig"].relevance[k])
-        assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected)
+        assert rel_l2(got, expected) <= 5e-5  # ~6e-6 seen (token sums, fp32)
 
 
 def test_morf_removes_most_relevant_first_and_abpc_is_the_area():
@@ -132,6 +194,16 @@ def test_morf_removes_most_relevant_first_and_abpc_is_the_area():
     np.testing.assert_array_equal(only[2], [1, 0, 1, 0])
     assert abpc(np.array([2.0, 1.0, 0.0]), np.array([2.0, 2.0, 2.0])) == pytest.approx(1.0)
     assert abpc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.0
+    # lrp_onnx's protocol code equals this file's on random relevance with a special token kept
+    relevance = np.random.default_rng(4).standard_normal(7)
+    np.testing.assert_array_equal(perturbation_curves(relevance, np.arange(1, 7), 7), own_scales(relevance, np.arange(1, 7), 7))
+    curves = np.random.default_rng(5).standard_normal((2, 7))
+    assert abpc(*curves) == pytest.approx(own_abpc(*curves), rel=1e-12)
+    # and so does the LXT side's separate implementation (tools/lxt_perturbation.py)
+    from tools.lxt_perturbation import area_between, removal_scales
+
+    np.testing.assert_array_equal(removal_scales(relevance, np.arange(1, 7), 7), own_scales(relevance, np.arange(1, 7), 7))
+    assert area_between(*curves) == pytest.approx(own_abpc(*curves), rel=1e-12)
 
 
 def test_similarity_task_explains_dot_product_with_reference(tiny_model, word_tokenizer, workdir):
@@ -145,6 +217,7 @@ def test_similarity_task_explains_dot_product_with_reference(tiny_model, word_to
     out = workdir / "eval-bert-original.attnlrp.onnx"
     lrp_onnx.convert(path, out, rules="attnlrp", seed_input=True)
     explainer = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"])
+    assert len(ev.examples) == len(pairs)
     for k, (text, reference) in enumerate(pairs):
         ids, ref_ids = ids_of(text)[None], ids_of(reference)[None]
         embedding = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
@@ -167,10 +240,6 @@ def test_similarity_both_ways(tiny_model, word_tokenizer, workdir):
         evaluate(path, word_tokenizer, ["w5 w17"], task="similarity", both_ways=True, progress=False)
 
 
-def lrp_onnx_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lrp_onnx", *map(str, args)], capture_output=True, text=True)
-
-
 def test_cli_evaluate_writes_results_and_plot(tiny_model, word_tokenizer, workdir):
     _, path = tiny_model("gpt2")
     texts = workdir / "texts.txt"
@@ -181,8 +250,10 @@ def test_cli_evaluate_writes_results_and_plot(tiny_model, word_tokenizer, workdi
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text())
     assert [e["text"] for e in results["examples"]] == [t.rsplit(" ", 1)[0] for t in TEXTS[:2]]
+    assert len(results["examples"]) == 2 and set(results["summary"]) == {"attnlrp", "gradient", "random"}
     for method in ("attnlrp", "gradient", "random"):
         a = [e["abpc"][method] for e in results["examples"]]
+        assert len(a) == 2
         assert results["summary"][method]["abpc_mean"] == pytest.approx(np.mean(a))
         assert f"\n{method} " in done.stdout
     rows = (out / "abpc.csv").read_text().splitlines()
@@ -228,6 +299,7 @@ def test_explain_html_and_png_heatmaps(tiny_model, word_tokenizer, workdir):
                         "--text", TEXTS[1], "--html", html, "--png", png, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
+    assert len(report) == 2 and [len(r["tokens"]) for r in report] == [len(TEXTS[0].split()), len(TEXTS[1].split())]
     page = html.read_text()
     assert page.count("<span class='t'") == sum(len(r["tokens"]) for r in report)
     for r in report:  # the most relevant token of each text is pure red (or blue), zero is white

@@ -124,6 +124,16 @@ def test_experts_without_tokens(family, exporter, tiny_model, converted):
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _per_test_rng(request):
+    """The helpers below draw from RNG: reseed it from each test's name, so a test's inputs do not
+    depend on which tests ran before it."""
+    global RNG
+    from tests.conftest import seeded_rng
+
+    RNG = seeded_rng(request.node.nodeid)
+
+
 def _one_node_gradients(node, float_inputs: dict, int_inputs: dict, output_shape):
     """d sum(y * seed) / d input for each float input, from the converted graph (gradient rule)."""
     graph = helper.make_graph(

@@ -13,6 +13,7 @@ from tests import handbuilt as hb
 from tests.conftest import rel_l2
 
 RULES = ["gradient", "attnlrp", "cp-lrp"]
+FD_BOUND = 1e-5  # gradient mode (fp32) vs central differences of the written-out graph in float64
 MS = "com.microsoft"
 HEADS, D = 4, 4
 MASK = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)  # row 1 right-padded
@@ -49,6 +50,9 @@ def _check(fused, written, feeds=FEEDS, rows=VALID, kernel=None):
         assert np.isfinite(got.relevance).all()
         errors[rules] = rel_l2(got.relevance, expected.relevance)
         assert errors[rules] <= 1e-5, (rules, errors)
+        if rules == "gradient":  # independent of lrp_onnx: finite differences of the written-out graph
+            errors["finite-differences"] = rel_l2(got.relevance, hb.finite_difference_relevance(written, feeds))
+            assert errors["finite-differences"] <= FD_BOUND, errors
     return errors
 
 
@@ -178,3 +182,43 @@ def packed_mha_graphs(packing, with_bias):
 def test_packed_multi_head_attention_gives_written_out_relevance(packing, with_bias):
     packed, written, unpacked = packed_mha_graphs(packing, with_bias)
     _check(packed, written, kernel=hb.ort_run(unpacked, FEEDS))
+
+
+# -- FusedGemm (onnxruntime's session optimizer: Gemm + activation) ------------------------------------
+def fused_gemm_graphs(activation, trans_b, alpha, beta):
+    """(FusedGemm, Gemm + activation) on x reshaped to [B*S, HID]: the activation carries its rule."""
+    w = hb.weights(5, 8, hb.HID) if trans_b else hb.weights(5, hb.HID, 8)
+    c = hb.weights(6, 8)
+    models = []
+    for fused in (True, False):
+        g = hb.Graph(INPUTS[:1], opset=17)
+        flat = g.op("Reshape", "x", g.init([hb.B * hb.S, hb.HID], np.int64))
+        gemm = dict(alpha=alpha, beta=beta, transB=trans_b)
+        if fused:
+            y = g.op("FusedGemm", flat, g.init(w), g.init(c), domain=MS, activation=activation, **gemm)
+        else:
+            y = g.op(activation, g.op("Gemm", flat, g.init(w), g.init(c), **gemm))
+        y = g.op("Reshape", y, g.init([hb.B, hb.S, 8], np.int64))
+        models.append(g.model(g.op("MatMul", y, g.init(hb.weights(7, 8, hb.VOCAB)))))
+    return models
+
+
+@pytest.mark.parametrize("activation,trans_b,alpha,beta", [("Tanh", 1, 1.0, 1.0), ("Relu", 0, 0.7, 1.3),
+                                                           ("Sigmoid", 1, 1.0, 0.5)])
+def test_fused_gemm_gives_written_out_relevance(activation, trans_b, alpha, beta):
+    fused, written = fused_gemm_graphs(activation, trans_b, alpha, beta)
+    assert "FusedGemm" in {n.op_type for n in fused.graph.node}
+    feeds = {"x": X}
+    errors = _check(fused, written, feeds=feeds, rows=slice(None))
+    assert set(errors) == {"gradient", "attnlrp", "cp-lrp", "finite-differences"}
+    if activation != "Relu":  # the activation gets AttnLRP's identity rule, not its gradient
+        rows = lrp_onnx.inspect_model(fused, rules="attnlrp", source="x").rows
+        assert [rule for _, cats, rule in rows if cats[0] == "activation"] == ["identity"]
+
+
+def test_fused_gemm_with_other_activation_is_refused_by_name():
+    fused, _ = fused_gemm_graphs("Tanh", 1, 1.0, 1.0)
+    node = next(n for n in fused.graph.node if n.op_type == "FusedGemm")
+    node.attribute[[a.name for a in node.attribute].index("activation")].s = b"LeakyRelu"
+    with pytest.raises(LRPError, match=f"{node.name}.*FusedGemm with activation 'LeakyRelu'"):
+        lrp_onnx.convert(fused, source="x")

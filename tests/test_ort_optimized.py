@@ -1,6 +1,8 @@
 """onnxruntime-optimized graphs (onnxruntime.transformers.optimizer): fused contrib ops
 (EmbedLayerNormalization, Attention, MultiHeadAttention, SkipLayerNormalization, BiasGelu, FastGelu, QuickGelu,
-SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization) give the relevance of the unfused graph."""
+SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization) give the relevance of the unfused graph
+and, independently of lrp_onnx, of the PyTorch references (torch.autograd for gradient, LXT 2.1 for
+attnlrp / cp-lrp)."""
 import collections
 
 import numpy as np
@@ -8,7 +10,7 @@ import onnx
 import pytest
 
 import lrp_onnx
-from tests.conftest import explain_inputs
+from tests.conftest import TOLERANCE, explain_model, model_feed, rel_l2
 
 CASES = [  # family, optimizer model_type, opt_level, fused ops that must be present
     ("bert", "bert", 1, {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}),
@@ -42,29 +44,31 @@ def optimized(tiny_model, workdir):
 
 
 def relevance(path, family, rules):
+    from tests.conftest import explain_inputs
+
     inputs = explain_inputs(family)
-    feed = {k: inputs[k] for k in ("input_ids", "attention_mask")}
-    model = lrp_onnx.convert(path, rules=rules)
-    explainer = lrp_onnx.Explainer.from_model(model, providers=["CPUExecutionProvider"])
-    return explainer.run(target=inputs["target"], position=inputs.get("position"), **feed)
+    return explain_model(path, model_feed(family), rules, target=inputs["target"], position=inputs.get("position"))
 
 
 @pytest.mark.parametrize("rules", ["gradient", "attnlrp", "cp-lrp"])
 @pytest.mark.parametrize("family,model_type,level,fused", CASES)
-def test_optimized_graph_gives_unfused_relevance(family, model_type, level, fused, rules, optimized, tiny_model):
+def test_optimized_graph_gives_unfused_relevance(family, model_type, level, fused, rules, optimized, tiny_model,
+                                                 reference):
     path = optimized(family, model_type, level)
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
     assert fused <= set(ops), f"the optimizer did not fuse {fused - set(ops)}"
     assert lrp_onnx.inspect_model(path, rules=rules).supported
     expected = relevance(tiny_model(family)[1], family, rules)
     got = relevance(path, family, rules)
-    err = np.linalg.norm(got.relevance - expected.relevance) / np.linalg.norm(expected.relevance)
-    assert err <= 1e-4
+    assert rel_l2(got.relevance, expected.relevance) <= 1e-5
     np.testing.assert_allclose(got.logit, expected.logit, rtol=1e-5, atol=1e-5)
+    ref = reference(family, rules)  # PyTorch: autograd / LXT, no lrp_onnx code
+    assert rel_l2(got.relevance, ref["relevance"]) <= TOLERANCE[rules]
+    np.testing.assert_allclose(got.logit, ref["explained"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("rules", ["gradient", "attnlrp", "cp-lrp"])
-def test_session_optimized_graph_gives_unfused_relevance(rules, tiny_model, workdir):
+def test_session_optimized_graph_gives_unfused_relevance(rules, tiny_model, workdir, reference):
     """onnxruntime's own session optimizations (saved with optimized_model_filepath) write Q·Kᵀ as a
     FusedMatMul: a product of two relevance-carrying operands like the MatMul it replaces."""
     import onnxruntime
@@ -78,5 +82,5 @@ def test_session_optimized_graph_gives_unfused_relevance(rules, tiny_model, work
     assert "FusedMatMul" in {n.op_type for n in onnx.load(out).graph.node}
     expected = relevance(tiny_model("bert")[1], "bert", rules)
     got = relevance(out, "bert", rules)
-    err = np.linalg.norm(got.relevance - expected.relevance) / np.linalg.norm(expected.relevance)
-    assert err <= 1e-4
+    assert rel_l2(got.relevance, expected.relevance) <= 1e-5
+    assert rel_l2(got.relevance, reference("bert", rules)["relevance"]) <= TOLERANCE[rules]

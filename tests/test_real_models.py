@@ -72,16 +72,16 @@ def test_smollm2_next_token(rules, smollm2, workdir):
 def test_explain_command_on_minilm(minilm, workdir):
     """`lrp-onnx explain --text` tokenizes, feeds, and reports per-token relevance equal to the API's."""
     import json
-    import subprocess
-    import sys
+
+    from tests.conftest import lrp_cli
 
     out = workdir / "minilm" / "model.cli.onnx"
     lrp_onnx.convert(minilm["onnx"], out)
-    done = subprocess.run([sys.executable, "-m", "lrp_onnx", "explain", str(out), "--tokenizer",
-                           str(minilm["tokenizer"]), "--text", TEXTS[0], "--text", TEXTS[1], "--target", "5",
-                           "--json"], capture_output=True, text=True, timeout=300)
+    done = lrp_cli("explain", out, "--tokenizer", minilm["tokenizer"], "--text", TEXTS[0], "--text", TEXTS[1],
+                   "--target", "5", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
+    assert len(report) == len(TEXTS)
     ids, mask = encode(minilm["tokenizer"])
     api = lrp_onnx.Explainer(out).run(input_ids=ids, attention_mask=mask, target=[5, 5])
     for row, entry in enumerate(report):

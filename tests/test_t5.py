@@ -59,6 +59,8 @@ def test_relevance_equals_reference_at_both_sources(exporter, rules, tiny_model,
         assert rel_l2(relevance.sum(-1), ref[key].sum(-1)) <= TOLERANCE[rules], token_input
     total = sum(result.relevance_of(i).sum(axis=(1, 2)) for i in REFERENCE_KEY)
     CONSERVATION[(FAMILY, exporter, rules)] = total / result.logit
+    if rules == "cp-lrp":  # no biases; attention weights, gate and norms constant: linear in both sources
+        np.testing.assert_allclose(total / result.logit, 1.0, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

@@ -79,8 +79,8 @@ def test_relevance_equals_reference(exporter, rules, tiny_model, converted, vit_
     np.testing.assert_array_equal(result.target, ref["target"])
     np.testing.assert_allclose(result.logit, ref["explained"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(result.outputs["logits"], ref["logits"], rtol=1e-4, atol=1e-5)  # unchanged
-    assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE.get(rules, 1e-3)
-    assert rel_l2(result.relevance.sum(1), ref["relevance"].sum(1)) <= TOLERANCE.get(rules, 1e-3)  # heatmap
+    assert rel_l2(result.relevance, ref["relevance"]) <= TOLERANCE[rules]
+    assert rel_l2(result.relevance.sum(1), ref["relevance"].sum(1)) <= TOLERANCE[rules]  # heatmap
 
 
 def test_vit_gamma_rules_per_layer_type(tiny_model):

@@ -11,6 +11,16 @@
 5. writes table.md (ABPC mean ± standard error per method and model, next to LXT's; where each method
    puts its top token; the sensitivity table), faithfulness.png (the mean MoRF/LeRF curves) and a
    token heatmap per model (heatmap_<model>.png / .html).
+
+A text classifier (the AttnLRP paper's sentiment protocol) on the project's reviews instead:
+
+    python -m tools.faithfulness --classifier DIR --out build/faithfulness-classifier
+
+DIR holds model.onnx ([batch, classes] logits), tokenizer.json and, for the LXT column, hf/ (the
+Hugging Face model, a model_type LXT 2.1 patches: bert). The texts are tools/data/reviews.tsv (120
+reviews written for the project, CC0); each explains its predicted class (`--explain label`: the
+review's sentiment, with --labels naming the classes in index order); score = that class's logit,
+plus a log-probability run. Writes table.md and the evaluate outputs under OUT/classifier{,-logprob}.
 """
 from __future__ import annotations
 
@@ -46,6 +56,7 @@ def ensure_export(recipe: str, cache: Path) -> Path:
 
 
 def run_lxt(recipe: str, directory: Path, results: Path, out: Path) -> dict:
+    """recipe: smollm2, minilm, or classifier (a Hugging Face sequence classifier in directory/hf)."""
     subprocess.run([sys.executable, str(REPO / "tools" / "lxt_perturbation.py"), "--loader", recipe,
                     "--hf-dir", str(directory / "hf"), "--results", str(results), "--out", str(out)],
                    check=True, cwd=REPO)
@@ -158,8 +169,73 @@ def sensitivity_table(evaluation) -> str:
     return "\n".join(lines) + "\n"
 
 
+REVIEWS = REPO / "tools" / "data" / "reviews.tsv"
+
+
+def classifier_table(name: str, evaluations: dict, lxt: dict | None, seconds: dict) -> str:
+    methods = list(next(iter(evaluations.values())).methods)
+    lines = ["| model (score, texts) | " + " | ".join(METHOD_LABELS[m] for m in methods) + " | LXT AttnLRP (PyTorch) |",
+             "|" + "---|" * (len(methods) + 2)]
+    for score, ev in evaluations.items():
+        cells = [f"{ev.methods[m].summary()['abpc_mean']:.3f} ± {ev.methods[m].summary()['abpc_sem']:.3f}"
+                 for m in methods]
+        s = (lxt or {}).get(score, {}).get("summary")
+        cells.append(f"{s['abpc_mean']:.3f} ± {s['abpc_sem']:.3f}" if s else "–")
+        lines.append(f"| {name} ({score}, {len(ev.examples)}) | " + " | ".join(cells) + " |")
+    lines += ["", "ABPC = area between the LeRF and MoRF curves of the explained class's score over the removed "
+              "fraction of tokens ([CLS]/[SEP] never removed); mean ± standard error over texts."]
+    for score, data in (lxt or {}).items():
+        ours = np.asarray(evaluations[score].methods["attnlrp"].abpc)
+        theirs = np.asarray([e["abpc"] for e in data["examples"]])
+        distances = [e["relevance_rel_l2_vs_lrp_onnx"] for e in data["examples"]]
+        lines.append(f"{score}: per-text |ABPC(ours) − ABPC(LXT)| median {np.median(np.abs(ours - theirs)):.2g}, max "
+                     f"{np.abs(ours - theirs).max():.2g}; token relevance relative L2 distance to LXT median "
+                     f"{np.median(distances):.2g}, max {np.max(distances):.2g}.")
+    lines += ["", "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def run_classifier(args) -> int:
+    from lrp_onnx.faithfulness import evaluate
+
+    directory, out = Path(args.classifier), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = directory / "hf"
+    labels = args.labels.split(",") if args.labels else None
+    evaluations, lxt, seconds = {}, {}, {}
+    for score in ("logit", "logprob"):
+        start = time.time()
+        log(f"classifier: lrp_onnx.evaluate (classification, score = {score})")
+        # = lrp-onnx evaluate DIR/model.onnx --tokenizer DIR/tokenizer.json --texts tools/data/reviews.tsv
+        #       --task classification --score SCORE [--target-column 2 --labels ...] --out OUT/classifier[-logprob]
+        ev = evaluate(directory / "model.onnx", directory / "tokenizer.json", args.texts, task="classification",
+                      workdir=out / "graphs", limit=args.limit, score=score, labels=labels,
+                      target_column=2 if args.explain == "label" else None)
+        seconds[f"evaluate ({score})"] = time.time() - start
+        sub = out / ("classifier" if score == "logit" else "classifier-logprob")
+        ev.write(sub, title=f"{args.name} (classification, {score})")
+        evaluations[score] = ev
+        if not args.no_lxt and (hf / "config.json").exists():
+            start = time.time()
+            log(f"classifier: LXT AttnLRP in PyTorch on the same examples ({score})")
+            lxt[score] = run_lxt("classifier", directory, sub / "results.json", sub / "lxt.json")
+            seconds[f"LXT ({score})"] = time.time() - start
+    text = classifier_table(args.name, evaluations, lxt, seconds)
+    (out / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="faithfulness table, plot and heatmaps for docs/faithfulness.md")
+    parser.add_argument("--classifier", metavar="DIR", help="measure a text classifier instead (DIR: model.onnx, "
+                        "tokenizer.json, hf/ for LXT) on --texts")
+    parser.add_argument("--name", default="classifier", help="--classifier: the model's name in the table")
+    parser.add_argument("--texts", default=str(REVIEWS), help="--classifier: TAB-separated text, label lines")
+    parser.add_argument("--explain", choices=["predicted", "label"], default="predicted",
+                        help="--classifier: the predicted class, or the label of column 2 (default predicted)")
+    parser.add_argument("--labels", help="--classifier: class names in index order (for --explain label)")
+    parser.add_argument("--limit", type=int, help="--classifier: the first N texts")
     parser.add_argument("--out", default="build/faithfulness")
     parser.add_argument("--cache", default="build", help="where the exported models are (default build/)")
     parser.add_argument("--smollm2-limit", type=int, default=MODELS["SmolLM2-135M"][2])
@@ -167,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lxt", action="store_true", help="skip the PyTorch LXT comparison")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    if args.classifier:
+        return run_classifier(args)
     from lrp_onnx.faithfulness import evaluate
 
     out, cache = Path(args.out), Path(args.cache)
