@@ -5,12 +5,14 @@
     out = lrp_onnx.Explainer("model.lrp.onnx").run(input_ids=ids, attention_mask=mask)
     out.relevance  # at the word-embedding output, [batch, seq, hidden]
     lrp_onnx.evaluate("model.onnx", "tokenizer.json", "texts.txt").write("eval/")  # MoRF/LeRF, ABPC
+    lrp_onnx.explain_dataset("model.lrp.onnx", "tokenizer.json", "data.jsonl", "out.parquet")  # every row
 
 Inference needs numpy, onnx and onnxruntime only; PyTorch is never imported.
 """
 __version__ = "0.1.0"
 
 from .conservation import audit  # noqa: E402
+from .dataset import explain_dataset  # noqa: E402
 from .errors import LRPError, UnsupportedOpsError  # noqa: E402
 from .faithfulness import evaluate  # noqa: E402
 from .pipeline import convert  # noqa: E402
@@ -18,5 +20,5 @@ from .report import inspect_model  # noqa: E402
 from .rules import RULE_SETS  # noqa: E402
 from .runner import Explainer, Explanation  # noqa: E402
 
-__all__ = ["convert", "audit", "inspect_model", "evaluate", "Explainer", "Explanation", "RULE_SETS", "LRPError",
+__all__ = ["convert", "audit", "explain_dataset", "inspect_model", "evaluate", "Explainer", "Explanation", "RULE_SETS", "LRPError",
            "UnsupportedOpsError", "__version__"]

@@ -1,4 +1,4 @@
-"""The `lrp-onnx` command: convert, inspect, explain, evaluate, bench."""
+"""The `lrp-onnx` command: convert, inspect, explain, explain-dataset, evaluate, bench."""
 from __future__ import annotations
 
 import argparse
@@ -351,6 +351,31 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_explain_dataset(args) -> int:
+    from .dataset import explain_dataset
+
+    if args.generate is not None:
+        raise LRPError("explain-dataset --generate is not available yet")
+    from .files import Terminated
+
+    try:
+        result = explain_dataset(args.model, args.tokenizer, args.input, args.out, text_column=args.text_column,
+                                 id_column=args.id_column, target_column=args.target_column,
+                                 position_column=args.position_column, batch_size=args.batch_size,
+                                 max_length=args.max_length, limit=args.limit, full=args.full,
+                                 shard_rows=args.shard_rows, workers=args.workers, threads=args.threads, ray=args.ray,
+                                 restart=args.restart, progress=not args.quiet)
+    except (KeyboardInterrupt, Terminated):
+        if os.path.isdir(args.out + ".shards"):
+            print(f"lrp-onnx: the finished shards are kept in {args.out}.shards/; rerun the same command to resume",
+                  file=sys.stderr)
+        raise
+    resumed = f", {result.resumed_shards} of {result.shards} shards resumed" if result.resumed_shards else ""
+    print(f"wrote {result.path}: {result.rows} rows, {result.errors} with an error (see its 'error' column)"
+          f"{resumed}; {result.rows_per_second:.1f} rows/s")
+    return 0
+
+
 def _floats(text: str, what: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -467,6 +492,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="title of the plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("explain-dataset", help="relevance per token of every row of a JSONL/CSV/Parquet file, "
+                       "written to Parquet in shards (resumable); locally or on a Ray cluster (--ray)")
+    p.add_argument("model", help="a model written by `lrp-onnx convert`")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (Hugging Face tokenizers format)")
+    p.add_argument("--input", required=True, help="the dataset: .jsonl, .csv, .tsv or .parquet")
+    p.add_argument("--out", required=True, help="the Parquet file to write (shards go to OUT.shards/ meanwhile)")
+    p.add_argument("--text-column", default="text", help="column holding the text (default 'text')")
+    p.add_argument("--id-column", help="column copied to the output to identify rows (default 'id' when present)")
+    p.add_argument("--target-column", help="column with the class / vocabulary index (or token) to explain per "
+                   "row (null: the argmax)")
+    p.add_argument("--position-column", help="column with the explained position per row (LMs; null: the last "
+                   "token)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per run, of similar length (default 32)")
+    p.add_argument("--max-length", type=int, help="rows with more tokens get an error instead of relevance")
+    p.add_argument("--limit", type=int, help="explain the first N rows")
+    p.add_argument("--full", action="store_true", help="also write the relevance per token and hidden unit "
+                   "(relevance_full, float16)")
+    p.add_argument("--shard-rows", type=int, default=1024, help="rows per shard, the unit of resumption "
+                   "(default 1024)")
+    p.add_argument("--workers", type=int, help="local worker processes (default 1: one session on all cores), or "
+                   "Ray actors with --ray (default: one per CPU, or per GPU)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads per session")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on a Ray cluster: ADDRESS (auto, host:6379, ray://host:10001), or without one "
+                        "RAY_ADDRESS or a new local cluster")
+    p.add_argument("--restart", action="store_true", help="discard the shards of an earlier, different job")
+    p.add_argument("--generate", type=int, metavar="N", help=argparse.SUPPRESS)  # not available yet
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_explain_dataset)
     sub.add_parser("bench", help="time explain vs forward vs LXT (source checkout only; see its --help)")
     return parser
 
