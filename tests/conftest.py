@@ -209,3 +209,17 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "sum(input relevance) / explained logit (reported, not asserted)")
         for key, ratio in sorted(CONSERVATION.items()):
             terminalreporter.write_line(f"{' '.join(key):<32} " + "  ".join(f"{r:+.3f}" for r in ratio))
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(workdir):
+    """tokenizer.json: "wN" -> id N (N in 1..99), whitespace split; no special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = workdir / "word-tokenizer.json"
+    if not path.exists():
+        vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 100)}}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.save(str(path))
+    return path

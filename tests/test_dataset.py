@@ -28,20 +28,6 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def word_tokenizer(workdir):
-    """tokenizer.json: "wN" -> id N (N in 1..99), whitespace split; no special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    path = workdir / "dataset-word-tokenizer.json"
-    if not path.exists():
-        vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 100)}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.save(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def lm(tiny_model, workdir):
     """The tiny llama converted with attnlrp (an LM: explained at the last token by default)."""
     _, path = tiny_model("llama")

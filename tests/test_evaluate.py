@@ -48,20 +48,6 @@ def own_abpc(morf, lerf):
     return float(area(lerf) - area(morf))
 
 
-@pytest.fixture(scope="module")
-def word_tokenizer(workdir):
-    """tokenizer.json: "wN" -> id N (N in 1..99), whitespace split; no special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    path = workdir / "word-tokenizer.json"
-    if not path.exists():
-        vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 100)}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.save(str(path))
-    return path
-
-
 def ids_of(text):
     return np.array([int(w[1:]) for w in text.split()], dtype=np.int64)
 
