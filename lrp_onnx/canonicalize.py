@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .control import free_names
 from .graph import GraphView, attr
 from .seed import POSITION_INPUT
 
@@ -78,8 +79,11 @@ def _exclusive(view: GraphView, chain: set, output: str) -> bool:
     return True
 
 
-def select_position_before_head(model: onnx.ModelProto, view: GraphView, output: str) -> str | None:
-    """Rewrite `model` in place so the head runs at lrp_position only; return the new output name."""
+def select_position_before_head(model: onnx.ModelProto, view: GraphView, output: str,
+                                multi_target: bool = False) -> str | None:
+    """Rewrite `model` in place so the head runs at lrp_position only; return the new output name.
+    multi_target: lrp_position is int64 [batch, K] (broadcast with lrp_target [batch, K]) and the head
+    runs at the K positions: the new output is [batch, K, vocab]."""
     found = find_head_chain(view, output)
     if found is None:
         return None
@@ -105,16 +109,30 @@ def select_position_before_head(model: onnx.ModelProto, view: GraphView, output:
     batch = node("Slice", [shape, p + "zero", p + "one"], p + "batch")
     length = node("Slice", [shape, p + "one", p + "two"], p + "length")
     hidden = node("Slice", [shape, p + "two", p + "three"], p + "hidden")
-    position = node("Expand", [POSITION_INPUT, batch], p + "position")
+    if multi_target:
+        from .seed import TARGET_INPUT
+        columns = [node("Slice", [node("Shape", [t], p + f"{t}_shape"), p + "one", p + "two"], p + f"{t}_columns")
+                   for t in (TARGET_INPUT, POSITION_INPUT)]
+        extent = node("Concat", [batch, node("Max", columns, p + "targets")], p + "rows_by_targets", axis=0)
+        position = node("Expand", [POSITION_INPUT, extent], p + "position")
+    else:
+        position = node("Expand", [POSITION_INPUT, batch], p + "position")
     negative = node("Less", [position, p + "zero"], p + "negative")
     position = node("Where", [negative, node("Add", [position, length], p + "from_end"), position],
                     p + "position_normalized")
     in_range = node("And", [node("GreaterOrEqual", [position, p + "zero"], p + "not_before"),
                             node("Less", [position, length], p + "not_after")], p + "in_range")
     position = node("Where", [in_range, position, p + "zero"], p + "position_checked")  # seed.py flags the row
-    index = node("Expand", [node("Reshape", [position, p + "index_shape"], p + "index_column"),
-                            node("Concat", [batch, p + "one", hidden], p + "index_extent", axis=0)], p + "index")
+    if multi_target:
+        index = node("Expand", [node("Unsqueeze", [position, p + "minus_one"], p + "index_column"),
+                                node("Concat", [extent, hidden], p + "index_extent", axis=0)], p + "index")
+    else:
+        index = node("Expand", [node("Reshape", [position, p + "index_shape"], p + "index_column"),
+                                node("Concat", [batch, p + "one", hidden], p + "index_extent", axis=0)], p + "index")
     names[h] = node("GatherElements", [h, index], p + "hidden_at_position", axis=1)
+    if multi_target and view.shape(h) is not None:  # shape inference does not see through the Max of shapes
+        g.value_info.append(helper.make_tensor_value_info(names[h], view.dtype(h) or TensorProto.FLOAT,
+                                                          [view.shape(h)[0], "lrp_targets", view.shape(h)[2]]))
     for i in chain:
         n = view.nodes[i]
         clone = onnx.NodeProto()
@@ -130,14 +148,17 @@ def select_position_before_head(model: onnx.ModelProto, view: GraphView, output:
     keep = [n for k, n in enumerate(g.node) if k not in set(chain)]
     del g.node[:]
     g.node.extend(keep + new_nodes)
-    g.input.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64, ["lrp_batch"]))
-    g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), POSITION_INPUT))
+    g.input.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64,
+                                                 ["lrp_batch", "lrp_targets"] if multi_target else ["lrp_batch"]))
+    g.initializer.append(numpy_helper.from_array(np.array([[-1]] if multi_target else [-1], dtype=np.int64),
+                                                 POSITION_INPUT))
     out_vi = next(o for o in g.output if o.name == output)
     vi = helper.make_tensor_value_info(SELECTED_OUTPUT, out_vi.type.tensor_type.elem_type, None)
     shape_dims = [d for d in out_vi.type.tensor_type.shape.dim]
     if len(shape_dims) == 3:
         vi = helper.make_tensor_value_info(SELECTED_OUTPUT, out_vi.type.tensor_type.elem_type,
-                                           [_dim(shape_dims[0]), 1, _dim(shape_dims[2])])
+                                           [_dim(shape_dims[0]), "lrp_targets" if multi_target else 1,
+                                            _dim(shape_dims[2])])
     g.output.append(vi)
     g.output.remove(out_vi)  # no node computes the full output any more
     return SELECTED_OUTPUT
@@ -161,17 +182,10 @@ def drop_outputs(model: onnx.ModelProto, keep: set[str]) -> None:
             needed.update(i for i in n.input if i)
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
-                    needed.update(_outer_names(a.g))
+                    needed.update(free_names(a.g))
     del g.node[:]
     g.node.extend(reversed(kept))
     used = needed
     inits = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(inits)
-
-
-def _outer_names(graph: onnx.GraphProto) -> set:
-    names = set()
-    for n in graph.node:
-        names.update(i for i in n.input if i)
-    return names

@@ -115,7 +115,7 @@ def cmd_convert(args) -> int:
     check_output_file(args.o, inputs=[args.model])  # before any work (the weight files: in convert)
     convert(args.model, args.o, rules=args.rules, source=args.source, output=args.output,
             latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args),
-            relevance_only=args.relevance_only)
+            relevance_only=args.relevance_only, multi_target=args.multi_target)
     print(f"wrote {args.o}")
     return 0
 
@@ -244,9 +244,15 @@ def cmd_explain(args) -> int:
     for path in (args.html, args.png):
         if path:
             check_output_file(path, inputs=[args.model, args.tokenizer])
+    if args.generate is not None and (args.image is not None or len(args.text) != 1):
+        raise LRPError("--generate explains one prompt: give one --text")
+    if args.generate is not None and (args.target is not None or args.target_token is not None):
+        raise LRPError("--generate explains the generated tokens: --target/--target-token do not apply")
     explainer = Explainer(args.model)
     if args.image is not None:
         return _explain_image(explainer, args)
+    if args.generate is not None:
+        return _explain_generation(explainer, args)
     tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
     feed = text_inputs(explainer.input_names, ids, mask)
     missing = [i.name for i in explainer.session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
@@ -304,6 +310,33 @@ def cmd_explain(args) -> int:
         for t in r["tokens"]:
             bar = ("+" if t["relevance"] >= 0 else "-") * int(round(20 * abs(t["relevance"]) / peak))
             print(f"  {t['token']!r:>20} {t['relevance']:+.4f} {bar}")
+    return 0
+
+
+def _explain_generation(explainer, args) -> int:
+    """explain --generate N: decode N tokens greedily from the --text prompt and explain each of them."""
+    from .generation import write_generation_html, write_generation_png
+
+    if args.generate < 1:
+        raise LRPError(f"--generate {args.generate}: give a positive number of tokens")
+    tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
+    g = explainer.explain_generation(ids[0], max_new_tokens=args.generate, tokenizer=tok)
+    title = f"prompt: {args.text[0]!r}; generated: {g.text!r}"
+    if args.html:
+        write_generation_html(g, args.html, title)
+    if args.png:
+        write_generation_png(g, args.png)
+    if args.json:
+        print(json.dumps({"prompt": args.text[0], **g.to_dict()}, indent=1))
+        return 0
+    print(f"prompt: {args.text[0]!r}")
+    print(f"generated: {g.text!r}" + (" (stopped at an end token)" if g.stopped else ""))
+    p = len(g.prompt_ids)
+    for i, token in enumerate(g.generated_ids):
+        row = g.relevance[i, :p + i]
+        top = np.argsort(-np.abs(row))[:3]
+        best = ", ".join(f"{g.tokens[j]!r} {row[j]:+.3f}" for j in top)
+        print(f"  {g.tokens[p + i]!r:>16} logit {g.logits[i]:8.3f}  sum {row.sum():+.3f}  top: {best}")
     return 0
 
 
@@ -423,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_options(p)
     p.add_argument("-o", required=True, metavar="OUT", help="where to write the converted model")
     _add_conversion_options(p)
+    p.add_argument("--multi-target", action="store_true",
+                   help="several targets per row in one forward pass: lrp_target/lrp_position take [batch, K] "
+                        "and relevance gets a target axis [batch, K, ...] (explain --generate uses it)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path; exits non-zero "
                        "exactly when `convert` with the same options would refuse")
@@ -454,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="FILE", help="write the heatmap as PNG (tokens, or an image overlay)")
     p.add_argument("--target", type=int, help="class / vocabulary index to explain (default: the argmax)")
     p.add_argument("--target-token", help="vocabulary token to explain, e.g. 'ĠParis'")
+    p.add_argument("--generate", type=int, metavar="N",
+                   help="generate N tokens greedily from the --text prompt (stopping at an end token) and "
+                        "explain each; --html/--png draw the matrix (rows: generated tokens). One run of a "
+                        "model converted with --multi-target")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("evaluate", help="faithfulness: MoRF/LeRF perturbation curves and ABPC per method")

@@ -34,6 +34,7 @@ from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .rules import rule_misfit, warn_unmatched_overrides
 from .seed import build_seed, optional_defaults
+from .multitarget import build_multi_seed, close_loop
 from .vjp import NORM_VJPS, lookup
 
 RELEVANCE_OUTPUT = "lrp_relevance"
@@ -420,7 +421,8 @@ class Conversion:
 
 def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
                     latent=(), seed_input: bool = False, overrides: dict | None = None,
-                    relevance_only: bool = False, _probe=None, output_path=None) -> Conversion:
+                    relevance_only: bool = False, multi_target: bool = False, _probe=None,
+                    output_path=None) -> Conversion:
     """The one check path of `convert` and `inspect`: load, upgrade, unfuse, inline constant Ifs, infer
     shapes, choose output and sources, analyze, seed and emit the backward (in memory). Bad arguments
     and unusable graphs raise LRPError; units no rule handles come back in `problems` (every one of
@@ -449,7 +451,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     # canonicalize: in relevance-only mode, compute the head at the explained position only
     position_selected = False
     if relevance_only and not seed_input:
-        selected = select_position_before_head(model, view, output)
+        selected = select_position_before_head(model, view, output, multi_target)
         if selected is not None:
             output, position_selected = selected, True
             view = GraphView.build(model, infer_shapes(model))
@@ -469,7 +471,10 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     b = Builder(view)
     b.scope = "seed"
     try:
-        seed = build_seed(b, output, seed_input, position_selected)
+        if multi_target:
+            seed = build_multi_seed(b, output, seed_input, position_selected)
+        else:
+            seed = build_seed(b, output, seed_input, position_selected)
     except ValueError as exc:
         raise LRPError(str(exc)) from None
     try:
@@ -483,14 +488,18 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
 
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
-            relevance_only: bool = False, _probe=None) -> onnx.ModelProto:
+            relevance_only: bool = False, multi_target: bool = False, _probe=None) -> onnx.ModelProto:
     """Convert an ONNX model into one that also outputs relevance. See docs/contract.md for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
-    position-mixing op) at the explained position only."""
+    position-mixing op) at the explained position only.
+    multi_target: lrp_target/lrp_position take [batch, K] (K targets per row, one forward pass) and the
+    relevance outputs get a target axis, [batch, K, ...] (see multitarget.py)."""
+    if multi_target and _probe is not None:
+        raise LRPError("the conservation audit explains one target per row; convert without multi_target")
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
                            seed_input=seed_input, overrides=overrides, relevance_only=relevance_only,
-                           _probe=_probe, output_path=output_path)
+                           multi_target=multi_target, _probe=_probe, output_path=output_path)
     if conv.problems:
         raise UnsupportedOpsError(conv.problems)
     model, base_dir, view, plan, b, seed, grads = (conv.model, conv.base_dir, conv.view, conv.plan,
@@ -516,6 +525,17 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         for vi in relevance_outputs + [vi for _, vi in seed.outputs.values()]:
             if vi.type.tensor_type.elem_type in HALF:
                 vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    if seed.loop is not None:  # several targets per row: the backward runs in a Loop over them
+        try:
+            seed.outputs = close_loop(b, seed, [(vi.name, vi.type.tensor_type.elem_type, view.rank(t))
+                                                for vi, t in zip(relevance_outputs, list(sources) + list(latent))])
+        except ValueError as exc:
+            raise LRPError(str(exc)) from None
+        for k, t in enumerate(list(sources) + list(latent)):
+            shape = view.shape(t)
+            relevance_outputs[k] = helper.make_tensor_value_info(
+                relevance_outputs[k].name, relevance_outputs[k].type.tensor_type.elem_type,
+                None if shape is None else [shape[0], "lrp_targets"] + list(shape[1:]))
     # assemble
     g = model.graph
     g.node.extend(b.nodes)
@@ -531,7 +551,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         "latent": dict(zip(names[len(sources):], latent)), "relevance_outputs": names,
         "source_inputs": dict(zip(names, source_inputs(view, sources))),
         "seed_input": seed_input, "overrides": overrides or {}, "relevance_only": relevance_only,
-        "head_at_position": position_selected,
+        "head_at_position": position_selected, "multi_target": multi_target,
         "input_limits": input_limits(view),
     }
     for p in list(model.metadata_props):

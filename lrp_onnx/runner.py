@@ -37,13 +37,15 @@ class Explanation:
         return relevance.sum(axis=-1) if relevance.ndim >= 3 else relevance
 
 
-def open_session(model, providers=None, threads: int | None = None, prepack: bool = False, label: str | None = None):
+def open_session(model, providers=None, threads: int | None = None, prepack: bool = False, label: str | None = None,
+                 external_folder: str | None = None):
     """An onnxruntime session (CUDA when present, else CPU) and the names it can be fed: its inputs
     and the inputs backed by initializers (lrp_target, lrp_position, ... have defaults).
 
     prepack: let onnxruntime pre-pack weights. Off by default: a converted graph reads most weights
     twice (forward MatMul, backward Gemm) and pre-packing keeps a copy for each, about one model size
-    more memory for ~7% speed on CPU."""
+    more memory for ~7% speed on CPU.
+    external_folder: where the external data of a model given as bytes lies."""
     import onnxruntime as ort
 
     if providers is None:
@@ -55,6 +57,8 @@ def open_session(model, providers=None, threads: int | None = None, prepack: boo
         options.intra_op_num_threads = threads
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if external_folder:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
     try:
         session = ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:
@@ -89,13 +93,15 @@ class Explainer:
         path = os.fspath(model_path)
         if _model_bytes is None and not os.path.isfile(path):
             raise LRPError(f"{path}: no such file")
-        self.session, self.input_names = open_session(_model_bytes if _model_bytes is not None else path,
+        self.source = _model_bytes if _model_bytes is not None else path
+        self.session, self.input_names = open_session(self.source,
                                                       providers, threads, prepack, label=path)
         meta = self.session.get_modelmeta().custom_metadata_map.get("lrp_onnx")
         if meta is None:
             raise LRPError(f"{path}: not converted by lrp-onnx (no lrp_onnx metadata); run `lrp-onnx convert` first")
         self.meta = json.loads(meta)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.multi_target = bool(self.meta.get("multi_target"))  # lrp_target/lrp_position [batch, K]
 
     @classmethod
     def from_model(cls, model, providers=None, threads: int | None = None, prepack: bool = False) -> "Explainer":
@@ -106,7 +112,11 @@ class Explainer:
         """Explain `target` (default: the argmax) at `position` (default: the last; Python-style
         negative indices, in [-L, L-1]) for the inputs given by name. Bad values (ids outside the
         vocabulary, sequences longer than the model's position table, positions or targets out of
-        range) raise LRPError naming the argument; so does a non-finite explained logit."""
+        range) raise LRPError naming the argument; so does a non-finite explained logit.
+
+        A model converted with multi_target takes K targets/positions per row: [batch, K] (or [K], the
+        same for every row), broadcast together; the relevance then has a target axis, [batch, K, ...],
+        and target/logit are [batch, K]."""
         feed = {}
         for name, value in inputs.items():
             if name not in self.input_names:
@@ -117,11 +127,11 @@ class Explainer:
                 raise LRPError(f"input '{name}': not an array ({exc})") from None
         self._check_inputs(feed)
         if target is not None:
-            feed[TARGET_INPUT] = _int_vector(target, "target")
+            feed[TARGET_INPUT] = _int_vector(target, "target", self.multi_target)
         if position is not None:
             if POSITION_INPUT not in self.input_names:
                 raise LRPError("the explained output has no sequence axis: position does not apply")
-            feed[POSITION_INPUT] = _int_vector(position, "position")
+            feed[POSITION_INPUT] = _int_vector(position, "position", self.multi_target)
         if seed is not None:
             if SEED_INPUT not in self.input_names:
                 raise LRPError("this model was converted without --seed-input")
@@ -142,6 +152,16 @@ class Explainer:
                              source_inputs={n: source_inputs.get(n) for n in names})
         self._check_result(result, feed)
         return result
+
+    def explain_generation(self, input_ids, max_new_tokens: int = 16, *, tokenizer=None, eos_token_id=None,
+                           decoder=None, generated_ids=None, **inputs):
+        """Decode greedily from one prompt (stopping at an end token) and explain every generated token:
+        a GenerationExplanation whose relevance [N, T] has one row per generated token over the tokens
+        before it. One run of a multi-target model (see lrp_onnx/generation.py)."""
+        from .generation import explain_generation
+
+        return explain_generation(self, input_ids, max_new_tokens, tokenizer=tokenizer, eos_token_id=eos_token_id,
+                                  decoder=decoder, generated_ids=generated_ids, **inputs)
 
     def _check_inputs(self, feed: dict) -> None:
         """Token ids inside the tables they index, no empty sequence, no sequence longer than a constant
@@ -174,6 +194,8 @@ class Explainer:
         and non-finite explained logits become errors that name the argument."""
         if result.target is None:
             return
+        if self.multi_target:
+            return self._check_multi_result(result, feed)
         bad = np.flatnonzero(np.asarray(result.target) < 0)
         if len(bad):
             row = int(bad[0])
@@ -198,6 +220,33 @@ class Explainer:
             if len(rows):
                 raise LRPError(f"the explained output '{self.meta.get('explained_output')}' holds NaN/inf at "
                                f"row {int(rows[0])}: its argmax and logit are meaningless")
+        for name, value in result.relevances.items():
+            if not np.all(np.isfinite(value)):
+                warnings.warn(f"relevance output '{name}' holds NaN/inf values", RuntimeWarning, stacklevel=3)
+
+    def _check_multi_result(self, result: Explanation, feed: dict) -> None:
+        """_check_result for [batch, K] targets: the first flagged (row, k) names its target or position."""
+        chosen = np.asarray(result.target)
+        bad = np.argwhere(chosen < 0)
+        if len(bad):
+            row, k = (int(v) for v in bad[0])
+            target = _cell(feed.get(TARGET_INPUT), row, k)
+            position = _cell(feed.get(POSITION_INPUT), row, k)
+            explained = result.outputs.get(self.meta.get("explained_output"))
+            if explained is None:
+                explained = result.outputs.get("lrp_logits_at_position")
+            classes = np.shape(explained)[-1] if explained is not None else None
+            if target is not None and classes is not None and target >= classes:
+                raise LRPError(f"target {target} (row {row}, target {k}) is out of range: the explained output "
+                               f"has {classes} classes (valid 0..{classes - 1}, or negative for the argmax)")
+            length = self._sequence_length(result, feed)
+            span = f" [-{length}, {length - 1}]" if length else ""
+            raise LRPError(f"position {position} (row {row}, target {k}) is out of range{span}, or target {target} is")
+        logit = np.asarray(result.logit, dtype=np.float64)
+        if not np.all(np.isfinite(logit)):
+            row, k = (int(v) for v in np.argwhere(~np.isfinite(logit))[0])
+            raise LRPError(f"the explained output '{self.meta.get('explained_output')}' is not finite at row "
+                           f"{row}, target {k} (logit {logit[row, k]}): no target can be explained from NaN/inf")
         for name, value in result.relevances.items():
             if not np.all(np.isfinite(value)):
                 warnings.warn(f"relevance output '{name}' holds NaN/inf values", RuntimeWarning, stacklevel=3)
@@ -229,7 +278,8 @@ class Explainer:
         return int(ids.shape[1]) if ids is not None else None
 
 
-def _int_vector(value, what: str) -> np.ndarray:
+def _int_vector(value, what: str, per_row_list: bool = False) -> np.ndarray:
+    """int64 [batch] (per_row_list: [batch, K]; a flat list is one row of K, for every row)."""
     try:
         array = np.atleast_1d(np.asarray(value))
     except (TypeError, ValueError) as exc:
@@ -237,12 +287,24 @@ def _int_vector(value, what: str) -> np.ndarray:
     if array.dtype.kind not in "iub" and not (array.dtype.kind == "f" and np.all(np.isfinite(array))
                                               and np.all(array == np.round(array))):
         raise LRPError(f"{what}: integers expected, got {array.tolist()!r:.80}")
-    if array.ndim != 1:
+    if per_row_list:
+        array = array[None] if array.ndim == 1 else array
+        if array.ndim != 2 or array.shape[1] == 0:
+            raise LRPError(f"{what}: a list of integers per row ([batch, K], K >= 1) expected, got shape "
+                           f"{list(array.shape)}")
+    elif array.ndim != 1:
         raise LRPError(f"{what}: one integer per row expected, got shape {list(array.shape)}")
     if array.dtype.kind == "u" and np.any(array > np.iinfo(np.int64).max) or \
             array.dtype.kind == "f" and np.any(np.abs(array) > 2 ** 62):
         raise LRPError(f"{what}: value out of the int64 range")
     return array.astype(np.int64)
+
+
+def _cell(array, row: int, column: int):
+    if array is None:
+        return None
+    array = np.atleast_2d(array)
+    return int(array[row if array.shape[0] > row else 0, column if array.shape[1] > column else 0])
 
 
 def _row_value(array, row: int):

@@ -39,11 +39,17 @@ class Seed:
     inputs: list = field(default_factory=list)     # ValueInfoProto to add to the graph inputs
     defaults: list = field(default_factory=list)   # TensorProto initializers backing optional inputs
     outputs: dict = field(default_factory=dict)    # output name -> (tensor, ValueInfoProto)
+    loop: object = None                            # multitarget.TargetLoop: several targets per row
 
 
-def build_seed(b: Builder, output: str, seed_input: bool, position_selected: bool = False) -> Seed:
+def build_seed(b: Builder, output: str, seed_input: bool, position_selected: bool = False,
+               target: str = TARGET_INPUT, position: str = POSITION_INPUT, slot: str | None = None) -> Seed:
     """`position_selected`: the output was already taken at lrp_position (relevance-only mode), so its
-    sequence axis has length 1 and lrp_position is an input of the graph already."""
+    sequence axis has length 1 and lrp_position is an input of the graph already.
+    `target`, `position`: the int64 [batch] tensors to read instead of the graph inputs (multitarget.py
+    passes one column of the [batch, K] inputs; the inputs are then declared there, not here);
+    `slot`: with position_selected, the index along the selected axis (default 0)."""
+    declare = target == TARGET_INPUT
     view = b.view
     dtype = view.dtype(output) or TensorProto.FLOAT
     shape = view.shape(output)
@@ -62,9 +68,11 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
         return Seed(ones)
     seed = Seed("")
     batch = b.op("Slice", [b.shape_of(output), b.ints([0]), b.ints([1])])
-    target = b.op("Expand", [TARGET_INPUT, batch])
-    seed.inputs.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["lrp_batch"]))
-    seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
+    requested_position = position
+    target = b.op("Expand", [target, batch])
+    if declare:
+        seed.inputs.append(helper.make_tensor_value_info(TARGET_INPUT, TensorProto.INT64, ["lrp_batch"]))
+        seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
     scores = output
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
     one_hot_values = b.const(np.array([0, 1], dtype=np_dtype))
@@ -76,12 +84,13 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
             # the head already ran at lrp_position (canonicalize.select_position_before_head): check
             # the requested position against the full sequence length there
             if SELECTED_LENGTH in view.producer:
-                valid = _position_in_range(b, b.op("Expand", [POSITION_INPUT, batch]), SELECTED_LENGTH)[1]
-            position = b.op("Expand", [zero, batch])
+                valid = _position_in_range(b, b.op("Expand", [requested_position, batch]), SELECTED_LENGTH)[1]
+            position = b.op("Expand", [zero if slot is None else b.op("Reshape", [slot, b.ints([1])]), batch])
         else:
-            seed.inputs.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64, ["lrp_batch"]))
-            seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), POSITION_INPUT))
-            position, valid = _position_in_range(b, b.op("Expand", [POSITION_INPUT, batch]), length)
+            if declare:
+                seed.inputs.append(helper.make_tensor_value_info(POSITION_INPUT, TensorProto.INT64, ["lrp_batch"]))
+                seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), POSITION_INPUT))
+            position, valid = _position_in_range(b, b.op("Expand", [requested_position, batch]), length)
             position = b.op("Where", [valid, position, zero])  # an in-range index whatever was fed
         vocab = b.op("Slice", [b.shape_of(output), b.ints([2]), b.ints([3])])
         index = b.op("Expand", [b.op("Reshape", [position, b.ints([-1, 1, 1])]),

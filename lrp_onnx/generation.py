@@ -1,0 +1,286 @@
+"""Explain what a language model generates: every generated token, in one run of the converted model.
+
+`Explainer.explain_generation(input_ids, max_new_tokens=N)` decodes greedily (stopping at an end token),
+then explains every generated token at once: generated token i was predicted at position P + i - 1 of the
+sequence prompt + generated[:-1] (P prompt tokens), so one run of a multi-target model (convert(...,
+multi_target=True)) with lrp_position [[P-1 .. P+N-2]] and lrp_target [[g0 .. g_{N-1}]] gives every row.
+A causal model's relevance at a position after the explained one is zero, so row i equals the explanation
+of token i on the sequence that existed when it was generated. A single-target model gives the same rows
+in one batched run (N copies of the sequence, one target each: the forward runs N times).
+
+Decoding: by default a forward-only copy of the converted model (its backward pruned), re-running the
+whole sequence at each step; or `decoder=` an ONNX model with input_ids (the original export), or a
+callable ids [1, L] -> next-token logits [vocab] (a KV-cache decoder, a PyTorch model...); or
+`generated_ids=` a continuation produced elsewhere (sampled, from any generator), explained as given.
+No PyTorch here.
+"""
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import LRPError
+from .files import write_atomically
+
+STOP_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<eos>", "<|end|>")
+
+
+@dataclass
+class GenerationExplanation:
+    prompt_ids: np.ndarray      # int64 [P]
+    generated_ids: np.ndarray   # int64 [N]: generated token i is the target of row i
+    relevance: np.ndarray       # [N, T], T = P + N - 1: row i over the tokens before generated token i
+    logits: np.ndarray          # [N]: the logit of each generated token where it was predicted
+    positions: np.ndarray       # [N]: the position of each prediction, P - 1 + i
+    stopped: bool = False       # decoding ended at a stop token (the last generated one)
+    tokens: list | None = None  # the text of each of the P + N tokens (with a tokenizer)
+    text: str | None = None     # the generated text (with a tokenizer)
+    hidden: np.ndarray | None = field(default=None, repr=False)  # [N, T, hidden]: before summing
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.generated_ids
+
+    def to_dict(self) -> dict:
+        return {"prompt_ids": self.prompt_ids.tolist(), "generated_ids": self.generated_ids.tolist(),
+                "tokens": self.tokens, "text": self.text, "stopped": self.stopped,
+                "positions": self.positions.tolist(), "logits": [float(v) for v in self.logits],
+                "relevance": [[float(v) for v in row] for row in self.relevance]}
+
+
+def explain_generation(explainer, input_ids, max_new_tokens: int = 16, *, tokenizer=None, eos_token_id=None,
+                       decoder=None, generated_ids=None, **inputs) -> GenerationExplanation:
+    """See the module docstring. `input_ids`: one prompt ([P] or [1, P]); `eos_token_id`: an id or ids
+    that stop decoding (default: the tokenizer's usual end tokens, see STOP_TOKENS); `tokenizer`: a
+    tokenizers.Tokenizer or a tokenizer.json path, for the token texts; `inputs`: other constant inputs."""
+    prompt = np.asarray(input_ids)
+    if prompt.ndim == 2 and prompt.shape[0] == 1:
+        prompt = prompt[0]
+    if prompt.ndim != 1 or prompt.dtype.kind not in "iu":
+        raise LRPError(f"input_ids: one prompt of integer ids ([P] or [1, P]) expected, got shape "
+                       f"{list(np.shape(input_ids))} ({prompt.dtype})")
+    if prompt.size == 0:
+        raise LRPError("input_ids is empty: nothing to generate from")
+    prompt = prompt.astype(np.int64)
+    if "input_ids" not in explainer.input_names:
+        raise LRPError("explain_generation needs a model with an input_ids input (a causal language model)")
+    if "lrp_position" not in explainer.input_names:
+        raise LRPError("explain_generation needs a model whose explained output has a sequence axis "
+                       "([batch, sequence, vocab]): this one explains one output per row")
+    tok = _tokenizer(tokenizer)
+    stops = _stop_ids(eos_token_id, tok)
+    stopped = False
+    if generated_ids is not None:
+        generated = np.atleast_1d(np.asarray(generated_ids)).astype(np.int64)
+        if generated.ndim != 1 or generated.size == 0:
+            raise LRPError(f"generated_ids: a non-empty list of token ids expected, got shape {list(generated.shape)}")
+    else:
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise LRPError(f"max_new_tokens: a positive integer expected, got {max_new_tokens!r}")
+        next_logits = _decoder(explainer, decoder, inputs)
+        sequence = list(prompt)
+        generated = []
+        for _ in range(int(max_new_tokens)):
+            logits = np.asarray(next_logits(np.asarray([sequence], np.int64)), np.float64).reshape(-1)
+            if not np.all(np.isfinite(logits)):
+                raise LRPError(f"the decoder's logits are not finite after {len(generated)} generated tokens")
+            token = int(np.argmax(logits))
+            generated.append(token)
+            sequence.append(token)
+            if token in stops:
+                stopped = True
+                break
+        generated = np.asarray(generated, np.int64)
+    n, p = len(generated), len(prompt)
+    ids = np.concatenate([prompt, generated[:-1]])[None]
+    positions = np.arange(p - 1, p - 1 + n, dtype=np.int64)
+    from .runner import text_inputs
+
+    feed = {**text_inputs(explainer.input_names, ids), **inputs}
+    if explainer.multi_target:
+        result = explainer.run(target=generated[None], position=positions[None], **feed)
+        hidden = result.relevance[0]
+        logits = np.asarray(result.logit)[0]
+        chosen = np.asarray(result.target)[0]
+    else:  # one row per generated token: the forward runs n times
+        batched = {k: np.repeat(v, n, axis=0) if np.ndim(v) >= 1 and np.shape(v)[0] == 1 else v
+                   for k, v in feed.items()}
+        result = explainer.run(target=generated, position=positions, **batched)
+        hidden, logits, chosen = result.relevance, np.asarray(result.logit), np.asarray(result.target)
+    if not np.array_equal(chosen, generated):  # the model's own check that it explained what was asked
+        raise LRPError(f"explained targets {chosen.tolist()} differ from the generated tokens {generated.tolist()}")
+    relevance = hidden.sum(axis=-1) if hidden.ndim == 3 else hidden
+    texts = text = None
+    if tok is not None:
+        all_ids = [int(i) for i in np.concatenate([prompt, generated])]
+        texts = [tok.decode([i], skip_special_tokens=False) for i in all_ids]
+        text = tok.decode([int(i) for i in generated], skip_special_tokens=False)
+    return GenerationExplanation(prompt, generated, relevance, logits, positions, stopped, texts, text,
+                                 hidden if hidden.ndim == 3 else None)
+
+
+def _tokenizer(tokenizer):
+    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(os.fspath(tokenizer))
+    except Exception as exc:
+        raise LRPError(f"{tokenizer}: not a tokenizers JSON file ({exc.__class__.__name__})") from None
+
+
+def _stop_ids(eos_token_id, tok) -> set:
+    if eos_token_id is not None:
+        return {int(i) for i in np.atleast_1d(eos_token_id)}
+    if tok is None:
+        return set()
+    return {i for i in (tok.token_to_id(t) for t in STOP_TOKENS) if i is not None}
+
+
+def _decoder(explainer, decoder, inputs):
+    """ids [1, L] -> next-token logits [vocab]."""
+    if callable(decoder):
+        return decoder
+    from .runner import open_session, text_inputs
+
+    if decoder is not None:
+        session, names = open_session(os.fspath(decoder), label=os.fspath(decoder))
+        output = session.get_outputs()[0].name
+    else:
+        session, names, output = _forward_only(explainer)
+
+    def run(ids):
+        feed = {**text_inputs(names, ids), **{k: v for k, v in inputs.items() if k in names}}
+        missing = [i.name for i in session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
+        if missing:
+            raise LRPError(f"the decoder needs input(s) {', '.join(missing)}, which cannot be made from token ids; "
+                           f"pass decoder= (an ONNX model or a callable) or generated_ids=")
+        scores = np.asarray(session.run([output], feed)[0])
+        if scores.ndim != 3:
+            raise LRPError(f"the decoder's output '{output}' has shape {list(scores.shape)}; [1, sequence, vocab] "
+                           f"expected")
+        return scores[0, -1]
+
+    return run
+
+
+def _forward_only(explainer):
+    """A session of the converted model with its backward pruned: the explained output (or, for a
+    relevance-only model, the head at lrp_position, whose default is the last token)."""
+    import onnx
+
+    from .canonicalize import SELECTED_OUTPUT, drop_outputs
+    from .runner import open_session
+
+    cached = getattr(explainer, "_forward_only", None)
+    if cached is not None:
+        return cached
+    source = explainer.source
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+    outputs = [o.name for o in model.graph.output]
+    keep = explainer.meta.get("explained_output")
+    keep = keep if keep in outputs else SELECTED_OUTPUT
+    if keep not in outputs:
+        raise LRPError("this converted model has no logits output to decode with; pass decoder= or generated_ids=")
+    drop_outputs(model, {keep})
+    import onnxruntime as ort
+
+    folder = None if isinstance(source, bytes) else os.path.dirname(os.path.abspath(source))
+    session, names = open_session(model.SerializeToString(), providers=explainer.session.get_providers(),
+                                  label="the converted model's forward", external_folder=folder)
+    del ort
+    explainer._forward_only = (session, names, keep)
+    return explainer._forward_only
+
+
+# -- heatmaps ------------------------------------------------------------------------------------
+def _labels(g: GenerationExplanation) -> tuple[list, list]:
+    """(column labels: the T input tokens, row labels: the N generated tokens)."""
+    ids = [int(i) for i in np.concatenate([g.prompt_ids, g.generated_ids])]
+    texts = g.tokens if g.tokens is not None else [str(i) for i in ids]
+    t = g.relevance.shape[1]
+    return texts[:t], texts[len(g.prompt_ids):]
+
+
+def generation_html(g: GenerationExplanation, title: str = "") -> str:
+    """Rows: generated tokens; columns: the tokens before them (prompt, then generated); cells after
+    the diagonal boundary (not yet generated) are grey. Each row is normalized by its largest |relevance|."""
+    from .heatmap import relevance_color
+
+    columns, rows = _labels(g)
+    p = len(g.prompt_ids)
+    css = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:85%}"
+           "td,th{padding:2px 4px;white-space:pre;text-align:center}th{font-weight:normal;color:#333}"
+           "th.c{writing-mode:vertical-rl;transform:rotate(180deg);max-height:10em}td.f{background:#e8e8e8}"
+           "td.b{border-left:2px solid #000}th.r{text-align:right}p.h{color:#555;font-size:90%}")
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrp-onnx generation</title>",
+             f"<style>{css}</style></head><body>"]
+    if title:
+        parts.append(f"<p class='h'>{html.escape(title)}</p>")
+    parts.append("<table><tr><th></th>" + "".join(
+        f"<th class='c'>{html.escape(c)}</th>" for c in columns) + "<th class='c'>logit</th></tr>")
+    for i, label in enumerate(rows):
+        values = g.relevance[i]
+        peak = float(np.abs(values).max()) if values.size else 0.0
+        cells = []
+        for j, value in enumerate(values):
+            boundary = " b" if j == p + i else ""
+            if j >= p + i:
+                cells.append(f"<td class='f{boundary}'></td>")
+            else:
+                r, gr, b = relevance_color(value, peak)
+                cells.append(f"<td style='background:rgb({r},{gr},{b})' title='{value:+.4g}'>&nbsp;&nbsp;</td>")
+        if len(values) <= p + i:
+            cells.append("<td class='b'></td>")
+        parts.append(f"<tr><th class='r'>{html.escape(label)}</th>{''.join(cells)}"
+                     f"<td>{g.logits[i]:.2f}</td></tr>")
+    parts.append("</table><p class='h'>rows: generated tokens; columns: the tokens before them (grey: not yet "
+                 "generated). Red: positive relevance, blue: negative; each row normalized by its largest "
+                 "|relevance|.</p></body></html>\n")
+    return "".join(parts)
+
+
+def write_generation_html(g: GenerationExplanation, path: str, title: str = "") -> None:
+    write_atomically(path, generation_html(g, title).encode("utf-8"))
+
+
+def write_generation_png(g: GenerationExplanation, path: str, cell: int = 22, size: int = 14) -> None:
+    """The same matrix as generation_html, as a PNG."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        raise LRPError("PNG heatmaps need Pillow: pip install pillow") from None
+    from .heatmap import _font, _save_png, relevance_color
+
+    columns, rows = _labels(g)
+    p = len(g.prompt_ids)
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    clean = [s.replace("\n", "\\n") for s in columns]
+    row_labels = [s.replace("\n", "\\n") for s in rows]
+    left = int(max([probe.textlength(s, font=font) for s in row_labels] + [10])) + 12
+    top = int(max([probe.textlength(s, font=font) for s in clean] + [10])) + 12
+    width, height = left + cell * len(columns) + 12, top + cell * len(rows) + 12
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for j, label in enumerate(clean):  # column labels, rotated
+        w = int(probe.textlength(label, font=font)) + 4
+        text = Image.new("RGB", (w, cell), "white")
+        ImageDraw.Draw(text).text((2, 3), label, fill="black", font=font)
+        text = text.rotate(90, expand=True)
+        image.paste(text, (left + j * cell, top - w - 4))
+    for i, label in enumerate(row_labels):
+        values = g.relevance[i]
+        peak = float(np.abs(values).max()) if values.size else 0.0
+        y = top + i * cell
+        draw.text((left - 6 - probe.textlength(label, font=font), y + 3), label, fill="black", font=font)
+        for j, value in enumerate(values):
+            color = (232, 232, 232) if j >= p + i else relevance_color(value, peak)
+            draw.rectangle([left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1], fill=color)
+        x = left + (p + i) * cell  # the diagonal boundary: the prediction's own position ends here
+        draw.line([x, y, x, y + cell - 1], fill="black", width=2)
+    _save_png(image, path)
