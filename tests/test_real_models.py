@@ -32,9 +32,8 @@ def minilm(workdir):
 
 
 @pytest.fixture(scope="module")
-def smollm2(workdir):
-    from models import smollm2
-    return smollm2.export(workdir / "smollm2-2layers", num_layers=2)
+def smollm2(smollm2_2layers):
+    return smollm2_2layers
 
 
 @pytest.mark.parametrize("rules", ["gradient", "attnlrp", "cp-lrp"])
