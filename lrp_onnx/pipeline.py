@@ -518,7 +518,10 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
                                                                view.shape(t)))
     # the backward reads only forward tensors that onnxruntime's fused forward still computes as they are
     half = any(is_half(view, t) for t in [output] + list(sources))
-    rematerialize(b, b.nodes, half)
+    before = len(b.nodes)
+    rematerialize(b, b.nodes, half)  # prepends its recomputations: they read forward tensors only
+    if seed.loop is not None:
+        seed.loop.outer_nodes += len(b.nodes) - before
     # half-precision models: the backward (seed included) runs in fp32, relevance comes out in fp32
     if half:
         promote_backward_to_fp32(b, b.nodes)
