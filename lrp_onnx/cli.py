@@ -387,8 +387,6 @@ def cmd_evaluate(args) -> int:
 def cmd_explain_dataset(args) -> int:
     from .dataset import explain_dataset
 
-    if args.generate is not None:
-        raise LRPError("explain-dataset --generate is not available yet")
     from .files import Terminated
 
     try:
@@ -397,7 +395,7 @@ def cmd_explain_dataset(args) -> int:
                                  position_column=args.position_column, batch_size=args.batch_size,
                                  max_length=args.max_length, limit=args.limit, full=args.full,
                                  shard_rows=args.shard_rows, workers=args.workers, threads=args.threads, ray=args.ray,
-                                 restart=args.restart, progress=not args.quiet)
+                                 restart=args.restart, progress=not args.quiet, generate=args.generate)
     except (KeyboardInterrupt, Terminated):
         if os.path.isdir(args.out + ".shards"):
             print(f"lrp-onnx: the finished shards are kept in {args.out}.shards/; rerun the same command to resume",
@@ -558,7 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on a Ray cluster: ADDRESS (auto, host:6379, ray://host:10001), or without one "
                         "RAY_ADDRESS or a new local cluster")
     p.add_argument("--restart", action="store_true", help="discard the shards of an earlier, different job")
-    p.add_argument("--generate", type=int, metavar="N", help=argparse.SUPPRESS)  # not available yet
+    p.add_argument("--generate", type=int, metavar="N",
+                   help="LMs: generate up to N tokens greedily from each row's text (stopping at an end token) and "
+                        "explain each, as explain --generate does: relevance becomes a matrix per row [generated "
+                        "tokens, tokens before the last] (list<list<float32>>), with generated_ids/tokens/text and "
+                        "per-token target, logit and position lists. Rows run one at a time; fastest with a model "
+                        "converted with --multi-target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_explain_dataset)
     sub.add_parser("bench", help="time explain vs forward vs LXT (source checkout only; see its --help)")

@@ -11,7 +11,8 @@ padding), put back in input order and written as a Parquet file under OUT.shards
 is there they are joined into OUT (one row group per shard) and OUT.shards/ is removed. A run that
 was interrupted resumes: rerun with the same arguments and the finished shards are kept, giving the
 same file as an uninterrupted run. A bad row (no text, no tokens, too long, a target or position out
-of range) gets its reason in the `error` column; it never stops the run.
+of range) gets its reason in the `error` column; it never stops the run. With `generate` (an LM)
+each row's greedy continuation is explained as Explainer.explain_generation does (see explain_dataset).
 
 Execution: locally one onnxruntime session (intra-op threads = the cores) or `workers` processes
 with one session each; with `ray` the shards become Ray Data blocks explained by `map_batches` on a
@@ -36,7 +37,7 @@ FORMAT = 1
 SHARD_ROWS = 1024
 MANIFEST = "manifest.json"
 OUTPUT_COLUMNS = ("row", "token_ids", "tokens", "relevance", "target", "logit", "position", "relevance_full",
-                  "error")
+                  "error", "generated_ids", "generated_tokens", "generated_text", "stopped")
 SHARD_KEY = "__lrp_shard"
 INDEX_KEY = "__lrp_index"
 
@@ -111,13 +112,13 @@ class RowExplainer:
     """One onnxruntime session and the tokenizer; explain(texts, targets, positions) -> output columns."""
 
     def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int | None = None, full: bool = False,
-                 providers=None, threads: int | None = None):
+                 providers=None, threads: int | None = None, generate: int | None = None):
         from .cli import load_tokenizer
         from .runner import Explainer
 
         self.explainer = Explainer(model, providers=providers, threads=threads)
         self.tokenizer = load_tokenizer(tokenizer)
-        self.batch_size, self.max_length, self.full = batch_size, max_length, full
+        self.batch_size, self.max_length, self.full, self.generate = batch_size, max_length, full, generate
         names = self.explainer.input_names
         if "input_ids" not in names:
             raise LRPError(f"{model}: explain-dataset explains text; the model has no input 'input_ids' "
@@ -129,6 +130,9 @@ class RowExplainer:
             raise LRPError(f"{model}: cannot feed input(s) {', '.join(missing)} from text")
         self.has_position = "lrp_position" in names
         self.model_max = (self.explainer.meta.get("input_limits") or {}).get("max_length")
+        if generate is not None and not self.has_position:
+            raise LRPError(f"{model}: --generate explains what a language model generates; the explained output "
+                           f"'{self.explainer.meta.get('explained_output')}' has no sequence axis")
 
     def explain(self, texts, targets=None, positions=None) -> dict:
         """Per row: token_ids, tokens, relevance (per token), target, logit, position, relevance_full,
@@ -152,8 +156,14 @@ class RowExplainer:
                 errors[i] = f"{length} tokens, longer than --max-length {self.max_length}"
             elif self.model_max and length > self.model_max:
                 errors[i] = f"{length} tokens, longer than the model's {self.model_max} positions"
+            elif self.generate and self.model_max and length + self.generate - 1 > self.model_max:
+                need = length + self.generate - 1
+                errors[i] = (f"{length} tokens and up to {self.generate} generated ones need {need} positions, "
+                             f"more than the model's {self.model_max}")
             else:
                 encodings[i] = e
+        if self.generate:
+            return self._explain_generation(encodings, errors)
         target = np.full(n, -1, np.int64)
         for i, value in enumerate(targets if targets is not None else []):
             if errors[i] is None and value is not None:
@@ -201,6 +211,42 @@ class RowExplainer:
         out["error"] = errors
         return out
 
+    def _explain_generation(self, encodings, errors) -> dict:
+        """--generate N: each row alone, as Explainer.explain_generation (greedy decoding of up to N
+        tokens, stopping at the tokenizer's end token, then every generated token explained)."""
+        n = len(encodings)
+        out = {key: [None] * n for key in _GENERATION_COLUMNS}
+        for i in range(n):
+            if encodings[i] is None:
+                continue
+            out["token_ids"][i] = list(encodings[i].ids)
+            out["tokens"][i] = list(encodings[i].tokens)
+            if errors[i] is not None:
+                continue
+            ids = np.asarray(encodings[i].ids, np.int64)
+            try:
+                g = self.explainer.explain_generation(ids, max_new_tokens=self.generate, tokenizer=self.tokenizer)
+            except LRPError as exc:
+                errors[i] = str(exc).strip().splitlines()[0]
+                continue
+            except Exception as exc:  # the decoding session's own refusal (onnxruntime): the row's error
+                if not type(exc).__module__.startswith("onnxruntime"):
+                    raise
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                errors[i] = f"onnxruntime could not run the model: {message[:400]}"
+                continue
+            generated = [int(t) for t in g.generated_ids]
+            out["generated_ids"][i] = generated
+            out["generated_tokens"][i] = [self.tokenizer.id_to_token(t) for t in generated]
+            out["generated_text"][i] = g.text
+            out["stopped"][i] = bool(g.stopped)
+            out["relevance"][i] = np.asarray(g.relevance, np.float32)
+            out["target"][i] = generated
+            out["logit"][i] = np.asarray(g.logits, np.float32)
+            out["position"][i] = [int(p) for p in g.positions]
+        out["error"] = errors
+        return out
+
     def _target(self, value):
         if isinstance(value, str):
             token = self.tokenizer.token_to_id(value)
@@ -243,8 +289,19 @@ def _is_integer(value) -> bool:
     return isinstance(value, (float, np.floating)) and bool(np.isfinite(value)) and float(value).is_integer()
 
 
-def _result_fields(full: bool):
+_GENERATION_COLUMNS = ("token_ids", "tokens", "generated_ids", "generated_tokens", "generated_text", "stopped",
+                       "relevance", "target", "logit", "position")
+
+
+def _result_fields(full: bool, generate: int | None = None):
     pa = _pyarrow()
+    if generate:  # per row: N generated tokens (N <= generate), T = prompt + N - 1 tokens
+        return [pa.field("token_ids", pa.list_(pa.int64())), pa.field("tokens", pa.list_(pa.string())),
+                pa.field("generated_ids", pa.list_(pa.int64())), pa.field("generated_tokens", pa.list_(pa.string())),
+                pa.field("generated_text", pa.string()), pa.field("stopped", pa.bool_()),
+                pa.field("relevance", pa.list_(pa.list_(pa.float32()))), pa.field("target", pa.list_(pa.int64())),
+                pa.field("logit", pa.list_(pa.float32())), pa.field("position", pa.list_(pa.int64())),
+                pa.field("error", pa.string())]
     fields = [pa.field("token_ids", pa.list_(pa.int64())), pa.field("tokens", pa.list_(pa.string())),
               pa.field("relevance", pa.list_(pa.float32())), pa.field("target", pa.int64()),
               pa.field("logit", pa.float32()), pa.field("position", pa.int64())]
@@ -253,21 +310,21 @@ def _result_fields(full: bool):
     return fields + [pa.field("error", pa.string())]
 
 
-def output_schema(input_schema, full: bool, metadata: dict):
+def output_schema(input_schema, full: bool, metadata: dict, generate: int | None = None):
     """The output's schema: row (the input's row number), the input's id/text columns, the results."""
     pa = _pyarrow()
-    return pa.schema([pa.field("row", pa.int64())] + list(input_schema) + _result_fields(full),
+    return pa.schema([pa.field("row", pa.int64())] + list(input_schema) + _result_fields(full, generate),
                      metadata={"lrp_onnx": json.dumps(metadata, sort_keys=True)})
 
 
-def result_table(columns: dict, full: bool):
+def result_table(columns: dict, full: bool, generate: int | None = None):
     """explain()'s columns as a pyarrow Table (what workers and actors send back)."""
     pa = _pyarrow()
-    fields = _result_fields(full)
+    fields = _result_fields(full, generate)
     arrays = []
     for f in fields:
         values = columns[f.name]
-        if f.name == "relevance_full":
+        if f.name == "relevance_full" or (generate and f.name == "relevance"):
             values = [None if v is None else list(v) for v in values]
         arrays.append(pa.array(values, type=f.type))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
@@ -296,17 +353,19 @@ class _Job:
     full: bool
     providers: list | None
     threads: int | None
+    generate: int | None = None
 
     def worker_options(self):
         return dict(model=self.model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                    max_length=self.max_length, full=self.full, providers=self.providers, threads=self.threads)
+                    max_length=self.max_length, full=self.full, providers=self.providers, threads=self.threads,
+                    generate=self.generate)
 
     def explain_table(self, worker: RowExplainer, table):
         """The result table of the rows of `table` (its text, and target, position columns)."""
         def column(name):
             return table.column(name).to_pylist() if name else None
         columns = worker.explain(column(self.text_column), column(self.target_column), column(self.position_column))
-        return result_table(columns, self.full)
+        return result_table(columns, self.full, self.generate)
 
 
 def _fingerprint(paths: dict, settings: dict) -> dict:
@@ -323,7 +382,7 @@ def explain_dataset(model, tokenizer, input, out, *, text_column: str = "text", 
                     max_length: int | None = None, limit: int | None = None, full: bool = False,
                     shard_rows: int = SHARD_ROWS, workers: int | None = None, threads: int | None = None,
                     providers=None, ray=None, restart: bool = False, progress: bool = True,
-                    on_shard=None) -> DatasetResult:
+                    on_shard=None, generate: int | None = None) -> DatasetResult:
     """Explain every row of `input` (.jsonl, .csv, .tsv, .parquet) with the converted `model` and write
     the Parquet file `out`: row, the id column (`id_column`, default 'id' when the input has one), the
     text, token_ids, tokens, relevance (per token, float32), target, logit, position (of LMs),
@@ -338,7 +397,18 @@ def explain_dataset(model, tokenizer, input, out, *, text_column: str = "text", 
     RAY_ADDRESS, or a new local cluster) or an address ("auto", "ray://host:10001", "host:6379");
     when Ray is initialized already, its cluster is used. restart: discard finished shards of an
     earlier, different job instead of refusing. on_shard(index, rows): called after each shard is
-    written (raising from it interrupts the job; a rerun resumes)."""
+    written (raising from it interrupts the job; a rerun resumes).
+
+    generate: N (a language model): each row's text is a prompt; up to N tokens are decoded greedily
+    (stopping at the tokenizer's end token) and every generated token is explained, each row alone,
+    exactly as Explainer.explain_generation does (one run per row with a model converted with
+    multi_target=True; a single-target model runs the forward once per generated token). The
+    columns then are token_ids, tokens (the prompt's), generated_ids, generated_tokens,
+    generated_text, stopped (ended at an end token), relevance (list<list<float32>> [N_i, T_i]: row k
+    explains generated token k over the T_i = prompt + N_i - 1 tokens before the last one, the
+    prompt's then the generated ones; zero after position prompt - 1 + k), and per generated token
+    target (= generated_ids), logit and position (prompt - 1 + k), each a list of N_i; error.
+    Not with target_column, position_column or full; batch_size does not apply (rows run alone)."""
     from .files import check_output_file
 
     pa = _pyarrow()
@@ -347,9 +417,15 @@ def explain_dataset(model, tokenizer, input, out, *, text_column: str = "text", 
     for value, what in ((batch_size, "batch-size"), (shard_rows, "shard-rows")):
         if not isinstance(value, int) or value < 1:
             raise LRPError(f"--{what} must be a positive integer, got {value!r}")
-    for value, what in ((max_length, "max-length"), (limit, "limit"), (workers, "workers"), (threads, "threads")):
+    for value, what in ((max_length, "max-length"), (limit, "limit"), (workers, "workers"), (threads, "threads"),
+                        (generate, "generate")):
         if value is not None and (not isinstance(value, int) or value < (0 if what == "limit" else 1)):
             raise LRPError(f"--{what} must be a positive integer, got {value!r}")
+    if generate is not None:
+        given = [flag for flag, value in (("--target-column", target_column), ("--position-column", position_column),
+                                          ("--full", full)) if value]
+        if given:
+            raise LRPError(f"--generate explains the generated tokens: {', '.join(given)} does not apply")
     model, tokenizer, input = os.fspath(model), os.fspath(tokenizer), os.fspath(input)
     if not os.path.isfile(model):
         raise LRPError(f"{model}: no such file")
@@ -381,7 +457,7 @@ def explain_dataset(model, tokenizer, input, out, *, text_column: str = "text", 
     kept_schema = pa.schema([table.schema.field(c) for c in kept])
 
     job = _Job(model, tokenizer, text_column, id_column, target_column, position_column, batch_size, max_length,
-               full, list(providers) if providers else None, threads)
+               full, list(providers) if providers else None, threads, generate)
     local = RowExplainer(**job.worker_options()) if ray is None and (workers or 1) == 1 else None
     probe = local or RowExplainer(**{**job.worker_options(), "providers": ["CPUExecutionProvider"]})
     if position_column and not probe.has_position:
@@ -393,9 +469,11 @@ def explain_dataset(model, tokenizer, input, out, *, text_column: str = "text", 
                 "text_column": text_column, "id_column": id_column, "target_column": target_column,
                 "position_column": position_column, "batch_size": batch_size, "max_length": max_length,
                 "full": full, "shard_rows": shard_rows}
+    if generate is not None:  # (absent otherwise: the shards of earlier versions stay resumable)
+        metadata.update(generate=generate, multi_target=probe.explainer.multi_target)
     if local is None:
         del probe
-    schema = output_schema(kept_schema, full, metadata)
+    schema = output_schema(kept_schema, full, metadata, generate)
 
     # the shards: consecutive rows; finished ones are kept when the job is the same
     shards = [(start, min(start + shard_rows, rows)) for start in range(0, rows, shard_rows)]

@@ -190,8 +190,9 @@ def _forward_only(explainer):
     import onnxruntime as ort
 
     folder = None if isinstance(source, bytes) else os.path.dirname(os.path.abspath(source))
+    threads = explainer.session.get_session_options().intra_op_num_threads or None  # as the explainer's
     session, names = open_session(model.SerializeToString(), providers=explainer.session.get_providers(),
-                                  label="the converted model's forward", external_folder=folder)
+                                  threads=threads, label="the converted model's forward", external_folder=folder)
     del ort
     explainer._forward_only = (session, names, keep)
     return explainer._forward_only

@@ -8,7 +8,10 @@ On tiny random-weight models with a word-level tokenizer ("wN" -> id N):
   uninterrupted run; a rerun with other arguments is refused (exit 2) unless --restart;
 * bad rows get their reason in the `error` column, the other rows are complete;
 * worker processes, and Ray Data on a local cluster, give the same table as the local run;
-  without --ray nothing imports Ray.
+  without --ray nothing imports Ray;
+* with --generate N (the tiny llama converted with multi_target=True), each row's matrix [N_i, T_i],
+  generated ids/text, logits and positions equal Explainer.explain_generation on that row alone, rows
+  stopping at an end token have fewer steps, and an interrupted run resumes to the same bytes.
 """
 import csv
 import json
@@ -298,3 +301,103 @@ def test_ray_local_cluster_gives_the_local_table(lm, word_tokenizer, dataset_200
 def lrp(*args):
     return subprocess.run([sys.executable, "-m", "lrp_onnx", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
+
+
+# -- --generate: each row's greedy continuation explained (as Explainer.explain_generation) ---------------------
+GENERATE = 5
+
+
+@pytest.fixture(scope="module")
+def lm_multi(tiny_model, workdir):
+    """The tiny llama converted with attnlrp and multi_target=True (every generated token in one run)."""
+    _, path = tiny_model("llama")
+    out = workdir / "dataset-llama.multi.lrp.onnx"
+    if not out.exists():
+        lrp_onnx.convert(path, out, rules="attnlrp", multi_target=True)
+    return out
+
+
+def stop_tokenizer(path, stop):
+    """The word tokenizer with id `stop` named '</s>' (an end token: generation stops there)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{("</s>" if i == stop else f"w{i}"): i for i in range(1, 100)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return path
+
+
+def test_generate_rows_equal_explain_generation_and_resume(lm_multi, word_tokenizer, tmp_path):
+    explainer = Explainer(lm_multi, providers=["CPUExecutionProvider"])
+    prompts = texts(7, seed=3, longest=12)
+    # an end token that some rows generate after their first token and others never: rows of different lengths
+    plain = [explainer.explain_generation(ids_of(t)[0], GENERATE).generated_ids.tolist() for t in prompts]
+    later = [g[1:] for g in plain]
+    stop = next(s for g in later for s in g if 0 < sum(s in h for h in later) < len(later))
+    tokenizer = stop_tokenizer(tmp_path / "stop-tokenizer.json", stop)
+    rows = [{"id": i, "text": t} for i, t in enumerate(prompts)]
+    rows.insert(3, {"id": 99, "text": " "})  # a bad row
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    whole = tmp_path / "whole.parquet"
+    result = lrp_onnx.explain_dataset(lm_multi, tokenizer, data, whole, generate=GENERATE, shard_rows=3,
+                                      progress=False)
+    assert (result.rows, result.errors, result.shards) == (8, 1, 3)
+    table = pq.read_table(whole)
+    assert table.schema.field("relevance").type == pa.list_(pa.list_(pa.float32()))
+    assert table.schema.field("logit").type == pa.list_(pa.float32())
+    meta = json.loads(table.schema.metadata[b"lrp_onnx"])
+    assert meta["generate"] == GENERATE and meta["multi_target"] is True
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer))
+    lengths = set()
+    for i, got in enumerate(table.to_pylist()):
+        assert got["row"] == i and got["id"] == rows[i]["id"]
+        if rows[i]["text"] == " ":
+            assert got["error"] == "empty text" and got["relevance"] is None and got["generated_ids"] is None
+            continue
+        assert got["error"] is None, got["error"]
+        ids = tok.encode(rows[i]["text"]).ids
+        g = explainer.explain_generation(np.array(ids), GENERATE, tokenizer=tok)
+        n, p = len(g.generated_ids), len(ids)
+        lengths.add(n)
+        assert got["token_ids"] == ids and got["generated_ids"] == g.generated_ids.tolist() == got["target"]
+        assert got["generated_tokens"] == [tok.id_to_token(t) for t in g.generated_ids]
+        assert got["generated_text"] == g.text and got["stopped"] == g.stopped == (g.generated_ids[-1] == stop)
+        matrix = np.array(got["relevance"], dtype=np.float32)
+        assert matrix.shape == g.relevance.shape == (n, p + n - 1)
+        np.testing.assert_allclose(matrix, g.relevance, rtol=0, atol=TOLERANCE, err_msg=f"row {i}")
+        np.testing.assert_allclose(got["logit"], g.logits, rtol=0, atol=TOLERANCE)
+        assert got["position"] == list(range(p - 1, p - 1 + n))
+    assert len(lengths) > 1 and min(lengths) < GENERATE  # some rows stopped at the end token
+
+    # interrupted after the first shard, resumed by the command: the same bytes
+    out = tmp_path / "out.parquet"
+
+    def crash(index, rows):
+        raise KeyboardInterrupt("stopped after one shard")
+
+    with pytest.raises(KeyboardInterrupt):
+        lrp_onnx.explain_dataset(lm_multi, tokenizer, data, out, generate=GENERATE, shard_rows=3, progress=False,
+                                 on_shard=crash)
+    other = lrp("explain-dataset", lm_multi, "--tokenizer", tokenizer, "--input", data, "--out", out,
+                "--generate", str(GENERATE + 1), "--shard-rows", "3", "--quiet")
+    assert other.returncode == 2 and "generate differs" in other.stderr, other.stderr
+    resumed = lrp("explain-dataset", lm_multi, "--tokenizer", tokenizer, "--input", data, "--out", out,
+                  "--generate", str(GENERATE), "--shard-rows", "3", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "8 rows, 1 with an error" in resumed.stdout and "1 of 3 shards resumed" in resumed.stdout
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_generate_refusals(lm_multi, classifier, word_tokenizer, dataset_200, tmp_path):
+    out = tmp_path / "out.parquet"
+    cases = [(lm_multi, dict(target_column="id"), "--generate explains the generated tokens: --target-column"),
+             (lm_multi, dict(full=True), "--full does not apply"),
+             (lm_multi, dict(generate=0), "--generate must be a positive integer, got 0"),
+             (classifier, {}, "--generate explains what a language model generates")]
+    for model, kwargs, message in cases:
+        with pytest.raises(lrp_onnx.LRPError, match=message):
+            lrp_onnx.explain_dataset(model, word_tokenizer, dataset_200, out, progress=False, limit=2,
+                                     **{"generate": 3, **kwargs})
+        assert not out.exists() and not (tmp_path / "out.parquet.shards").exists()
