@@ -24,9 +24,11 @@ the pixel input are removed (set to 0, the normalised image's mean) by their sum
 from __future__ import annotations
 
 import io
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -480,6 +482,16 @@ def render_curves(evaluation: Evaluation, title: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def _scratch(workdir):
+    """`workdir`, or a temporary folder removed afterwards: where the converted graphs go."""
+    if workdir is not None:
+        yield workdir
+        return
+    with tempfile.TemporaryDirectory(prefix="lrp-evaluate-") as tmp:
+        yield tmp
+
+
 def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", methods=METHODS,
              workdir=None, output: str | None = None, source: str | None = None, limit: int | None = None,
              ig_steps: int = 16, batch_size: int = 64, threads: int | None = None, seed: int = 0,
@@ -493,7 +505,6 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
     explains the logit. classification: the explained class is the predicted one, or the label in
     column `target_column` (1-based) of the text file (or the second element of a (text, label)
     pair): a class index, or a name in `labels` (the class names in index order)."""
-    import tempfile
 
     if task not in TASKS:
         raise LRPError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
@@ -518,11 +529,7 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
             raise LRPError(f"both ways needs 'text<TAB>reference' lines; no reference for {missing[0]!r}")
         pairs = [p for a, b in pairs for p in ((a, b), (b, a))]
     examples = make_examples(tokenizer_path, pairs, task)
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lrp-evaluate-")
-        workdir = tmp.name
-    try:
+    with _scratch(workdir) as workdir:
         log = (lambda msg: print(msg, file=sys.stderr)) if progress else None
         graphs = prepare_graphs(model_path, workdir, methods, task, output, source, log)
         sessions = _Sessions(graphs, threads)
@@ -539,9 +546,6 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
                 bar.update()
         if bar:
             bar.close()
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
                 "examples": len(examples), "both_ways": both_ways, "score": score, "source": graphs.source, "random_seed": seed,
                 "target": "predicted class" if task == "classification" and target_column is None else
@@ -763,7 +767,6 @@ def evaluate_images(model_path, images, *, methods=METHODS, workdir=None, output
     method's relevance summed over each patch and set to 0 (the normalised image's mean)
     most-relevant-first and least-relevant-first, one patch per step, all steps run as batches of
     perturbed images; the score is the predicted class's logit (or log-probability)."""
-    import tempfile
 
     score = score or "logit"
     if score not in SCORES["image-classification"]:
@@ -775,11 +778,7 @@ def evaluate_images(model_path, images, *, methods=METHODS, workdir=None, output
         raise LRPError(f"--patch must be a positive number of pixels, not {patch}")
     if isinstance(images, (str, os.PathLike)):
         image_files(images, limit)  # before any conversion: a folder without images is refused at once
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lrp-evaluate-")
-        workdir = tmp.name
-    try:
+    with _scratch(workdir) as workdir:
         log = (lambda msg: print(msg, file=sys.stderr)) if progress else None
         graphs = prepare_image_graphs(model_path, workdir, methods, output, log)
         if isinstance(images, (str, os.PathLike)):
@@ -816,9 +815,6 @@ def evaluate_images(model_path, images, *, methods=METHODS, workdir=None, output
                 bar.update()
         if bar:
             bar.close()
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
                 "examples": len(examples), "score": score, "source": graphs.source, "random_seed": seed,
                 "patch": patch, "target": "predicted class",
