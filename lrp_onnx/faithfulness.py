@@ -505,7 +505,6 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
     explains the logit. classification: the explained class is the predicted one, or the label in
     column `target_column` (1-based) of the text file (or the second element of a (text, label)
     pair): a class index, or a name in `labels` (the class names in index order)."""
-
     if task not in TASKS:
         raise LRPError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     score = score or SCORES[task][0]
@@ -767,7 +766,6 @@ def evaluate_images(model_path, images, *, methods=METHODS, workdir=None, output
     method's relevance summed over each patch and set to 0 (the normalised image's mean)
     most-relevant-first and least-relevant-first, one patch per step, all steps run as batches of
     perturbed images; the score is the predicted class's logit (or log-probability)."""
-
     score = score or "logit"
     if score not in SCORES["image-classification"]:
         raise LRPError(f"score '{score}' does not apply to image classification; choose one of: logit, logprob")
