@@ -94,6 +94,9 @@ OVERRIDES = {
        for swin in ("swin", "swinv2", "donut-swin")},
     "reformer": dict(axial_pos_shape=[8, 8], axial_pos_embds_dim=[16, 16], attn_layers=["local", "lsh"],
                      local_attn_chunk_length=4, lsh_attn_chunk_length=4, max_position_embeddings=64),
+    # state-space heads: num_heads * head_dim must equal expand (2) * hidden (32)
+    "mamba2": dict(num_heads=8, head_dim=8, n_groups=1, state_size=8),
+    "bamba": dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8, attn_layer_indices=[1]),
     "funnel": dict(block_sizes=[1, 1], block_repeats=[1, 1]),
     "longformer": dict(attention_window=4), "led": dict(attention_window=4),
     "big_bird": dict(attention_type="original_full"), "bigbird_pegasus": dict(attention_type="original_full"),
@@ -162,6 +165,7 @@ _NAMED = [  # (regex on a constructor parameter of the config class, new value f
      r"max_source_positions|max_target_positions)$", POSITIONS),
     (r"embedding_size$", 16),
     (r"image_size$", IMAGE_SIZE),
+    (r"num_groups$", 4),  # GroupNorm groups (BiT) must divide the shrunk channel counts
     (r"window_size$", 4),
     (r"(type_vocab_size)$", None),  # keep
 ]
@@ -778,8 +782,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
-    if args.tally:
-        print(tally(json.loads(Path(args.tally).read_text())["records"]))
+    if args.tally:  # several files: later records of the same (architecture, exporter) replace earlier ones
+        merged = {}
+        for name in args.tally.split(","):
+            for record in json.loads(Path(name).read_text())["records"]:
+                merged[(record["arch"], record["exporter"])] = record
+        print(tally(list(merged.values())))
         return 0
     known = architectures()
     if args.list:
