@@ -212,6 +212,9 @@ def tiny_config(model_type: str):
         value = values[name]
         if isinstance(value, bool):
             continue
+        if name == "num_key_value_heads" and value is None:  # some models do not default it to the heads
+            changes[name] = KV_HEADS
+            continue
         if name.endswith("token_id"):
             if name in _TOKEN_IDS:
                 changes[name] = _TOKEN_IDS[name]
@@ -525,7 +528,10 @@ def run_architecture(model_type: str, exporters: list[str], workdir: Path, emit)
             options = ort.SessionOptions()
             options.log_severity_level = 3
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            onnx_logits = session.run(["logits"], inputs)[0]
+            # an input the graph does not read is dropped by the exporter (e.g. an unused mask)
+            graph_inputs = {i.name for i in session.get_inputs()}
+            feeds = {k: v for k, v in inputs.items() if k in graph_inputs}
+            onnx_logits = session.run(["logits"], feeds)[0]
             wrapper, _ = wrap(model, task)
             with torch.no_grad():
                 torch_logits = wrapper(*(torch.as_tensor(inputs[n]) for n in names)).numpy()
@@ -564,7 +570,7 @@ def run_architecture(model_type: str, exporters: list[str], workdir: Path, emit)
             continue
         try:
             explainer = lrp_onnx.Explainer(converted_path, providers=["CPUExecutionProvider"])
-            result = explainer.run(target=target, position=position, **inputs)
+            result = explainer.run(target=target, position=position, **feeds)
         except Exception as exc:  # noqa: BLE001
             emit(dict(record, status="convert_crash", error="running the converted model: " + _one_line(exc)))
             continue
@@ -603,7 +609,7 @@ def run_architecture(model_type: str, exporters: list[str], workdir: Path, emit)
                     hf_dir = workdir / f"{model_type}-hf"
                     model.save_pretrained(str(hf_dir), safe_serialization=True)
                 record["attnlrp"] = lxt_check(family, hf_dir, path, workdir / f"{model_type}-{exporter}",
-                                              inputs, target, position)
+                                              inputs, feeds, target, position)
             except Exception as exc:  # noqa: BLE001
                 record["attnlrp"] = {"status": "reference_failed", "error": _one_line(exc)}
         record["seconds"] = round(time.perf_counter() - t0, 1)
@@ -611,7 +617,7 @@ def run_architecture(model_type: str, exporters: list[str], workdir: Path, emit)
     del start
 
 
-def lxt_check(family, hf_dir, path, workdir, inputs, target, position) -> dict:
+def lxt_check(family, hf_dir, path, workdir, inputs, feeds, target, position) -> dict:
     import lrp_onnx
     from lrp_onnx.errors import LRPError
     from tests.reference import run_reference
@@ -626,7 +632,7 @@ def lxt_check(family, hf_dir, path, workdir, inputs, target, position) -> dict:
         feeds["position"] = position
     ref = run_reference(family, hf_dir, "attnlrp", feeds, Path(f"{workdir}-ref"))
     result = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"]).run(target=target, position=position,
-                                                                              **inputs)
+                                                                              **feeds)
     errors = {}
     keys = {"input_ids": "relevance", "decoder_input_ids": "decoder_relevance", "pixel_values": "relevance"}
     for out_name, name in result.source_inputs.items():
