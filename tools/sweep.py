@@ -87,7 +87,10 @@ NOT_APPLICABLE = {
 # Hand corrections on top of tiny_config's generic shrinking, only where the generic sizes
 # contradict a constraint of the architecture.
 OVERRIDES = {
-    "deepseek_v3": dict(first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1),
+    "deepseek_v3": dict(first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1, head_dim=4,
+                        num_key_value_heads=4),  # k is expanded to every head before repeat_kv
+    "dbrx": dict(attn_config={"kv_n_heads": 2, "clip_qkv": 8.0}, ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4,
+                                                            "moe_top_k": 2}),
     # transformers' Swin clamps the window of a stage smaller than it but keeps the bias table of the
     # configured window: keep every stage >= the window (32 px / patch 2 = 16, 8, 4 with window 2)
     **{swin: dict(patch_size=2, window_size=2, depths=[1, 1, 1], num_heads=[1, 2, 4], embed_dim=16)
@@ -123,6 +126,9 @@ def architectures() -> dict[str, tuple[str, str]]:
     masked = auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
     image = auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
     result = {}
+    seq2seq, causal, classification, masked, image = (
+        {k: v[0] if isinstance(v, tuple) else v for k, v in mapping.items()}  # DeiT: (class, with teacher)
+        for mapping in (seq2seq, causal, classification, masked, image))
     for model_type in sorted(set(seq2seq) | set(causal) | set(classification) | set(masked) | set(image)):
         if model_type in seq2seq:
             result[model_type] = ("seq2seq", seq2seq[model_type])
@@ -214,6 +220,9 @@ def tiny_config(model_type: str):
             continue
         if name == "num_key_value_heads" and value is None:  # some models do not default it to the heads
             changes[name] = KV_HEADS
+            continue
+        if name == "vocab_size" and value is None:  # ESM
+            changes[name] = VOCAB
             continue
         if name.endswith("token_id"):
             if name in _TOKEN_IDS:
@@ -418,7 +427,7 @@ def autograd_relevance(model, task, names, inputs, target, position):
         def hook(module, args, output):
             leaf = output.detach().requires_grad_()
             captured.append((args[0] if args else None, leaf))
-            return leaf
+            return leaf.clone()  # the model may scale it in place (CTRL)
 
         handles = [m.register_forward_hook(hook) for m in modules.values()]
     try:
