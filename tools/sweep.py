@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import inspect
 import io
 import json
@@ -255,8 +254,6 @@ def tiny_config(model_type: str):
         changes["num_labels"] = NUM_LABELS
     if "use_cache" in values or "use_cache" in params:
         changes["use_cache"] = False
-    if "tie_word_embeddings" in values and model_type not in ("gpt2",):
-        pass
     changes.update(OVERRIDES.get(model_type, {}))
     # a kv-head count that does not divide the head count, or an unset one, follows the heads
     heads = changes.get("num_attention_heads", values.get("num_attention_heads"))
@@ -392,11 +389,8 @@ def _output_axes(wrapper, inputs, task):
 
 
 def explain_setup(task: str, names: list[str]) -> dict:
-    """Inputs (batch 2, sequence 7, row 1 right-padded: not the export's shapes) and targets."""
-    import numpy as np
-
-    inputs = {k: v.numpy() for k, v in example(task, names, batch=2, sequence=7, seed=3).items()}
-    return inputs
+    """Inputs (batch 2, sequence 7, row 1 right-padded: not the export's shapes)."""
+    return {k: v.numpy() for k, v in example(task, names, batch=2, sequence=7, seed=3).items()}
 
 
 def targets_for(logits_shape, task) -> tuple:
@@ -515,7 +509,6 @@ def run_architecture(model_type: str, exporters: list[str], workdir: Path, emit)
 
     task, class_name = architectures()[model_type]
     base = {"arch": model_type, "task": task, "class": class_name}
-    start = time.perf_counter()
     try:
         _, model = build(model_type)
     except Exception as exc:  # noqa: BLE001 - any failure of transformers itself
@@ -630,7 +623,6 @@ def run_architecture(model_type: str, exporters: list[str], workdir: Path, emit)
                 record["attnlrp"] = {"status": "reference_failed", "error": _one_line(exc)}
         record["seconds"] = round(time.perf_counter() - t0, 1)
         emit(record)
-    del start
 
 
 def lxt_check(family, hf_dir, path, workdir, inputs, feeds, target, position) -> dict:
