@@ -254,6 +254,8 @@ def tiny_config(model_type: str):
         changes["num_labels"] = NUM_LABELS
     if "use_cache" in values or "use_cache" in params:
         changes["use_cache"] = False
+        if values.get("cache_implementation"):  # Gemma3's "hybrid" contradicts use_cache=False on save
+            changes["cache_implementation"] = None
     changes.update(OVERRIDES.get(model_type, {}))
     # a kv-head count that does not divide the head count, or an unset one, follows the heads
     heads = changes.get("num_attention_heads", values.get("num_attention_heads"))
@@ -635,10 +637,10 @@ def lxt_check(family, hf_dir, path, workdir, inputs, feeds, target, position) ->
         lrp_onnx.convert(path, out, rules="attnlrp")
     except LRPError as exc:
         return {"status": "refused", "error": str(exc).splitlines()[0][:1000], "ops": refused_ops(str(exc))}
-    feeds = dict(inputs, target=target)
+    ref_inputs = dict(inputs, target=target)
     if position is not None:
-        feeds["position"] = position
-    ref = run_reference(family, hf_dir, "attnlrp", feeds, Path(f"{workdir}-ref"))
+        ref_inputs["position"] = position
+    ref = run_reference(family, hf_dir, "attnlrp", ref_inputs, Path(f"{workdir}-ref"))
     result = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"]).run(target=target, position=position,
                                                                               **feeds)
     errors = {}
