@@ -421,9 +421,12 @@ def autograd_relevance(model, task, names, inputs, target, position):
         modules = {id(m): m for m in _embedding_modules(model)}
 
         def hook(module, args, output):
+            rest = ()
+            if isinstance(output, tuple):  # I-BERT's quantized embedding: (values, scaling factor)
+                output, rest = output[0], output[1:]
             leaf = output.detach().requires_grad_()
             captured.append((args[0] if args else None, leaf))
-            return leaf.clone()  # the model may scale it in place (CTRL)
+            return (leaf.clone(), *rest) if rest else leaf.clone()  # the model may scale it in place (CTRL)
 
         handles = [m.register_forward_hook(hook) for m in modules.values()]
     try:
