@@ -1,0 +1,63 @@
+"""The CI share of the architecture sweep (tools/sweep.py): architectures no other test covers.
+
+Each is a tiny random-weight model built generically from its transformers config class
+(``tools.sweep.tiny_config``: hidden 32, 2 layers, vocab 100, ...), exported (TorchScript opset 17;
+one also by dynamo, opset 18), checked against PyTorch on other shapes than the export's (batch 2,
+sequence 7, row 1 right-padded), converted in ``gradient`` mode, and its relevance at every
+word-embedding lookup (or the pixels) compared with torch.autograd's Gradient x Input of the same
+logits (a forward hook makes the embedding module's output a leaf). The whole sweep:
+``python -m tools.sweep``.
+"""
+import numpy as np
+import pytest
+
+from tools import sweep
+
+CASES = [
+    # (model type, exporter, graph inputs whose relevance is compared)
+    ("roberta", "torchscript", {"input_ids"}),        # encoder, position ids from the padding mask (CumSum)
+    ("distilbert", "torchscript", {"input_ids"}),     # encoder without token types, masked_fill attention
+    ("electra", "torchscript", {"input_ids"}),        # embedding 16 projected to hidden 32
+    ("gpt_neox", "torchscript", {"input_ids"}),       # parallel residual, partial rotary
+    ("falcon", "torchscript", {"input_ids"}),         # fused qkv, multi-query, parallel attention/MLP
+    ("opt", "torchscript", {"input_ids"}),            # learned positions offset by 2, ReLU MLP
+    ("phi", "dynamo", {"input_ids"}),                 # partial rotary, parallel block, dense qkv biases
+    ("bart", "torchscript", {"input_ids", "decoder_input_ids"}),  # encoder-decoder, shared table
+    ("convnext", "torchscript", {"pixel_values"}),    # vision: depthwise conv, channel LayerNorm, mean pool
+]
+
+
+@pytest.mark.parametrize("model_type, exporter, compared", CASES, ids=[f"{a}-{e}" for a, e, _ in CASES])
+def test_gradient_equals_autograd(model_type, exporter, compared, tmp_path):
+    records = []
+    sweep.run_architecture(model_type, [exporter], tmp_path, records.append)
+    (record,) = records
+    assert record["status"] == "exact", record.get("error")
+    assert record["export_error"] <= sweep.EXPORT_TOLERANCE  # the graph itself reproduces PyTorch
+    errors = record["gradient_rel_l2"]
+    assert set(errors) == compared
+    assert max(errors.values()) <= sweep.GRADIENT_TOLERANCE
+
+
+def test_tiny_config_is_generic():
+    """The generic shrinking gives small models whatever the config's field names are."""
+    for model_type, expected in [("distilbert", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64)),
+                                 ("gpt_neox", dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64)),
+                                 ("bart", dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=64)),
+                                 ("convnext", dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128]))]:
+        config = sweep.tiny_config(model_type)
+        assert {k: getattr(config, k) for k in expected} == expected
+        assert getattr(config, "vocab_size", sweep.VOCAB) == sweep.VOCAB
+
+
+def test_refused_ops_are_grouped_by_op():
+    message = ("2 node(s) on the relevance path have no rule: '/m/Pad' (ai.onnx::Pad): no gradient rule for "
+               "this op; 'node_tile' (ai.onnx::Tile): no gradient rule for this op. Re-export ...")
+    assert sweep.refused_ops(message) == ["Pad", "Tile"]
+    records = [dict(arch="a", exporter="torchscript", status="refused", ops=["Pad", "Tile"]),
+               dict(arch="b", exporter="dynamo", status="refused", ops=["Pad"]),
+               dict(arch="c", exporter="dynamo", status="exact", gradient_rel_l2={"input_ids": 1e-7})]
+    text = sweep.tally(records)
+    assert "converted and exact (gradient = autograd, rel L2 <= 0.0001): 1" in text
+    assert "Pad                            2: a/t, b/d" in text
+    assert np.isclose(float(text.split("largest gradient rel L2 among exact: ")[1].split()[0]), 1e-7)
