@@ -204,7 +204,7 @@ def _integer_kernel_output(view, t: str) -> bool:
 def _clone(node: onnx.NodeProto, inputs: list, prefix: str) -> onnx.NodeProto:
     clone = onnx.NodeProto()
     clone.CopyFrom(node)
-    clone.name = f"{prefix}{node.name or node.op_type}"
+    clone.name = f"{prefix}{node.name or node.op_type + '/' + node.output[0]}"  # unnamed nodes: by their output
     del clone.input[:]
     clone.input.extend(inputs)
     del clone.output[:]
