@@ -541,10 +541,12 @@ def _einsum(b, node, gy, wants):
     eq = attr(node, "equation")
     eq = eq.decode() if isinstance(eq, bytes) else eq
     eq = eq.replace(" ", "")
-    if "->" not in eq or "." in eq:
-        raise NotImplementedError(f"Einsum '{eq}' (implicit output or ellipsis)")
+    if "->" not in eq:
+        raise NotImplementedError(f"Einsum '{eq}' (implicit output)")
     lhs, out_sub = eq.split("->")
     subs = lhs.split(",")
+    if "." in eq:
+        subs, out_sub = _expand_ellipsis(b, node, eq, subs, out_sub)
     g = _g(gy)
     grads = []
     for i, (t, w) in enumerate(zip(node.input, wants)):
@@ -558,6 +560,25 @@ def _einsum(b, node, gy, wants):
         sub_eq = ",".join([out_sub] + [s for s, _ in others]) + "->" + subs[i]
         grads.append(b.op("Einsum", [g] + [x for _, x in others], equation=sub_eq, like=t))
     return grads
+
+
+def _expand_ellipsis(b, node, eq, subs, out_sub):
+    """Write '...' out as letters of their own, where every operand's ellipsis covers the same dims
+    (same rank, same sizes: no broadcasting inside the ellipsis)."""
+    dims = []
+    for s, t in zip(subs, node.input):
+        if "..." in s:
+            shape = b.view.shape(t)
+            if shape is None:
+                raise NotImplementedError(f"Einsum '{eq}': ellipsis over an operand of unknown rank")
+            dims.append(tuple(shape[:len(shape) - (len(s) - 3)]))
+    if len(set(dims)) != 1 or any(d is None for d in dims[0]):
+        raise NotImplementedError(f"Einsum '{eq}': an ellipsis that broadcasts between operands")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq][:len(dims[0])]
+    if len(free) < len(dims[0]):
+        raise NotImplementedError(f"Einsum '{eq}': too many ellipsis dims")
+    letters = "".join(free)
+    return [s.replace("...", letters) for s in subs], out_sub.replace("...", letters)
 
 
 # The other VJP modules register on import (they import only vjp_registry, builder and graph).

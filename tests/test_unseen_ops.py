@@ -137,3 +137,34 @@ def test_written_out_compositions_pass_relevance_unchanged(rules):
     np.testing.assert_allclose(r_z, y * seed, rtol=1e-5, atol=1e-6)         # identity through the whole chain
     z = x + np.array([0.3, -0.2, 0.1, 0.5, -0.4], np.float32)
     np.testing.assert_allclose(r_x, x / z * r_z, rtol=1e-4, atol=1e-6)       # gradient through the bias add
+
+
+def test_einsum_with_an_ellipsis_equals_numpy():
+    """'...qk,...kd->...qd' (LongT5's local attention): the ellipsis is written out as letters; the
+    gradient equals numpy's, and a product of two relevance-carrying operands gets the uniform rule."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(2, 3, 5, 6))
+    nodes = [helper.make_node("Einsum", ["x", "w"], ["y"], equation="...qk,...kd->...qd", name="local")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3, 4, 6])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x, seed = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(2, 3, 4, 6))
+    sess = ort.InferenceSession(lrp_onnx.convert(model, rules="gradient", seed_input=True).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    relevance = sess.run(["lrp_relevance"], {"x": x, "lrp_seed": seed})[0]
+    np.testing.assert_allclose(relevance, x * np.einsum("abqd,abkd->abqk", seed, w), rtol=1e-12, atol=1e-12)
+    # x against itself: a product of two operands, each gets half (relevance = y ⊙ seed, summed over q·k)
+    square = helper.make_model(helper.make_graph(
+        [helper.make_node("Einsum", ["x", "x"], ["y"], equation="...qk,...pk->...qp", name="gram")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3, 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3, 4, 4])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(lrp_onnx.convert(square, rules="attnlrp", seed_input=True).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    seed = rng.normal(size=(2, 3, 4, 4))
+    relevance = sess.run(["lrp_relevance"], {"x": x, "lrp_seed": seed})[0]
+    gram = np.einsum("abqk,abpk->abqp", x, x)
+    np.testing.assert_allclose(relevance.sum(), (gram * seed).sum(), rtol=1e-10)
+    grad = (np.einsum("abqp,abpk->abqk", seed, x) + np.einsum("abqp,abqk->abpk", seed, x)) / 2
+    np.testing.assert_allclose(relevance, x * grad, rtol=1e-10, atol=1e-12)
