@@ -1,4 +1,5 @@
-"""The `lrp-onnx` command: convert, inspect, explain, evaluate, bench."""
+"""The `lrp-onnx` command: convert, inspect, explain, evaluate (the benchmark is `python -m tools.bench`
+from a source checkout: it needs torch, LXT and models/, which the package does not ship)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import numpy as np
 
 from .errors import LRPError
 from .rules import RULE_SETS, RuleError, check_rule_name
+from .text import load_tokenizer  # noqa: F401 (lrp_onnx.cli.load_tokenizer, as before)
 
 
 RULE_MAP_MAX_BYTES = 1 << 20  # a rule map is a handful of lines; refuse anything near this size
@@ -143,25 +145,6 @@ def cmd_audit(args) -> int:
                    source=args.source, output=args.output, seed=args.seed, rtol=args.rtol, dims=dims)
     print(report.to_json() if args.json else report.format())
     return 1 if report.flagged else 0
-
-
-def load_tokenizer(tokenizer_path: str):
-    """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation or padding
-    (sentence-transformers ship files that pad every text to a fixed length)."""
-    tokenizer_path = os.fspath(tokenizer_path)
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise LRPError("reading text needs the 'tokenizers' package: pip install tokenizers") from None
-    if not os.path.isfile(tokenizer_path):
-        raise LRPError(f"{tokenizer_path}: no such tokenizer file")
-    try:
-        tok = Tokenizer.from_file(tokenizer_path)
-    except Exception as exc:
-        raise LRPError(f"{tokenizer_path}: not a tokenizers JSON file ({exc.__class__.__name__})") from None
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
 
 
 def _tokenize(tokenizer_path: str, texts: list[str]):
@@ -378,18 +361,6 @@ def _explain_image(explainer, args) -> int:
     return 0
 
 
-def cmd_bench(bench_args: list[str]) -> int:
-    """Forward to tools/bench.py, which lives in the source checkout (it needs torch, LXT, models/)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "tools", "bench.py")):
-        raise LRPError("`lrp-onnx bench` runs from a source checkout (tools/bench.py), with the test "
-                       "requirements installed; see README.md")
-    sys.path.insert(0, root)
-    from tools import bench
-
-    return bench.main(bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrp-onnx", description="AttnLRP attributions inside ONNX graphs",
                                      epilog="--debug (anywhere): show the traceback of an internal error")
@@ -467,7 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="title of the plot")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
-    sub.add_parser("bench", help="time explain vs forward vs LXT (source checkout only; see its --help)")
     return parser
 
 
@@ -504,7 +474,7 @@ def main(argv=None) -> int:
     from .rules import UnmatchedOverride
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = argv[:1] != ["bench"] and "--debug" in argv  # bench's options are its own
+    debug = "--debug" in argv
     if debug:
         argv = [a for a in argv if a != "--debug"]
     previous_handler = install_signal_cleanup()
@@ -513,8 +483,6 @@ def main(argv=None) -> int:
         print(f"lrp-onnx: warning: {message}", file=sys.stderr)
 
     try:
-        if argv[:1] == ["bench"]:  # its options are tools/bench.py's own
-            return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.showwarning = show_warning

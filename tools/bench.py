@@ -884,7 +884,7 @@ def run_scaling(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lrp-onnx bench", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--model", choices=sorted(MODELS), help="required unless --all or --scaling")
