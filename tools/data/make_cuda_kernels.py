@@ -1,5 +1,8 @@
 """Transcription of the CUDAExecutionProvider rows of onnxruntime's docs/OperatorKernels.md for the ops the
-project's graphs use; writes tools/data/cuda_kernels.json (type sets spelled out)."""
+project's graphs use; writes tools/data/cuda_kernels.json (type sets spelled out):
+
+    python tools/data/make_cuda_kernels.py    # from the repository root
+"""
 import json
 bf, b, d, f, h = "bfloat16", "bool", "double", "float", "float16"
 I = ["int16", "int32", "int64", "int8", "uint16", "uint32", "uint64", "uint8"]
