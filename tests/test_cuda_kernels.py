@@ -8,14 +8,10 @@ import pytest
 from onnx import TensorProto, helper
 
 import lrp_onnx
-from tools.cuda_kernels import check_model, table
+from tools.cuda_kernels import EXPECTED_ON_CPU, check_model, table
 
 REPO = Path(__file__).resolve().parent.parent
 
-# lrp_target / lrp_position are optional(tensor(int64)) inputs resolved by If(OptionalHasElement(x),
-# OptionalGetElement(x), default) (lrp_onnx/seed.py); onnxruntime has CPU kernels only for the two
-# Optional ops. They read a host-side int64 [batch] input once per run: the one expected CPU placement.
-EXPECTED_ON_CPU = {"ai.onnx::OptionalHasElement", "ai.onnx::OptionalGetElement"}
 
 
 def fallbacks_of(model):
