@@ -117,7 +117,7 @@ def cmd_convert(args) -> int:
     check_output_file(args.o, inputs=[args.model])  # before any work (the weight files: in convert)
     convert(args.model, args.o, rules=args.rules, source=args.source, output=args.output,
             latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args),
-            relevance_only=args.relevance_only)
+            relevance_only=args.relevance_only, memory=args.memory)
     print(f"wrote {args.o}")
     return 0
 
@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_options(p)
     p.add_argument("-o", required=True, metavar="OUT", help="where to write the converted model")
     _add_conversion_options(p)
+    p.add_argument("--memory", choices=["fast", "lean"], default="fast",
+                   help="lean: the backward recomputes each attention's scores and probabilities from Q and K "
+                        "instead of keeping every layer's [heads, L, L] tensors (less memory at long inputs)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path; exits non-zero "
                        "exactly when `convert` with the same options would refuse")

@@ -482,11 +482,15 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
 
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
-            relevance_only: bool = False, _probe=None) -> onnx.ModelProto:
+            relevance_only: bool = False, memory: str = "fast", _probe=None) -> onnx.ModelProto:
     """Convert an ONNX model into one that also outputs relevance. See docs/contract.md for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
-    position-mixing op) at the explained position only."""
+    position-mixing op) at the explained position only.
+    memory: "fast" (default) or "lean": the backward recomputes each attention's scores and
+    probabilities from Q and K instead of keeping them from the forward (lrp_onnx/lean.py)."""
+    if memory not in ("fast", "lean"):
+        raise LRPError(f"memory '{memory}': choose 'fast' or 'lean'")
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
                            seed_input=seed_input, overrides=overrides, relevance_only=relevance_only,
                            _probe=_probe, output_path=output_path)
@@ -537,6 +541,14 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     if relevance_only:
         drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
     optional_defaults(model)
+    if memory == "lean":
+        from .lean import recompute_attention
+
+        lean = recompute_attention(model)
+        meta["memory"] = {"mode": "lean", "attention_recomputed": lean["recomputed"], "attention_chains": lean["chains"]}
+        for p in list(model.metadata_props):
+            if p.key == "lrp_onnx":
+                p.value = json.dumps(meta)
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model

@@ -140,9 +140,13 @@ def ensure_export(spec: ModelSpec, layers: int | None, cache: Path, log=print) -
     return paths
 
 
+MEMORY_MODE = {"mode": "fast"}  # --memory: the conversion option memory="fast" | "lean"
+
+
 def converted_path(paths: dict, rules: str, method: str) -> Path:
     mode = "relevance" if CONVERTED[method] else "full"
-    return Path(paths["out_dir"]) / f"model.lrp.{rules}.{mode}.onnx"
+    lean = ".lean" if MEMORY_MODE["mode"] == "lean" else ""
+    return Path(paths["out_dir"]) / f"model.lrp.{rules}.{mode}{lean}.onnx"
 
 
 def convert_all(paths: dict, rules: str, log=print) -> dict[str, float]:
@@ -153,7 +157,7 @@ def convert_all(paths: dict, rules: str, log=print) -> dict[str, float]:
     for method, relevance_only in CONVERTED.items():
         out = converted_path(paths, rules, method)
         start = time.perf_counter()
-        lrp_onnx.convert(paths["onnx"], out, rules=rules, relevance_only=relevance_only)
+        lrp_onnx.convert(paths["onnx"], out, rules=rules, relevance_only=relevance_only, memory=MEMORY_MODE["mode"])
         seconds[method] = time.perf_counter() - start
         log(f"  converted ({'relevance-only' if relevance_only else 'full'}) in {seconds[method]:.1f} s -> {out}")
     return seconds
@@ -490,7 +494,7 @@ def child_args(args, **override) -> list[str]:
     values = {"model": args.model, "seq": args.seq, "batch": args.batch, "layers": args.layers,
               "runs": args.runs, "warmup": args.warmup, "threads": args.threads, "rules": args.rules,
               "cache": args.cache, "memory_runs": args.memory_runs, "memory_repeats": args.memory_repeats,
-              "gap_ms": args.gap_ms,
+              "gap_ms": args.gap_ms, "memory": args.memory,
               "wait_quiet": args.wait_quiet, "wait_timeout": args.wait_timeout, "omp_passive": args.omp_passive,
               **override}
     out = []
@@ -834,7 +838,7 @@ def bench(args) -> dict:
         "config": {"model": spec.name, "title": spec.title, "layers": layers_key(spec, args.layers) or spec.full_layers,
                    "seq": args.seq, "batch": args.batch, "threads": args.threads, "rules": args.rules,
                    "runs": args.runs, "warmup": args.warmup, "rounds": args.rounds,
-                   "ort_options": os.environ.get(ORT_OPTIONS_ENV, ""), "prepack": os.environ.get(PREPACK_ENV) == "1",
+                   "ort_options": os.environ.get(ORT_OPTIONS_ENV, ""), "memory": args.memory, "prepack": os.environ.get(PREPACK_ENV) == "1",
                    "timing": "each method in its own fresh process, rounds alternating the order"},
         "env": {"onnxruntime": onnxruntime.__version__, "torch": importlib.metadata.version("torch"),
                 "python": platform.python_version(), "cpu": cpu["model"], "isa": cpu["isa"], "cores": os.cpu_count()},
@@ -1048,6 +1052,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-options", default=None,
                    help="settings for every ORT session alike: mem_pattern=0|1, cpu_arena=0|1, arena_strategy=same|pow2, "
                         "mem_reuse=0|1, spin=0|1 (comma-separated)")
+    p.add_argument("--memory", choices=["fast", "lean"], default="fast",
+                   help="conversion option memory= (lean: attention probabilities recomputed in the backward)")
     p.add_argument("--measure-memory", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--time-method", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--parity-child", action="store_true", help=argparse.SUPPRESS)
@@ -1064,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by libgomp when torch loads; children inherit it
     if args.ort_options is not None:
         os.environ[ORT_OPTIONS_ENV] = args.ort_options
+    MEMORY_MODE["mode"] = args.memory
     if args.measure_memory:
         measure_memory(args)
         return 0
