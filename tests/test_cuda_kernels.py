@@ -85,3 +85,10 @@ def test_benchmark_graphs_have_cuda_kernels():
     found = sorted((REPO / "build" / "bench").glob("*/model.lrp.*.onnx"))
     for path in found:
         assert fallbacks_of(onnx.load(str(path), load_external_data=False)) == [], path
+
+
+def test_lean_converted_graph_has_cuda_kernels(tiny_model, workdir):
+    _, path = tiny_model("llama", "torchscript")
+    converted = lrp_onnx.convert(path, workdir / "llama-cuda-lean.onnx", rules="attnlrp", memory="lean")
+    assert sum(n.name.startswith("lrp/lean/") for n in converted.graph.node) > 10
+    assert fallbacks_of(converted) == []

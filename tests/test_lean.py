@@ -64,3 +64,12 @@ def test_memory_option_is_checked(tiny_model, workdir):
     with pytest.raises(lrp_onnx.LRPError, match="memory 'small'"):
         lrp_onnx.convert(tiny_model("bert")[1], workdir / "never.onnx", memory="small")
     assert not (workdir / "never.onnx").exists()
+
+
+def test_cli_convert_memory_lean(tiny_model, workdir):
+    from lrp_onnx.cli import main
+
+    out = workdir / "bert-cli-lean.onnx"
+    assert main(["convert", str(tiny_model("bert")[1]), "-o", str(out), "--memory", "lean"]) == 0
+    meta = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == "lrp_onnx"))
+    assert meta["memory"]["attention_recomputed"] == 2
