@@ -1,4 +1,6 @@
-"""The `lrp-onnx` command: convert, inspect, explain, explain-dataset, evaluate, bench."""
+"""The `lrp-onnx` command: convert, inspect, audit, explain, explain-dataset, evaluate (the benchmark is
+`python -m tools.bench` from a source checkout: it needs torch, LXT and models/, which the package
+does not ship)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,7 @@ import numpy as np
 
 from .errors import LRPError
 from .rules import RULE_SETS, RuleError, check_rule_name
+from .text import load_tokenizer  # noqa: F401 (lrp_onnx.cli.load_tokenizer, as before)
 
 
 RULE_MAP_MAX_BYTES = 1 << 20  # a rule map is a handful of lines; refuse anything near this size
@@ -115,7 +118,7 @@ def cmd_convert(args) -> int:
     check_output_file(args.o, inputs=[args.model])  # before any work (the weight files: in convert)
     convert(args.model, args.o, rules=args.rules, source=args.source, output=args.output,
             latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args),
-            relevance_only=args.relevance_only, multi_target=args.multi_target)
+            relevance_only=args.relevance_only, multi_target=args.multi_target, memory=args.memory)
     print(f"wrote {args.o}")
     return 0
 
@@ -143,25 +146,6 @@ def cmd_audit(args) -> int:
                    source=args.source, output=args.output, seed=args.seed, rtol=args.rtol, dims=dims)
     print(report.to_json() if args.json else report.format())
     return 1 if report.flagged else 0
-
-
-def load_tokenizer(tokenizer_path: str):
-    """A Hugging Face `tokenizers` tokenizer from its tokenizer.json, without truncation or padding
-    (sentence-transformers ship files that pad every text to a fixed length)."""
-    tokenizer_path = os.fspath(tokenizer_path)
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise LRPError("reading text needs the 'tokenizers' package: pip install tokenizers") from None
-    if not os.path.isfile(tokenizer_path):
-        raise LRPError(f"{tokenizer_path}: no such tokenizer file")
-    try:
-        tok = Tokenizer.from_file(tokenizer_path)
-    except Exception as exc:
-        raise LRPError(f"{tokenizer_path}: not a tokenizers JSON file ({exc.__class__.__name__})") from None
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
 
 
 def _tokenize(tokenizer_path: str, texts: list[str]):
@@ -434,18 +418,6 @@ def _explain_image(explainer, args) -> int:
     return 0
 
 
-def cmd_bench(bench_args: list[str]) -> int:
-    """Forward to tools/bench.py, which lives in the source checkout (it needs torch, LXT, models/)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(root, "tools", "bench.py")):
-        raise LRPError("`lrp-onnx bench` runs from a source checkout (tools/bench.py), with the test "
-                       "requirements installed; see README.md")
-    sys.path.insert(0, root)
-    from tools import bench
-
-    return bench.main(bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrp-onnx", description="AttnLRP attributions inside ONNX graphs",
                                      epilog="--debug (anywhere): show the traceback of an internal error")
@@ -457,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-target", action="store_true",
                    help="several targets per row in one forward pass: lrp_target/lrp_position take [batch, K] "
                         "and relevance gets a target axis [batch, K, ...] (explain --generate uses it)")
+    p.add_argument("--memory", choices=["fast", "lean"], default="fast",
+                   help="lean: the backward recomputes each attention's scores and probabilities from Q and K "
+                        "instead of keeping every layer's [heads, L, L] tensors (less memory at long inputs)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path; exits non-zero "
                        "exactly when `convert` with the same options would refuse")
@@ -564,7 +539,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "converted with --multi-target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_explain_dataset)
-    sub.add_parser("bench", help="time explain vs forward vs LXT (source checkout only; see its --help)")
     return parser
 
 
@@ -601,7 +575,7 @@ def main(argv=None) -> int:
     from .rules import UnmatchedOverride
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = argv[:1] != ["bench"] and "--debug" in argv  # bench's options are its own
+    debug = "--debug" in argv
     if debug:
         argv = [a for a in argv if a != "--debug"]
     previous_handler = install_signal_cleanup()
@@ -610,8 +584,6 @@ def main(argv=None) -> int:
         print(f"lrp-onnx: warning: {message}", file=sys.stderr)
 
     try:
-        if argv[:1] == ["bench"]:  # its options are tools/bench.py's own
-            return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.showwarning = show_warning

@@ -246,7 +246,7 @@ def make_examples(tokenizer_path, pairs, task: str) -> list[Example]:
     """next-token: the text without its last word is the prompt (the model predicts what follows);
     similarity: the text, explained against its reference (pairs without one are an error);
     classification: the text, its label (second element, or None: the predicted class) kept as is."""
-    from .cli import load_tokenizer
+    from .text import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     examples = []

@@ -488,13 +488,18 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
 
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
-            relevance_only: bool = False, multi_target: bool = False, _probe=None) -> onnx.ModelProto:
+            relevance_only: bool = False, multi_target: bool = False, memory: str = "fast",
+            _probe=None) -> onnx.ModelProto:
     """Convert an ONNX model into one that also outputs relevance. See docs/contract.md for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
     position-mixing op) at the explained position only.
     multi_target: lrp_target/lrp_position take [batch, K] (K targets per row, one forward pass) and the
-    relevance outputs get a target axis, [batch, K, ...] (see multitarget.py)."""
+    relevance outputs get a target axis, [batch, K, ...] (see multitarget.py).
+    memory: "fast" (default) or "lean": the backward recomputes each attention's scores and
+    probabilities from Q and K instead of keeping them from the forward (lrp_onnx/lean.py)."""
+    if memory not in ("fast", "lean"):
+        raise LRPError(f"memory '{memory}': choose 'fast' or 'lean'")
     if multi_target and _probe is not None:
         raise LRPError("the conservation audit explains one target per row; convert without multi_target")
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
@@ -557,13 +562,18 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         "head_at_position": position_selected, "multi_target": multi_target,
         "input_limits": input_limits(view),
     }
+    if relevance_only:
+        drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
+    optional_defaults(model)
+    if memory == "lean":
+        from .lean import recompute_attention
+
+        lean = recompute_attention(model)
+        meta["memory"] = {"mode": "lean", "attention_recomputed": lean["recomputed"], "attention_chains": lean["chains"]}
     for p in list(model.metadata_props):
         if p.key == "lrp_onnx":
             model.metadata_props.remove(p)
     model.metadata_props.add(key="lrp_onnx", value=json.dumps(meta))
-    if relevance_only:
-        drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
-    optional_defaults(model)
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model

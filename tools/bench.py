@@ -5,9 +5,10 @@
     python -m tools.bench --all [--layers N] [--runs R] ...   # smollm2, minilm x seq 128, 512 x batch 1, 8
     python -m tools.bench --scaling                           # conversion time of SmolLM2 at 2, 8, 30 layers
 
-For one model / sequence length / batch, in ONE process and interleaved (each iteration runs every
-method once, in a rotating order, with a short pause between calls so that spinning thread pools of
-the previous method have gone idle), after warm-up, it times:
+For one model / sequence length / batch it times, each method in its OWN fresh process (so that no
+other session's spinning thread pool competes for the cores: on a small machine an idle onnxruntime
+or OpenMP pool in the same process distorts both figures), --rounds rounds (default 3) with the order
+rotating from round to round, --warmup runs then --runs timed runs per process:
 
   ort_forward            onnxruntime, the original exported graph (forward only)
   ort_explain_full       onnxruntime, the converted graph, relevance_only=False (outputs + relevance)
@@ -19,10 +20,12 @@ the previous method have gone idle), after warm-up, it times:
   torch_forward          plain (unpatched) PyTorch forward under torch.no_grad, for reference
 
 All ORT sessions share the same options: CPUExecutionProvider, intra_op_num_threads=--threads,
-ORT_ENABLE_ALL. PyTorch runs with torch.set_num_threads(--threads). Peak memory (ru_maxrss) is
-measured per method in a separate child process (``--measure-memory METHOD``), which loads and runs
-only that method, so the figures do not contaminate each other; its "baseline" is the RSS after the
-imports, before the model is loaded.
+ORT_ENABLE_ALL, weight pre-packing off (as lrp_onnx.Explainer), onnxruntime's defaults otherwise
+(spinning on) unless --ort-options says otherwise. PyTorch runs with torch.set_num_threads(--threads).
+Peak memory is the VmHWM of each timing process (one method each), median over the rounds. Every
+table names the CPU model and its AVX-512 / AMX flags: the ratio to LXT depends on the CPU. On a
+machine shared with other jobs the absolute figures are noisy; the ratios of one round (measured
+back to back) are indicative, and the per-round ratios are printed.
 
 Inputs: a fixed English passage, tokenized with the exported tokenizer.json (no truncation) and
 repeated to exactly --seq tokens (MiniLM: [CLS] ... [SEP] included); batch rows start at different
@@ -35,7 +38,7 @@ equal work.
 Models are exported once into --cache (default build/bench/<model>-<full|LN>/) and reused; the
 converted graphs are re-converted on every run (that is the conversion time reported).
 
-Time on 2 cores (quiet machine, defaults: 20 runs, 3 memory children per method): a smollm2 (30
+Time on 2 cores (quiet machine, older one-process timing: 20 runs, 3 memory children per method): a smollm2 (30
 layers) 128x1 cell takes ~ 3 min, 512x1 and 128x8 ~ 6-8 min each, 512x8 ~ 25-30 min (one
 interleaved iteration of the five methods ~ 45 s); minilm cells take 1-5 min. The full --all grid
 is about 1 h; ``--all --layers 2 --runs 3 --no-memory`` took 9 min. Add --no-memory or lower
@@ -137,9 +140,13 @@ def ensure_export(spec: ModelSpec, layers: int | None, cache: Path, log=print) -
     return paths
 
 
+MEMORY_MODE = {"mode": "fast"}  # --memory: the conversion option memory="fast" | "lean"
+
+
 def converted_path(paths: dict, rules: str, method: str) -> Path:
     mode = "relevance" if CONVERTED[method] else "full"
-    return Path(paths["out_dir"]) / f"model.lrp.{rules}.{mode}.onnx"
+    lean = ".lean" if MEMORY_MODE["mode"] == "lean" else ""
+    return Path(paths["out_dir"]) / f"model.lrp.{rules}.{mode}{lean}.onnx"
 
 
 def convert_all(paths: dict, rules: str, log=print) -> dict[str, float]:
@@ -150,7 +157,7 @@ def convert_all(paths: dict, rules: str, log=print) -> dict[str, float]:
     for method, relevance_only in CONVERTED.items():
         out = converted_path(paths, rules, method)
         start = time.perf_counter()
-        lrp_onnx.convert(paths["onnx"], out, rules=rules, relevance_only=relevance_only)
+        lrp_onnx.convert(paths["onnx"], out, rules=rules, relevance_only=relevance_only, memory=MEMORY_MODE["mode"])
         seconds[method] = time.perf_counter() - start
         log(f"  converted ({'relevance-only' if relevance_only else 'full'}) in {seconds[method]:.1f} s -> {out}")
     return seconds
@@ -190,6 +197,40 @@ def make_inputs(spec: ModelSpec, tokenizer_path: Path, seq: int, batch: int) -> 
 
 
 PREPACK_ENV = "LRP_BENCH_PREPACK"  # set by --prepack; inherited by the memory child processes
+ORT_OPTIONS_ENV = "LRP_BENCH_ORT_OPTIONS"  # set by --ort-options; inherited by the child processes
+
+
+_ENV_ARENA: list = []
+
+
+def _register_env_arena(strategy: int) -> None:
+    import onnxruntime as ort
+
+    if _ENV_ARENA:
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, strategy, -1, -1))
+    _ENV_ARENA.append(strategy)
+
+
+def apply_ort_options(options, spec: str | None) -> None:
+    """--ort-options: comma-separated settings for every ORT session alike, e.g.
+    ``mem_pattern=0,cpu_arena=0,arena_strategy=same,spin=0``."""
+    for item in filter(None, (spec or "").split(",")):
+        key, _, value = item.partition("=")
+        if key == "mem_pattern":
+            options.enable_mem_pattern = value == "1"
+        elif key == "cpu_arena":
+            options.enable_cpu_mem_arena = value == "1"
+        elif key == "arena_strategy":  # a shared CPU arena growing by what is asked (kSameAsRequested=1)
+            _register_env_arena(1 if value == "same" else 0)
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        elif key == "spin":
+            options.add_session_config_entry("session.intra_op.allow_spinning", value)
+        elif key == "mem_reuse":
+            options.enable_mem_reuse = value == "1"
+        else:
+            raise SystemExit(f"--ort-options: unknown setting '{key}'")
 
 
 def session_options(threads: int, profile_prefix: str | None = None, optimized_path: str | None = None):
@@ -203,6 +244,7 @@ def session_options(threads: int, profile_prefix: str | None = None, optimized_p
         # as lrp_onnx.Explainer does by default: weight pre-packing keeps a second copy of every weight
         # that both a forward MatMul and a backward Gemm read (~+650 MB on SmolLM2) for ~7% speed
         options.add_session_config_entry("session.disable_prepacking", "1")
+    apply_ort_options(options, os.environ.get(ORT_OPTIONS_ENV))
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -383,12 +425,76 @@ def measure_memory(args) -> None:
           flush=True)
 
 
+TIME_TAG = "BENCH_TIME_JSON "
+
+
+def time_method(args) -> None:
+    """Child process: load ONE method, warm up, time --runs runs; print the times and its peak RSS."""
+    spec = MODELS[args.model]
+    method = args.time_method
+    paths = ensure_export(spec, args.layers, Path(args.cache), log=lambda *_: None)
+    inputs = make_inputs(spec, paths["tokenizer"], args.seq, args.batch)
+    torch_side = None
+    if not method.startswith("ort_"):
+        torch_side = TorchSide(spec, paths["hf_dir"], args.rules, args.threads,
+                               plain=method == "torch_forward", lxt=method == "lxt")
+    fn = build_method(method, args, spec, paths, inputs, torch_side)
+    loaded = max_rss_mb()
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    print(TIME_TAG + json.dumps({"method": method, "times_s": times, "peak_rss_mb": max_rss_mb(),
+                                 "after_load_rss_mb": loaded, "rss_after_runs_mb": current_rss_mb()}), flush=True)
+
+
+def parity_child(args) -> None:
+    """Child process: every method once on the cell's input (at most 128 x 1, so that the big cells
+    need not hold all methods at once); print the parity figures."""
+    spec = MODELS[args.model]
+    paths = ensure_export(spec, args.layers, Path(args.cache), log=lambda *_: None)
+    inputs = make_inputs(spec, paths["tokenizer"], min(args.seq, 128), 1)
+    runners = {m: build_method(m, args, spec, paths, inputs, None) for m in METHODS if m.startswith("ort_")}
+    torch_side = TorchSide(spec, paths["hf_dir"], args.rules, args.threads)
+    print(TIME_TAG + json.dumps(parity_check(spec, runners, torch_side, inputs)), flush=True)
+
+
+def run_child(args, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "tools.bench", *extra, *child_args(args)]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(TIME_TAG)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"child {' '.join(extra)} failed ({done.returncode}): {done.stderr.strip()[-1500:]}")
+    return json.loads(lines[-1][len(TIME_TAG):])
+
+
+def cpu_info() -> dict:
+    """The CPU model and the ISA extensions that matter for onnxruntime's and PyTorch's kernels."""
+    flags: set = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+              "amx_int8")
+    return {"model": _cpu_name(), "isa": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+
+
+def cpu_line(info: dict | None = None) -> str:
+    info = info or cpu_info()
+    return f"CPU: {info['model']}, {info['cores']} cores, ISA {' '.join(info['isa']) or '-'}"
+
+
 def child_args(args, **override) -> list[str]:
     """The command-line options that define a benchmark cell, for child processes."""
     values = {"model": args.model, "seq": args.seq, "batch": args.batch, "layers": args.layers,
               "runs": args.runs, "warmup": args.warmup, "threads": args.threads, "rules": args.rules,
               "cache": args.cache, "memory_runs": args.memory_runs, "memory_repeats": args.memory_repeats,
-              "gap_ms": args.gap_ms,
+              "gap_ms": args.gap_ms, "memory": args.memory,
               "wait_quiet": args.wait_quiet, "wait_timeout": args.wait_timeout, "omp_passive": args.omp_passive,
               **override}
     out = []
@@ -643,52 +749,54 @@ def bench(args) -> dict:
     for method in CONVERTED:
         sizes[f"{method}_mb"] = file_mb(converted_path(paths, args.rules, method))
 
-    memory = {}
-    if not args.no_memory:
-        print("peak memory, one child process per method ...", flush=True)
-        memory = memory_children(args, METHODS)
+    cpu = cpu_info()
+    print(cpu_line(cpu), flush=True)
+    parity = {}
+    if not args.no_parity:
+        parity = run_child(args, ["--parity-child"])
+        print(f"parity (at {min(args.seq, 128)} x 1): rel. L2 of relevance, ORT full vs LXT "
+              f"{parity['rel_l2_ort_full_vs_lxt']:.2e}, ORT relevance-only vs LXT "
+              f"{parity['rel_l2_ort_relevance_only_vs_lxt']:.2e}; LXT timed fn vs tests/reference.py "
+              f"{parity['rel_l2_lxt_timed_vs_tests_reference']:.1e}; targets equal: {parity['targets_equal']}",
+              flush=True)
 
-    # everything in this one process from here on
-    inputs = make_inputs(spec, paths["tokenizer"], args.seq, args.batch)
-    runners = {m: build_method(m, args, spec, paths, inputs, None) for m in METHODS if m.startswith("ort_")}
-    torch_side = TorchSide(spec, paths["hf_dir"], args.rules, args.threads)
-    tensors = torch_side.tensors(inputs)
-    runners["lxt"] = lambda: torch_side.explain(tensors)
-    runners["torch_forward"] = lambda: torch_side.forward(tensors)
-
-    parity = parity_check(spec, runners, torch_side, inputs)
-    print(f"parity: rel. L2 of relevance, ORT full vs LXT {parity['rel_l2_ort_full_vs_lxt']:.2e}, ORT "
-          f"relevance-only vs LXT {parity['rel_l2_ort_relevance_only_vs_lxt']:.2e} (token sums "
-          f"{parity['rel_l2_token_relevance_ort_relevance_only_vs_lxt']:.2e}); LXT timed fn vs tests/reference.py "
-          f"{parity['rel_l2_lxt_timed_vs_tests_reference']:.1e}; targets equal: {parity['targets_equal']} "
-          f"{parity['target']}; max |logits ORT fwd - PyTorch| {parity['max_abs_logits_ort_forward_vs_torch']:.1e}",
-          flush=True)
-
-    gap = args.gap_ms / 1e3
-    for _ in range(args.warmup):
-        for m in METHODS:
-            runners[m]()
+    # every method in its own fresh process (no other session's thread pool can spin on the cores),
+    # --rounds rounds, the order rotating from round to round
     monitor = LoadMonitor()
     load_before = monitor.wait_quiet(args.wait_quiet, args.wait_timeout) if args.wait_quiet < 1 else None
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    foreign: dict[str, list[float]] = {m: [] for m in METHODS}
-    print(f"timing {args.runs} interleaved runs after {args.warmup} warm-up ...", flush=True)
+    methods = [m for m in METHODS if m not in args.skip]
+    samples: dict[str, list] = {m: [] for m in methods}
+    foreign: dict[str, list[float]] = {m: [] for m in methods}
+    print(f"timing: {args.rounds} rounds x {len(methods)} methods, each in its own process, {args.warmup} warm-up "
+          f"+ {args.runs} timed runs ...", flush=True)
     loop_start = monitor.sample()
-    for i in range(args.runs):
-        order = METHODS[i % len(METHODS):] + METHODS[:i % len(METHODS)]
+    for r in range(args.rounds):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
         for m in order:
-            time.sleep(gap)
             a = monitor.sample()
-            t0 = time.perf_counter()
-            runners[m]()
-            times[m].append(time.perf_counter() - t0)
+            sample = run_child(args, ["--time-method", m])
             foreign[m].append(monitor.foreign(a, monitor.sample()))
+            samples[m].append(sample)
+            print(f"  round {r + 1} {m}: median {np.median(sample['times_s']) * 1e3:.1f} ms, peak RSS "
+                  f"{sample['peak_rss_mb']:.0f} MB", flush=True)
     other_load = monitor.foreign(loop_start, monitor.sample())
-    timings = {m: summarize(times[m]) for m in METHODS}
-    for m in METHODS:
+    timings, memory = {}, {}
+    for m in methods:
+        timings[m] = summarize([t for x in samples[m] for t in x["times_s"]])
+        timings[m]["round_medians_ms"] = [float(np.median(x["times_s"]) * 1e3) for x in samples[m]]
         timings[m]["other_load_mean"] = float(np.mean(foreign[m]))
         timings[m]["other_load_max"] = float(np.max(foreign[m]))
-    print(f"other processes used {other_load:.0%} of the machine during the timing loop", flush=True)
+        peaks = [x["peak_rss_mb"] for x in samples[m]]
+        memory[m] = {"peak_rss_mb": float(np.median(peaks)), "peak_rss_mb_min": min(peaks),
+                     "peak_rss_mb_max": max(peaks), "baseline_rss_mb": 0.0,
+                     "after_load_rss_mb": float(np.median([x["after_load_rss_mb"] for x in samples[m]])),
+                     "rss_after_runs_mb": float(np.median([x["rss_after_runs_mb"] or 0 for x in samples[m]])),
+                     "children": len(peaks)}
+    for m in METHODS:  # skipped methods: NaN, so that the ratios print as nan
+        if m not in timings:
+            timings[m] = {"median_ms": float("nan"), "p10_ms": float("nan"), "p90_ms": float("nan"),
+                          "round_medians_ms": []}
+    print(f"other processes used {other_load:.0%} of the machine during the timing rounds", flush=True)
 
     med = {m: timings[m]["median_ms"] for m in METHODS}
     ratios = {
@@ -701,10 +809,21 @@ def bench(args) -> dict:
         "file_full_over_original": sizes["ort_explain_full_mb"] / sizes["original_mb"],
         "file_relevance_over_original": sizes["ort_explain_relevance_mb"] / sizes["original_mb"],
     }
+    # the same ratios per round (the methods of one round ran back to back: less exposed to slow drifts
+    # of the machine's load), and their median
+    per_round = {}
+    for key, (num, den) in {"explain_full_over_forward": ("ort_explain_full", "ort_forward"),
+                            "explain_relevance_over_forward": ("ort_explain_relevance", "ort_forward"),
+                            "explain_full_over_lxt": ("ort_explain_full", "lxt"),
+                            "explain_relevance_over_lxt": ("ort_explain_relevance", "lxt")}.items():
+        a, b = timings[num]["round_medians_ms"], timings[den]["round_medians_ms"]
+        if a and b:
+            per_round[key] = [x / y for x, y in zip(a, b)]
+    ratios["per_round"] = per_round
 
     profile = {}
     if args.profile:
-        del runners  # free the timing sessions first
+        inputs = make_inputs(spec, paths["tokenizer"], args.seq, args.batch)
         if args.wait_quiet < 1:
             monitor.wait_quiet(args.wait_quiet, args.wait_timeout)
         print(f"profiling {args.profile} interleaved runs of the original and the relevance-only graph ...",
@@ -712,14 +831,17 @@ def bench(args) -> dict:
         profile = profile_graphs({m: graph_path(paths, args.rules, m) for m in ("ort_forward", "ort_explain_relevance")},
                                  inputs, args.threads, args.profile, 2, cache / f"profile_{spec.name}", monitor)
 
+    import importlib.metadata
+
     import onnxruntime
-    import torch
     result = {
         "config": {"model": spec.name, "title": spec.title, "layers": layers_key(spec, args.layers) or spec.full_layers,
                    "seq": args.seq, "batch": args.batch, "threads": args.threads, "rules": args.rules,
-                   "runs": args.runs, "warmup": args.warmup, "gap_ms": args.gap_ms},
-        "env": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "python": platform.python_version(),
-                "cpu": _cpu_name(), "cores": os.cpu_count()},
+                   "runs": args.runs, "warmup": args.warmup, "rounds": args.rounds,
+                   "ort_options": os.environ.get(ORT_OPTIONS_ENV, ""), "memory": args.memory, "prepack": os.environ.get(PREPACK_ENV) == "1",
+                   "timing": "each method in its own fresh process, rounds alternating the order"},
+        "env": {"onnxruntime": onnxruntime.__version__, "torch": importlib.metadata.version("torch"),
+                "python": platform.python_version(), "cpu": cpu["model"], "isa": cpu["isa"], "cores": os.cpu_count()},
         "timings": timings, "memory": memory, "conversion_s": conversion, "file_sizes": sizes,
         "ratios": ratios, "parity": parity, "profile": profile,
         "machine_load": {"other_during_timing": other_load, "other_before_timing": load_before,
@@ -749,9 +871,12 @@ def _cpu_name() -> str:
 
 
 def print_table(r: dict) -> None:
-    c = r["config"]
+    c, e = r["config"], r["env"]
     print(f"\n{c['title']} ({c['layers']} layers) | seq {c['seq']} | batch {c['batch']} | {c['threads']} threads | "
-          f"{c['rules']} | {c['runs']} interleaved runs after {c['warmup']} warm-up")
+          f"{c['rules']} | {c.get('rounds', 1)} rounds x {c['runs']} runs after {c['warmup']} warm-up, each method in "
+          f"its own process" + (f" | ORT options {c['ort_options']}" if c.get("ort_options") else ""))
+    print(f"CPU: {e['cpu']}, {e['cores']} cores, ISA {' '.join(e.get('isa', [])) or '-'} | onnxruntime "
+          f"{e['onnxruntime']}, torch {e['torch']}")
     print(f"{'method':<42}{'median ms':>11}{'p10':>10}{'p90':>10}{'peak RSS MB':>13}{'RSS end':>10}")
     for m in METHODS:
         t = r["timings"][m]
@@ -760,6 +885,8 @@ def print_table(r: dict) -> None:
               f"{(format(mem['peak_rss_mb'], '.0f') if mem else '-'):>13}"
               f"{(format(mem['rss_after_runs_mb'], '.0f') if mem else '-'):>10}")
     q = r["ratios"]
+    for key, values in q.get("per_round", {}).items():
+        print(f"  {key} per round: {', '.join(f'{v:.2f}' for v in values)} (median {np.median(values):.2f})")
     print(f"explain / forward (ORT converted / ORT original): full {q['explain_full_over_forward']:.2f}x, "
           f"relevance-only {q['explain_relevance_over_forward']:.2f}x")
     print(f"explain / LXT: full {q['explain_full_over_lxt']:.2f}x, relevance-only {q['explain_relevance_over_lxt']:.2f}x"
@@ -777,9 +904,8 @@ def print_table(r: dict) -> None:
         print(f"other processes on the machine during timing: {load['other_during_timing']:.0%} of all cores "
               f"(highest during {worst[0]}: {worst[1].get('other_load_mean', 0):.0%})")
     if r["memory"]:
-        base = {m: v["baseline_rss_mb"] for m, v in r["memory"].items() if v}
-        print("RSS: median over fresh child processes, one method each, imports included; 'RSS end' = VmRSS "
-              "after the runs (after imports: " + ", ".join(f"{m} {v:.0f}" for m, v in base.items()) + " MB)")
+        print("peak RSS: VmHWM of the timing process of each method (imports included), median over the rounds; "
+              "'RSS end' = VmRSS after the runs")
 
 
 # --------------------------------------------------------------------------- grid and scaling
@@ -824,7 +950,7 @@ def run_all(args) -> dict:
             f"{t[m]['median_ms']:>10.1f}" for m in METHODS)
             + f"{q['explain_full_over_forward']:>9.2f}{q['explain_relevance_over_forward']:>9.2f}"
             f"{q['explain_relevance_over_lxt']:>9.2f}{rss('ort_explain_relevance'):>9}{rss('lxt'):>9}"
-            f"{cell['parity']['rel_l2_ort_relevance_only_vs_lxt']:>9.1e}")
+            f"{cell['parity'].get('rel_l2_ort_relevance_only_vs_lxt', float('nan')):>9.1e}")
     return {"grid": cells, "elapsed_s": total}
 
 
@@ -884,14 +1010,14 @@ def run_scaling(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lrp-onnx bench", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--model", choices=sorted(MODELS), help="required unless --all or --scaling")
     p.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
     p.add_argument("--batch", type=int, default=1, help="rows (default 1)")
     p.add_argument("--layers", type=int, default=None, help="truncate the model to its first N layers")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per method (default 20)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per method and round (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs per method (default 2)")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads and torch threads (default 2)")
     p.add_argument("--rules", choices=RULES, default="attnlrp")
@@ -919,7 +1045,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", action="store_true", help="conversion time of SmolLM2 at --scaling-layers")
     p.add_argument("--scaling-layers", type=lambda s: [int(x) for x in s.split(",")], default=[2, 8, 30])
     p.add_argument("--scaling-repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds, each method in its own process (default 3)")
+    p.add_argument("--skip", type=lambda x: x.split(","), default=[],
+                   help="methods not to time, comma-separated (e.g. torch_forward,ort_explain_full)")
+    p.add_argument("--no-parity", action="store_true", help="skip the relevance check against LXT")
+    p.add_argument("--ort-options", default=None,
+                   help="settings for every ORT session alike: mem_pattern=0|1, cpu_arena=0|1, arena_strategy=same|pow2, "
+                        "mem_reuse=0|1, spin=0|1 (comma-separated)")
+    p.add_argument("--memory", choices=["fast", "lean"], default="fast",
+                   help="conversion option memory= (lean: attention probabilities recomputed in the backward)")
     p.add_argument("--measure-memory", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--time-method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--parity-child", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -931,8 +1068,17 @@ def main(argv: list[str] | None = None) -> int:
         if "torch" in sys.modules:
             raise SystemExit("--omp-passive must be set before torch is imported")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by libgomp when torch loads; children inherit it
+    if args.ort_options is not None:
+        os.environ[ORT_OPTIONS_ENV] = args.ort_options
+    MEMORY_MODE["mode"] = args.memory
     if args.measure_memory:
         measure_memory(args)
+        return 0
+    if args.time_method:
+        time_method(args)
+        return 0
+    if args.parity_child:
+        parity_child(args)
         return 0
     if args.scaling:
         result = run_scaling(args)

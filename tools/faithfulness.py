@@ -64,7 +64,7 @@ def run_lxt(recipe: str, directory: Path, results: Path, out: Path) -> dict:
 
 
 def write_heatmap(evaluation, tokenizer: Path, out_dir: Path, name: str, rows: int = 4) -> None:
-    from lrp_onnx.cli import load_tokenizer
+    from lrp_onnx.text import load_tokenizer
     from lrp_onnx.heatmap import token_pieces, write_tokens_html, write_tokens_png
 
     tok = load_tokenizer(str(tokenizer))
