@@ -21,7 +21,6 @@ same shards and file. pyarrow is imported only here; Ray only with `ray`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -113,7 +112,7 @@ class RowExplainer:
 
     def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int | None = None, full: bool = False,
                  providers=None, threads: int | None = None, generate: int | None = None):
-        from .cli import load_tokenizer
+        from .text import load_tokenizer
         from .runner import Explainer
 
         self.explainer = Explainer(model, providers=providers, threads=threads)
@@ -137,7 +136,7 @@ class RowExplainer:
     def explain(self, texts, targets=None, positions=None) -> dict:
         """Per row: token_ids, tokens, relevance (per token), target, logit, position, relevance_full,
         error. Rows are sorted by length into batches and returned in the given order."""
-        from .runner import text_inputs
+        from .session import text_inputs
 
         n = len(texts)
         errors = [None] * n

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import LRPError
 from .files import write_atomically
-from .runner import text_inputs
+from .session import text_inputs
 
 METHODS = ("attnlrp", "cp-lrp", "gradient", "ig", "random")
 CONVERTED_METHODS = {"attnlrp": "attnlrp", "cp-lrp": "cp-lrp", "gradient": "gradient", "ig": "gradient"}

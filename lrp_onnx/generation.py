@@ -97,7 +97,7 @@ def explain_generation(explainer, input_ids, max_new_tokens: int = 16, *, tokeni
     n, p = len(generated), len(prompt)
     ids = np.concatenate([prompt, generated[:-1]])[None]
     positions = np.arange(p - 1, p - 1 + n, dtype=np.int64)
-    from .runner import text_inputs
+    from .session import text_inputs
 
     feed = {**text_inputs(explainer.input_names, ids), **inputs}
     if explainer.multi_target:
@@ -145,7 +145,7 @@ def _decoder(explainer, decoder, inputs):
     """ids [1, L] -> next-token logits [vocab]."""
     if callable(decoder):
         return decoder
-    from .runner import open_session, text_inputs
+    from .session import open_session, text_inputs
 
     if decoder is not None:
         session, names = open_session(os.fspath(decoder), label=os.fspath(decoder))
@@ -174,7 +174,7 @@ def _forward_only(explainer):
     import onnx
 
     from .canonicalize import SELECTED_OUTPUT, drop_outputs
-    from .runner import open_session
+    from .session import open_session
 
     cached = getattr(explainer, "_forward_only", None)
     if cached is not None:
