@@ -582,7 +582,8 @@ class Reference:
         if graph.dtype == np.float64:
             self.sess = session(model)
             self.run = lambda x: self.sess.run(outputs, {"x": x})
-        elif any(n.op_type == "Resize" for n in model.graph.node):
+        elif any(n.op_type == "Resize" and any(a.name == "coordinate_transformation_mode" and a.s == b"align_corners"
+                                                for a in n.attribute) for n in model.graph.node):
             # the ONNX reference evaluator's Resize disagrees with the spec (align_corners with scales:
             # 3 -> 4 samples at 0, 0.57, 1.14, 1.71 instead of 0, 0.67, 1.33, 2); onnxruntime follows it,
             # in float32 (it has no float64 Resize)
