@@ -545,8 +545,9 @@ def _einsum(b, node, gy, wants):
         raise NotImplementedError(f"Einsum '{eq}' (implicit output)")
     lhs, out_sub = eq.split("->")
     subs = lhs.split(",")
-    if "." in eq:
-        subs, out_sub = _expand_ellipsis(b, node, eq, subs, out_sub)
+    ellipsis = "..." in eq
+    if ellipsis and any(("..." in s) != ("..." in out_sub) for s in subs):
+        raise NotImplementedError(f"Einsum '{eq}': an ellipsis summed out")
     g = _g(gy)
     grads = []
     for i, (t, w) in enumerate(zip(node.input, wants)):
@@ -554,31 +555,20 @@ def _einsum(b, node, gy, wants):
             grads.append(None)
             continue
         others = [(s, x) for j, (s, x) in enumerate(zip(subs, node.input)) if j != i]
+        letters = subs[i].replace("...", "")
         available = set(out_sub).union(*[set(s) for s, _ in others])
-        if set(subs[i]) - available or len(set(subs[i])) != len(subs[i]):
+        if set(letters) - available or len(set(letters)) != len(letters):
             raise NotImplementedError(f"Einsum '{eq}': operand {i} sums out an index of its own")
         sub_eq = ",".join([out_sub] + [s for s, _ in others]) + "->" + subs[i]
-        grads.append(b.op("Einsum", [g] + [x for _, x in others], equation=sub_eq, like=t))
+        if not ellipsis:
+            grads.append(b.op("Einsum", [g] + [x for _, x in others], equation=sub_eq, like=t))
+            continue
+        # the ellipsis dims may broadcast between operands: the gradient has their broadcast extent,
+        # summed back to the operand's own
+        grad = b.op("Einsum", [g] + [x for _, x in others], equation=sub_eq, dtype=b.view.dtype(t),
+                    shape=[None] * b.view.rank(t) if b.view.rank(t) is not None else None)
+        grads.append(b.unbroadcast(grad, t))
     return grads
-
-
-def _expand_ellipsis(b, node, eq, subs, out_sub):
-    """Write '...' out as letters of their own, where every operand's ellipsis covers the same dims
-    (same rank, same sizes: no broadcasting inside the ellipsis)."""
-    dims = []
-    for s, t in zip(subs, node.input):
-        if "..." in s:
-            shape = b.view.shape(t)
-            if shape is None:
-                raise NotImplementedError(f"Einsum '{eq}': ellipsis over an operand of unknown rank")
-            dims.append(tuple(shape[:len(shape) - (len(s) - 3)]))
-    if len(set(dims)) != 1 or any(d is None for d in dims[0]):
-        raise NotImplementedError(f"Einsum '{eq}': an ellipsis that broadcasts between operands")
-    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq][:len(dims[0])]
-    if len(free) < len(dims[0]):
-        raise NotImplementedError(f"Einsum '{eq}': too many ellipsis dims")
-    letters = "".join(free)
-    return [s.replace("...", letters) for s in subs], out_sub.replace("...", letters)
 
 
 # The other VJP modules register on import (they import only vjp_registry, builder and graph).

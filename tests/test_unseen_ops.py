@@ -168,3 +168,23 @@ def test_einsum_with_an_ellipsis_equals_numpy():
     np.testing.assert_allclose(relevance.sum(), (gram * seed).sum(), rtol=1e-10)
     grad = (np.einsum("abqp,abpk->abqk", seed, x) + np.einsum("abqp,abqk->abpk", seed, x)) / 2
     np.testing.assert_allclose(relevance, x * grad, rtol=1e-10, atol=1e-12)
+
+
+def test_einsum_whose_ellipsis_broadcasts_equals_numpy():
+    """'...qk,...kd->...qd' with the weight's ellipsis [1, 3] broadcast against x's [2, 3]: the weight's
+    gradient is summed back over the broadcast axis (numpy einsum broadcasts ellipsis dims too). The
+    broadcast operand comes first: onnxruntime's symbolic shape inference gives the output the last
+    operand's ellipsis dims."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Einsum", ["v", "x"], ["y"], equation="...kd,...qk->...qd", name="local")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3, 4, 5]),
+                                           helper.make_tensor_value_info("v", TensorProto.DOUBLE, [1, 3, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3, 4, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x, v, seed = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(1, 3, 5, 6)), rng.normal(size=(2, 3, 4, 6))
+    converted = lrp_onnx.convert(model, rules="gradient", source=["x", "v"], seed_input=True)
+    sess = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+    r_x, r_v = sess.run(["lrp_relevance", "lrp_relevance_1"], {"x": x, "v": v, "lrp_seed": seed})
+    np.testing.assert_allclose(r_x, x * np.einsum("...qd,...kd->...qk", seed, v), rtol=1e-12, atol=1e-12)
+    grad_v = np.einsum("...qd,...qk->...kd", seed, x).sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(r_v, v * grad_v, rtol=1e-12, atol=1e-12)
