@@ -114,12 +114,7 @@ def prepare_graphs(model_path, workdir, methods=METHODS, task: str = "next-token
 
     if task not in TASKS:
         raise LRPError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
-    os.makedirs(workdir, exist_ok=True)
-    model, base_dir = load_model(model_path)
-    view = GraphView.build(model, infer_shapes(model))
-    output = output or view.graph_outputs[0]
-    if output not in view.graph_outputs:
-        raise LRPError(f"--output '{output}' is not a graph output; outputs are: {', '.join(view.graph_outputs)}")
+    model, base_dir, view, output = _load_for_evaluation(model_path, workdir, output)
     rank = view.rank(output)
     if task == "next-token" and rank != 3:
         raise LRPError(f"task next-token needs logits [batch, sequence, vocab]; '{output}' has rank {rank}")
@@ -652,12 +647,10 @@ class ImageGraphs:
     task: str = "image-classification"
 
 
-def prepare_image_graphs(model_path, workdir, methods=METHODS, output: str | None = None, log=None) -> ImageGraphs:
-    """forward.onnx (the model with its class logits only) and one converted model per relevance
-    method, explaining the class logits from the pixel input."""
-    from .canonicalize import drop_outputs
+def _load_for_evaluation(model_path, workdir, output: str | None):
+    """The model (weights by reference), its folder, a view with shapes, and the explained output."""
     from .graph import GraphView
-    from .pipeline import convert, load_model
+    from .pipeline import load_model
     from .shapes import infer_shapes
 
     os.makedirs(workdir, exist_ok=True)
@@ -666,6 +659,16 @@ def prepare_image_graphs(model_path, workdir, methods=METHODS, output: str | Non
     output = output or view.graph_outputs[0]
     if output not in view.graph_outputs:
         raise LRPError(f"--output '{output}' is not a graph output; outputs are: {', '.join(view.graph_outputs)}")
+    return model, base_dir, view, output
+
+
+def prepare_image_graphs(model_path, workdir, methods=METHODS, output: str | None = None, log=None) -> ImageGraphs:
+    """forward.onnx (the model with its class logits only) and one converted model per relevance
+    method, explaining the class logits from the pixel input."""
+    from .canonicalize import drop_outputs
+    from .pipeline import convert
+
+    model, base_dir, view, output = _load_for_evaluation(model_path, workdir, output)
     if view.rank(output) != 2:
         raise LRPError(f"--images needs class logits [batch, classes]; '{output}' has rank {view.rank(output)}")
     pixel_inputs = [i for i in model.graph.input if i.name in view.graph_inputs and view.is_float(i.name)
