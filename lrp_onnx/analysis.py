@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .control import has_subgraph, outer_references
 from .graph import GraphView, attr
-from .patterns import ACTIVATION_OPS, Region
+from .patterns import ACTIVATION_OPS, Region, _strip_casts as strip_casts
 
 # -- what each op computes in its relevance-carrying inputs (rules are chosen by this, not by name) --
 # Ops linear (or affine: plus a constant) in every relevance-carrying input: the plain gradient is
@@ -198,19 +198,13 @@ def _is_sum_renormalization(view: GraphView, node) -> bool:
             return False
         n = view.nodes[p]
         if n.op_type == "ReduceSum":
-            return _strip_routing(view, n.input[0]) == _strip_routing(view, a)
+            return strip_casts(view, n.input[0]) == strip_casts(view, a)
         if n.op_type in STATISTIC_ROUTING or n.op_type in ("Add", "Max", "Clip") and \
                 all(view.is_constant(i) for i in n.input[1:] if i):
             t = n.input[0]
         else:
             return False
     return False
-
-
-def _strip_routing(view: GraphView, t: str) -> str:
-    while (p := view.producer.get(t)) is not None and view.nodes[p].op_type in ("Cast", "Identity"):
-        t = view.nodes[p].input[0]
-    return t
 
 
 def _is_linear_gemm(view: GraphView, k: int) -> bool:
