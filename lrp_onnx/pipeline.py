@@ -23,6 +23,7 @@ from .shapes import infer_shapes
 from .precision import HALF, is_half, promote_backward_to_fp32
 from .remat import rematerialize
 from .unfuse import unfuse_contrib_ops
+from .cache import bind_cache_inputs, prune_unused
 from .control import branch_model, free_names as outer_references_of_graph, has_subgraph, \
     inline_constant_ifs, renamed_branch, subgraphs
 from .canonicalize import drop_outputs, select_position_before_head
@@ -417,6 +418,7 @@ class Conversion:
     seed: object = None
     grads: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)  # unsupported units: `convert` refuses, `inspect` lists them
+    bound_inputs: dict = field(default_factory=dict)  # KV-cache inputs bound inside the graph (cache.py)
 
 
 def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
@@ -434,8 +436,12 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     model, base_dir = load_model(model)
     check_convert_paths(model, model_path, base_dir, output_path)
     upgrade_opset(model)
+    bound = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
     unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
+    if bound:
+        prune_unused(model)
+        view = GraphView.build(model, infer_shapes(model))
     # choose output and sources
     output = output or view.graph_outputs[0]
     if output not in view.graph_outputs:
@@ -457,7 +463,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
             view = GraphView.build(model, infer_shapes(model))
     # analyze
     plan = analyze(view, rules, output, sources, overrides)
-    conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected)
+    conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected, bound_inputs=bound)
     if plan.problems:
         conv.problems = list(plan.problems)
         return conv
@@ -562,6 +568,8 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         "head_at_position": position_selected, "multi_target": multi_target,
         "input_limits": input_limits(view),
     }
+    if conv.bound_inputs:
+        meta["bound_inputs"] = conv.bound_inputs
     if relevance_only:
         drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
     optional_defaults(model)

@@ -15,14 +15,18 @@ class Report:
     rows: list = field(default_factory=list)       # (unit, op/pattern, categories, rule) on the path
     off_path: int = 0                              # nodes that need no backward
     problems: list = field(default_factory=list)   # unsupported units on the path
+    bound_inputs: dict = field(default_factory=dict)  # KV-cache inputs bound inside the graph (cache.py)
 
     @property
     def supported(self) -> bool:
         return not self.problems
 
     def format(self) -> str:
-        lines = [f"rules: {self.rules}   explained output: {self.output}   sources: {', '.join(self.sources)}",
-                 f"{'rule':<13} {'category':<16} unit"]
+        lines = [f"rules: {self.rules}   explained output: {self.output}   sources: {', '.join(self.sources)}"]
+        if self.bound_inputs:
+            lines.append(f"KV cache: {len(self.bound_inputs)} inputs bound inside the graph (full sequences are "
+                         f"explained): " + ", ".join(f"{n} = {v}" for n, v in self.bound_inputs.items()))
+        lines.append(f"{'rule':<13} {'category':<16} unit")
         for desc, cats, rule in self.rows:
             lines.append(f"{rule or 'none':<13} {cats[0] if cats else '-':<16} {desc}")
         counts = Counter(rule or "none" for _, _, rule in self.rows)
@@ -45,7 +49,8 @@ def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
                            seed_input=seed_input, overrides=overrides, relevance_only=relevance_only)
     view, plan = conv.view, conv.plan
-    report = Report(plan.rules, conv.output, conv.sources, problems=list(conv.problems))
+    report = Report(plan.rules, conv.output, conv.sources, problems=list(conv.problems),
+                    bound_inputs=dict(conv.bound_inputs))
     on_path_nodes = set()
     for u in plan.path_units:
         report.rows.append((u.describe(view), u.categories, u.rule))

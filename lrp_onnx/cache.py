@@ -1,0 +1,213 @@
+"""KV-cache exports: explain full sequences, with the cache fed empty inside the graph.
+
+A decoder exported with a KV cache takes the keys and values of earlier tokens as inputs
+(`past_key_values.N.key`/`.value` from optimum and onnxruntime-genai, `past_key`/`past_value` of a
+fused attention op, `past_N` of older exports) and returns the extended cache (`present.*`). Relevance
+has to reach every token of the sequence, and a cache holds only the earlier tokens' keys and values,
+not the activations their relevance would flow through: a cached step cannot be explained. So the
+converted model explains full sequences: each cache input is bound, inside the graph, to an empty
+tensor (its past-length axis 0, its batch taken from the token ids), and is no longer an input.
+Running the whole sequence through the no-past computation is what the exporter itself does for the
+first step (the prompt), and gives the no-cache export's outputs; `present.*` outputs are kept (the
+cache of the whole sequence).
+
+* Cache input: a floating-point graph input whose name has a `past` component (`past_key_values.3.key`,
+  `past_key_0`, `past.1`, `layer.0.past_value`) and one past-length axis: the dynamic axis named
+  `past...`, else the only dynamic axis that is not the batch. The other axes must be static or the
+  batch axis (named like an axis of the token-id input). Anything else is refused, naming the input.
+* A boolean input that chooses between `If` branches in a graph with a cache (optimum's merged
+  decoder, `use_cache_branch`) is bound to false, the branch without a cache; the If is then inlined.
+* Consumers in the main graph are simplified: a Concat along the past axis drops the empty operand,
+  and a fused attention op (GroupQueryAttention, MultiHeadAttention, Attention) gets its past slots
+  emptied, which is how each op spells "no past". Everything else (Shape(past) for the past length,
+  branches of an If) reads the in-graph empty tensor.
+
+Nothing here reads weight data."""
+from __future__ import annotations
+
+import re
+
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import LRPError
+
+_PAST_NAME = re.compile(r"(^|[._/:-])past([._/:-]|_?key|_?value|\d|$)", re.IGNORECASE)
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+# fused attention ops: the input slots that hold a past (an absent slot means "no past")
+_PAST_SLOTS = {("com.microsoft", "GroupQueryAttention"): (3, 4),
+               ("com.microsoft", "MultiHeadAttention"): (6, 7),
+               ("com.microsoft", "Attention"): (4,),
+               ("", "Attention"): (4, 5)}
+SCOPE = "lrp/cache/"
+
+
+def is_cache_name(name: str) -> bool:
+    return bool(_PAST_NAME.search(name))
+
+
+def _dims(value_info):
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _past_axis(name: str, dims: list) -> int:
+    dynamic = [k for k, d in enumerate(dims) if not isinstance(d, int)]
+    named = [k for k in dynamic if isinstance(dims[k], str) and "past" in dims[k].lower()]
+    if len(named) == 1:
+        return named[0]
+    if len(dynamic) == 2 and dims[dynamic[0]] != dims[dynamic[1]]:
+        # [batch, heads, past, head_dim] and [2, batch, heads, past, head_dim]: the later dynamic axis
+        return dynamic[1]
+    if len(dynamic) == 1:
+        return dynamic[0]
+    raise LRPError(f"cache input '{name}' (shape {dims}): cannot tell its past-length axis "
+                   f"(one dynamic axis named 'past...' is expected)")
+
+
+def bind_cache_inputs(model: onnx.ModelProto) -> dict:
+    """Bind, in place, the KV-cache inputs of `model` (the private copy) to empty tensors and a
+    cache-choosing boolean input to false. Returns {input name: what it was bound to} (empty when the
+    graph has no cache)."""
+    g = model.graph
+    inputs = {i.name: i for i in g.input}
+    initializers = {t.name for t in g.initializer}
+    cache = [i for i in g.input if i.name not in initializers and is_cache_name(i.name)
+             and i.type.tensor_type.elem_type in _FLOAT_TYPES]
+    if not cache:
+        return {}
+    ids = _token_input(g, initializers, {i.name for i in cache})
+    bound = {}
+    new_nodes = []
+    consumers = _main_consumers(g)
+    for inp in cache:
+        dims = _dims(inp)
+        if dims is None:
+            raise LRPError(f"cache input '{inp.name}': its shape is not declared; cannot bind it to an empty cache")
+        axis = _past_axis(inp.name, dims)
+        pieces = []
+        for k, d in enumerate(dims):
+            if k == axis:
+                pieces.append(("const", 0))
+            elif isinstance(d, int):
+                pieces.append(("const", d))
+            else:
+                where = _axis_of(ids, d)
+                if where is None:
+                    raise LRPError(f"cache input '{inp.name}': axis {k} ('{d or 'unnamed'}') is neither static, "
+                                   f"its past length, nor an axis of the token ids; cannot bind it to an empty cache")
+                pieces.append(("axis", where))
+        new_nodes += _empty_tensor(inp.name, inp.type.tensor_type.elem_type, pieces)
+        for node in consumers.get(inp.name, []):
+            _simplify_consumer(node, inp.name, axis, len(dims))
+        bound[inp.name] = f"empty (axis {axis} of length 0)"
+    for name in [n for n in inputs if n not in initializers and n not in bound]:
+        if _selects_branches(g, inputs[name]):
+            g.initializer.append(helper.make_tensor(name, TensorProto.BOOL, _dims(inputs[name]) or [], [False]))
+            bound[name] = "false (the branch without a cache)"
+    for name in bound:
+        g.input.remove(inputs[name])
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return bound
+
+
+def prune_unused(model: onnx.ModelProto) -> None:
+    """Remove the binding nodes that nothing reads any more (after a merged decoder's If is inlined,
+    the branch without a cache reads no past), and initializers bound to a flag nobody reads."""
+    g = model.graph
+    while True:
+        read = {t for n in g.node for t in _reads(n)} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.name.startswith(SCOPE) and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+
+
+def _reads(node):
+    from .control import outer_references, has_subgraph
+    yield from node.input
+    if has_subgraph(node):
+        yield from outer_references(node)
+
+
+def _token_input(g, initializers, cache_names):
+    """The integer input whose axes name the batch (token ids; else any integer input)."""
+    ints = [i for i in g.input if i.name not in initializers and i.name not in cache_names
+            and i.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)]
+    for i in ints:
+        if i.name == "input_ids":
+            return i
+    return ints[0] if ints else None
+
+
+def _axis_of(ids, dim):
+    if ids is None or not isinstance(dim, str):
+        return None
+    for k, d in enumerate(_dims(ids) or []):
+        if d == dim:
+            return ids.name, k
+    return None
+
+
+def _empty_tensor(name, elem_type, pieces):
+    """Nodes computing a zero-size tensor `name` of the given axes (constants, or an axis of an input)."""
+    nodes, parts = [], []
+    for k, (kind, value) in enumerate(pieces):
+        out = f"{SCOPE}{name}/dim{k}"
+        if kind == "const":
+            nodes.append(helper.make_node("Constant", [], [out], name=out,
+                                          value=helper.make_tensor(out, TensorProto.INT64, [1], [value])))
+        else:
+            source, axis = value
+            nodes.append(helper.make_node("Shape", [source], [out + "/shape"], name=out + "/shape"))
+            nodes.append(helper.make_node("Constant", [], [out + "/axis"], name=out + "/axis",
+                                          value=helper.make_tensor(out, TensorProto.INT64, [1], [axis])))
+            nodes.append(helper.make_node("Gather", [out + "/shape", out + "/axis"], [out], name=out, axis=0))
+        parts.append(out)
+    shape = f"{SCOPE}{name}/shape"
+    nodes.append(helper.make_node("Concat", parts, [shape], name=shape, axis=0))
+    nodes.append(helper.make_node("ConstantOfShape", [shape], [name], name=f"{SCOPE}{name}",
+                                  value=helper.make_tensor("value", elem_type, [1], [0])))
+    return nodes
+
+
+def _main_consumers(g):
+    out = {}
+    for node in g.node:
+        for t in node.input:
+            out.setdefault(t, []).append(node)
+    return out
+
+
+def _simplify_consumer(node, name, axis, rank):
+    if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
+        concat_axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if concat_axis % rank == axis:
+            kept = [t for t in node.input if t != name]
+            if kept:
+                del node.input[:]
+                node.input.extend(kept)
+                if len(kept) == 1:
+                    node.op_type = "Identity"
+                    del node.attribute[:]
+        return
+    slots = _PAST_SLOTS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+    if slots:
+        for k in slots:
+            if k < len(node.input) and node.input[k] == name:
+                node.input[k] = ""
+        while node.input and node.input[-1] == "":
+            node.input.pop()
+
+
+def _selects_branches(g, inp) -> bool:
+    """A boolean input read only as the condition of If nodes (possibly through Identity/Cast/Not)."""
+    if inp.type.tensor_type.elem_type != TensorProto.BOOL:
+        return False
+    readers = [n for n in g.node if inp.name in n.input]
+    return bool(readers) and all(n.op_type == "If" and n.input[0] == inp.name for n in readers)

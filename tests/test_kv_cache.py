@@ -1,0 +1,124 @@
+"""KV-cache exports (lrp_onnx/cache.py): the cache is bound to an empty tensor inside the graph, and the
+converted model explains full sequences with the relevance of the export without a cache.
+
+* optimum's decoder with past (past_key_values.N.key/value inputs, present.* outputs) and optimum's
+  merged decoder (use_cache_branch, an If over the decoders without and with past) of the tiny LLaMA:
+  relevance equals the no-cache TorchScript export's of the same weights in three rule sets; the
+  original outputs (logits, present.*) equal onnxruntime's run of the export with an empty cache fed.
+* a hand-built com.microsoft MultiHeadAttention with past_key/past_value inputs: equals the same graph
+  without a past (the op's "no past" slot), forward equal to onnxruntime's kernel fed an empty past.
+* a cache input whose axes cannot be told is refused, naming it.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import lrp_onnx
+from lrp_onnx.errors import LRPError
+from tests import handbuilt as hb
+from tests.conftest import CPU, TOLERANCE, explain_inputs, explainer_for, rel_l2
+
+RULES = ["attnlrp", "cp-lrp", "gradient"]
+
+
+@pytest.fixture(scope="module")
+def optimum_exports(tiny_model, workdir):
+    from models import kvcache
+
+    hf_dir, nocache = tiny_model("llama")
+    out = workdir / "kvcache"
+    return nocache, {"with_past": kvcache.with_past(hf_dir, out / "with_past.onnx"),
+                     "merged": kvcache.merged(hf_dir, out / "merged.onnx")}
+
+
+def _feed():
+    inputs = explain_inputs("llama")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    # the no-cache export numbers positions 0..S-1 whatever the mask (transformers' default without a cache)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape)}
+
+
+def _empty_cache(model, batch):
+    feed = {}
+    for i in onnx.load(model, load_external_data=False).graph.input:
+        if i.name.startswith("past_key_values"):
+            dims = [d.dim_value or 0 for d in i.type.tensor_type.shape.dim]
+            feed[i.name] = np.zeros([batch] + dims[1:], np.float32)
+        elif i.name == "use_cache_branch":
+            feed[i.name] = np.array([False])
+    return feed
+
+
+@pytest.mark.parametrize("form", ["with_past", "merged"])
+def test_optimum_cache_exports_explain_like_the_no_cache_export(optimum_exports, form):
+    import onnxruntime as ort
+
+    nocache, exports = optimum_exports
+    feed = _feed()
+    explainer = explainer_for(exports[form])
+    names = [i.name for i in explainer.session.get_inputs()]
+    assert names == ["input_ids", "attention_mask", "position_ids", "lrp_target", "lrp_position"]
+    bound = explainer.meta["bound_inputs"]
+    assert sorted(n for n in bound if n.startswith("past_key_values")) == sorted(
+        f"past_key_values.{k}.{kv}" for k in range(2) for kv in ("key", "value"))
+    assert ("use_cache_branch" in bound) == (form == "merged")
+    # the original outputs: onnxruntime's run of the export, fed an empty cache
+    original = ort.InferenceSession(str(exports[form]), providers=CPU)
+    want = dict(zip([o.name for o in original.get_outputs()],
+                    original.run(None, {**feed, **_empty_cache(exports[form], len(feed["input_ids"]))})))
+    got = explainer.run(**feed).outputs
+    assert len(want) == 5
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    for rules in RULES:
+        cached = explainer_for(exports[form], rules).run(**feed)
+        plain = explainer_for(nocache, rules).run(input_ids=feed["input_ids"], attention_mask=feed["attention_mask"])
+        np.testing.assert_array_equal(cached.target, plain.target)
+        np.testing.assert_allclose(cached.logit, plain.logit, rtol=1e-5)
+        assert rel_l2(cached.relevance, plain.relevance) <= TOLERANCE[rules], rules
+
+
+def test_inspect_names_the_bound_cache_inputs(optimum_exports):
+    _, exports = optimum_exports
+    report = lrp_onnx.inspect_model(str(exports["merged"]))
+    assert report.supported
+    assert len(report.bound_inputs) == 5 and report.bound_inputs["use_cache_branch"].startswith("false")
+    assert "KV cache: 5 inputs bound" in report.format().splitlines()[1]
+
+
+# -- a fused attention op with a past --------------------------------------------------------------------
+HEADS, D, PAST = 4, 4, "past_sequence_length"
+
+
+def _mha_graph(with_past: bool):
+    g = hb.Graph([hb.float_input()], opset=17)
+    q, k, v = (g.op("MatMul", "x", g.init(hb.weights(s, hb.HID, HEADS * D))) for s in (1, 2, 3))
+    past = []
+    if with_past:
+        for name in ("past_key", "past_value"):
+            g.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [hb.B, HEADS, PAST, D]))
+        past = ["", "", "", "past_key", "past_value"]  # bias, key_padding_mask, attention_bias, past_key/value
+    y = g.op("MultiHeadAttention", q, k, v, *past, domain="com.microsoft", num_heads=HEADS)
+    return g.model(g.op("MatMul", y, g.init(hb.weights(4, HEADS * D, hb.VOCAB))))
+
+
+def test_fused_attention_past_slots_are_emptied():
+    x = np.random.default_rng(2).standard_normal((hb.B, hb.S, hb.HID)).astype(np.float32)
+    cached, plain = _mha_graph(True), _mha_graph(False)
+    empty = np.zeros((hb.B, HEADS, 0, D), np.float32)
+    kernel = hb.ort_run(cached, {"x": x, "past_key": empty, "past_value": empty})
+    np.testing.assert_allclose(kernel, hb.ort_run(plain, {"x": x}), rtol=1e-5, atol=1e-6)
+    for rules in RULES:
+        got, forward = hb.relevance(cached, rules, {"x": x})
+        want, _ = hb.relevance(plain, rules, {"x": x})
+        np.testing.assert_allclose(forward, kernel, rtol=1e-5, atol=1e-6)
+        assert rel_l2(got.relevance, want.relevance) <= TOLERANCE[rules], rules
+
+
+def test_cache_input_with_an_unknown_axis_is_refused_by_name():
+    model = _mha_graph(True)
+    dim = model.graph.input[1].type.tensor_type.shape.dim[1]  # heads: make it a dynamic axis of its own
+    dim.dim_param = "heads"
+    with pytest.raises(LRPError, match="cache input 'past_key': axis 1 \\('heads'\\)"):
+        lrp_onnx.convert(model, source="x")
