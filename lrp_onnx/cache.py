@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import LRPError
+from .graph import node_label
 
 _PAST_NAME = re.compile(r"(^|[._/:-])past([._/:-]|_?key|_?value|\d|$)", re.IGNORECASE)
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -81,7 +82,6 @@ def bind_cache_inputs(model: onnx.ModelProto) -> dict:
     ids = _token_input(g, initializers, {i.name for i in cache})
     bound = {}
     new_nodes = []
-    consumers = _main_consumers(g)
     for inp in cache:
         dims = _dims(inp)
         if dims is None:
@@ -100,9 +100,8 @@ def bind_cache_inputs(model: onnx.ModelProto) -> dict:
                                    f"its past length, nor an axis of the token ids; cannot bind it to an empty cache")
                 pieces.append(("axis", where))
         new_nodes += _empty_tensor(inp.name, inp.type.tensor_type.elem_type, pieces)
-        for node in consumers.get(inp.name, []):
-            _simplify_consumer(node, inp.name, axis, len(dims))
         bound[inp.name] = f"empty (axis {axis} of length 0)"
+        _AXES[inp.name] = (axis, len(dims))
     for name in [n for n in inputs if n not in initializers and n not in bound]:
         if _selects_branches(g, inputs[name]):
             g.initializer.append(helper.make_tensor(name, TensorProto.BOOL, _dims(inputs[name]) or [], [False]))
@@ -112,20 +111,48 @@ def bind_cache_inputs(model: onnx.ModelProto) -> dict:
     nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
+    for inp in cache:
+        _simplify(g, inp.name, *_AXES[inp.name])
     return bound
 
 
-def prune_unused(model: onnx.ModelProto) -> None:
-    """Remove the binding nodes that nothing reads any more (after a merged decoder's If is inlined,
-    the branch without a cache reads no past), and initializers bound to a flag nobody reads."""
+_AXES = {}  # bound cache tensor -> (past axis, rank), for settle_cache
+
+
+def settle_cache(model: onnx.ModelProto, bound: dict) -> None:
+    """After unfusing and inlining: simplify the readers of each empty cache again (an inlined branch
+    may read it), drop the binding nodes nothing reads, and refuse a cache that something reads as data:
+    an empty tensor is the same as no cache only where it is concatenated along its past axis, given
+    to a fused attention op as its past, or asked for its shape. A cross-attention cache (the encoder's
+    keys of a seq2seq decoder with past) is read directly and is refused here, naming the reader."""
     g = model.graph
-    while True:
-        read = {t for n in g.node for t in _reads(n)} | {o.name for o in g.output}
-        dead = [n for n in g.node if n.name.startswith(SCOPE) and not any(o in read for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
+    cache = [n for n in bound if n in _AXES]
+    for name in cache:
+        _simplify(g, name, *_AXES[name])
+    _prune(g)
+    readers = {}
+    for node in g.node:
+        for t in _reads(node):
+            readers.setdefault(t, []).append(node)
+    for name in cache:
+        for node in _data_readers(readers, name):
+            raise LRPError(f"cache input '{name}': read as data by {node_label(node)} ({node.op_type}), not only "
+                           f"extended along its past axis; an empty cache would change what it computes, so it "
+                           f"cannot be bound (a cross-attention cache of a decoder with past, or a fixed-size cache "
+                           f"buffer): export the model without a cache")
+
+
+_LAYOUT_OPS = ("Transpose", "Cast", "Identity")
+
+
+def _data_readers(readers, name, seen=None):
+    for node in readers.get(name, []):
+        if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            continue
+        if node.op_type in _LAYOUT_OPS and node.domain in ("", "ai.onnx"):
+            yield from _data_readers(readers, node.output[0])
+            continue
+        yield node
 
 
 def _reads(node):
@@ -176,33 +203,46 @@ def _empty_tensor(name, elem_type, pieces):
     return nodes
 
 
-def _main_consumers(g):
-    out = {}
-    for node in g.node:
-        for t in node.input:
-            out.setdefault(t, []).append(node)
-    return out
+def _simplify(g, name, axis, rank):
+    """Readers of the empty tensor `name` (past axis `axis`) in the main graph, through Transpose/Cast/
+    Identity: a Concat along the past axis drops the operand (one operand left: an Identity), a fused
+    attention op's past slot is emptied."""
+    for node in [n for n in g.node if name in n.input]:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain == "" and node.op_type == "Concat":
+            concat_axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if concat_axis % rank == axis:
+                kept = [t for t in node.input if t != name]
+                if kept:
+                    del node.input[:]
+                    node.input.extend(kept)
+                    if len(kept) == 1:
+                        node.op_type = "Identity"
+                        del node.attribute[:]
+        elif domain == "" and node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(rank))[::-1])
+            _simplify(g, node.output[0], perm.index(axis), rank)
+        elif domain == "" and node.op_type in ("Cast", "Identity"):
+            _simplify(g, node.output[0], axis, rank)
+        elif (domain, node.op_type) in _PAST_SLOTS:
+            for k in _PAST_SLOTS[(domain, node.op_type)]:
+                if k < len(node.input) and node.input[k] == name:
+                    node.input[k] = ""
+            while node.input and node.input[-1] == "":
+                node.input.pop()
 
 
-def _simplify_consumer(node, name, axis, rank):
-    if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
-        concat_axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if concat_axis % rank == axis:
-            kept = [t for t in node.input if t != name]
-            if kept:
-                del node.input[:]
-                node.input.extend(kept)
-                if len(kept) == 1:
-                    node.op_type = "Identity"
-                    del node.attribute[:]
-        return
-    slots = _PAST_SLOTS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
-    if slots:
-        for k in slots:
-            if k < len(node.input) and node.input[k] == name:
-                node.input[k] = ""
-        while node.input and node.input[-1] == "":
-            node.input.pop()
+def _prune(g):
+    """Drop nodes whose outputs nothing reads, among the binding nodes and the layout ops left reading an
+    empty cache."""
+    while True:
+        read = {t for n in g.node for t in _reads(n)} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in read for o in n.output)
+                and (n.name.startswith(SCOPE) or n.op_type in _LAYOUT_OPS + ("Shape", "Gather", "Constant"))]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)
 
 
 def _selects_branches(g, inp) -> bool:

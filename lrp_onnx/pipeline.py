@@ -23,7 +23,7 @@ from .shapes import infer_shapes
 from .precision import HALF, is_half, promote_backward_to_fp32
 from .remat import rematerialize
 from .unfuse import unfuse_contrib_ops
-from .cache import bind_cache_inputs, prune_unused
+from .cache import bind_cache_inputs, settle_cache
 from .control import branch_model, free_names as outer_references_of_graph, has_subgraph, \
     inline_constant_ifs, renamed_branch, subgraphs
 from .canonicalize import drop_outputs, select_position_before_head
@@ -440,7 +440,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
     if bound:
-        prune_unused(model)
+        settle_cache(model, bound)
         view = GraphView.build(model, infer_shapes(model))
     # choose output and sources
     output = output or view.graph_outputs[0]
