@@ -26,6 +26,7 @@ Nothing here reads weight data."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import onnx
 from onnx import TensorProto, helper
@@ -68,26 +69,33 @@ def _past_axis(name: str, dims: list) -> int:
                    f"(one dynamic axis named 'past...' is expected)")
 
 
-def bind_cache_inputs(model: onnx.ModelProto) -> dict:
+@dataclass
+class Binding:
+    bound: dict = field(default_factory=dict)    # input name -> what it was bound to (for metadata, inspect)
+    axes: dict = field(default_factory=dict)     # empty cache tensor -> (past axis, rank)
+    unknown: dict = field(default_factory=dict)  # empty cache tensor -> its axes of unknown size (set to 1)
+
+
+def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
     """Bind, in place, the KV-cache inputs of `model` (the private copy) to empty tensors and a
-    cache-choosing boolean input to false. Returns {input name: what it was bound to} (empty when the
-    graph has no cache)."""
+    cache-choosing boolean input to false. `.bound` is empty when the graph has no cache."""
     g = model.graph
     inputs = {i.name: i for i in g.input}
     initializers = {t.name for t in g.initializer}
     cache = [i for i in g.input if i.name not in initializers and is_cache_name(i.name)
              and i.type.tensor_type.elem_type in _FLOAT_TYPES]
+    binding = Binding()
     if not cache:
-        return {}
+        return binding
     ids = _token_input(g, initializers, {i.name for i in cache})
-    bound = {}
+    bound = binding.bound
     new_nodes = []
     for inp in cache:
         dims = _dims(inp)
         if dims is None:
             raise LRPError(f"cache input '{inp.name}': its shape is not declared; cannot bind it to an empty cache")
         axis = _past_axis(inp.name, dims)
-        pieces = []
+        pieces, unknown = [], []
         for k, d in enumerate(dims):
             if k == axis:
                 pieces.append(("const", 0))
@@ -95,13 +103,15 @@ def bind_cache_inputs(model: onnx.ModelProto) -> dict:
                 pieces.append(("const", d))
             else:
                 where = _axis_of(ids, d)
-                if where is None:
-                    raise LRPError(f"cache input '{inp.name}': axis {k} ('{d or 'unnamed'}') is neither static, "
-                                   f"its past length, nor an axis of the token ids; cannot bind it to an empty cache")
-                pieces.append(("axis", where))
+                if where is None:  # only an error if something still reads the empty tensor (settle_cache)
+                    unknown.append(f"axis {k} ('{d or 'unnamed'}')")
+                    pieces.append(("const", 1))
+                else:
+                    pieces.append(("axis", where))
         new_nodes += _empty_tensor(inp.name, inp.type.tensor_type.elem_type, pieces)
         bound[inp.name] = f"empty (axis {axis} of length 0)"
-        _AXES[inp.name] = (axis, len(dims))
+        binding.axes[inp.name] = (axis, len(dims))
+        binding.unknown[inp.name] = unknown
     for name in [n for n in inputs if n not in initializers and n not in bound]:
         if _selects_branches(g, inputs[name]):
             g.initializer.append(helper.make_tensor(name, TensorProto.BOOL, _dims(inputs[name]) or [], [False]))
@@ -111,24 +121,21 @@ def bind_cache_inputs(model: onnx.ModelProto) -> dict:
     nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
-    for inp in cache:
-        _simplify(g, inp.name, *_AXES[inp.name])
-    return bound
+    for name, axes in binding.axes.items():
+        _simplify(g, name, *axes)
+    return binding
 
 
-_AXES = {}  # bound cache tensor -> (past axis, rank), for settle_cache
-
-
-def settle_cache(model: onnx.ModelProto, bound: dict) -> None:
+def settle_cache(model: onnx.ModelProto, binding: Binding) -> None:
     """After unfusing and inlining: simplify the readers of each empty cache again (an inlined branch
     may read it), drop the binding nodes nothing reads, and refuse a cache that something reads as data:
     an empty tensor is the same as no cache only where it is concatenated along its past axis, given
     to a fused attention op as its past, or asked for its shape. A cross-attention cache (the encoder's
     keys of a seq2seq decoder with past) is read directly and is refused here, naming the reader."""
     g = model.graph
-    cache = [n for n in bound if n in _AXES]
+    cache = list(binding.axes)
     for name in cache:
-        _simplify(g, name, *_AXES[name])
+        _simplify(g, name, *binding.axes[name])
     _prune(g)
     readers = {}
     for node in g.node:
@@ -136,16 +143,21 @@ def settle_cache(model: onnx.ModelProto, bound: dict) -> None:
             readers.setdefault(t, []).append(node)
     for name in cache:
         for node in _data_readers(readers, name):
-            raise LRPError(f"cache input '{name}': read as data by {node_label(node)} ({node.op_type}), not only "
+            raise LRPError(f"cache input '{name}': read as data by {node_label(node)}, not only "
                            f"extended along its past axis; an empty cache would change what it computes, so it "
                            f"cannot be bound (a cross-attention cache of a decoder with past, or a fixed-size cache "
                            f"buffer): export the model without a cache")
+        if readers.get(name) and binding.unknown[name]:
+            node = readers[name][0]
+            raise LRPError(f"cache input '{name}': {binding.unknown[name][0]} is neither static, its past length, nor an "
+                           f"axis of the token ids, and {node_label(node)} reads its shape; "
+                           f"cannot bind it to an empty cache")
 
 
 _LAYOUT_OPS = ("Transpose", "Cast", "Identity")
 
 
-def _data_readers(readers, name, seen=None):
+def _data_readers(readers, name):
     for node in readers.get(name, []):
         if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
             continue

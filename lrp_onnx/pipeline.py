@@ -436,11 +436,11 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     model, base_dir = load_model(model)
     check_convert_paths(model, model_path, base_dir, output_path)
     upgrade_opset(model)
-    bound = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
+    cache = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
     unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
-    if bound:
-        settle_cache(model, bound)
+    if cache.bound:
+        settle_cache(model, cache)
         view = GraphView.build(model, infer_shapes(model))
     # choose output and sources
     output = output or view.graph_outputs[0]
@@ -463,7 +463,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
             view = GraphView.build(model, infer_shapes(model))
     # analyze
     plan = analyze(view, rules, output, sources, overrides)
-    conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected, bound_inputs=bound)
+    conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected, bound_inputs=cache.bound)
     if plan.problems:
         conv.problems = list(plan.problems)
         return conv

@@ -4,7 +4,6 @@ no-cache export of the same weights, for the KV-cache tests.
     hf = hf_dir("out", seed=0)              # out/hf: LlamaForCausalLM config + safetensors + tokenizer
     genai = export_genai("out", seed=0)     # out/genai/model.onnx (+ model.onnx.data), fp32, cpu
     plain = export_no_cache("out", seed=0)  # out/no_cache.onnx: models.tiny's export of the same weights
-    past_free = without_past(onnx.load(genai))  # scratch edit: no past inputs, GQA past slots ''
 
 CLI: ``python -m models.genai --out DIR [--seed N]`` writes all three.
 
@@ -148,27 +147,6 @@ def export_genai(dst_dir: str | Path, seed: int = 0, timeout: float = 300) -> Pa
     if done.returncode != 0 or not path.exists():
         raise RuntimeError(f"onnxruntime-genai builder failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return path
-
-
-def without_past(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the builder's graph with the KV cache cut off: the past_key_values.* inputs removed and
-    GroupQueryAttention's past_key / past_value slots (inputs 3, 4) set to ''. The present outputs stay
-    (GroupQueryAttention then writes the rotated key / value of the sequence). A scratch stand-in for
-    the general stage that binds cache inputs to empty tensors."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    past = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
-    for node in model.graph.node:
-        if node.op_type == "GroupQueryAttention":
-            for slot in (3, 4):
-                if len(node.input) > slot and node.input[slot] in past:
-                    node.input[slot] = ""
-    used = {name for node in model.graph.node for name in node.input}
-    if past & used:
-        raise ValueError(f"past inputs still used by other nodes: {sorted(past & used)}")
-    kept = [i for i in model.graph.input if i.name not in past]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    return model
 
 
 def empty_past(model_path: str | Path, batch: int) -> dict[str, np.ndarray]:

@@ -116,9 +116,32 @@ def test_fused_attention_past_slots_are_emptied():
         assert rel_l2(got.relevance, want.relevance) <= TOLERANCE[rules], rules
 
 
-def test_cache_input_with_an_unknown_axis_is_refused_by_name():
+def _reading_graph(reader):
+    """x -> MatMul -> logits, plus a term read from a past_key input [B, heads, past, head_dim]:
+    reader "data" (ReduceMean of the cache: a cross-attention cache is read like this), "shape" (its last
+    axis's size, as a float)."""
+    g = hb.Graph([hb.float_input(), helper.make_tensor_value_info("past_key", TensorProto.FLOAT,
+                                                                  [hb.B, HEADS, PAST, "head_dim"])], opset=17)
+    y = g.op("MatMul", "x", g.init(hb.weights(1, hb.HID, hb.HID)))
+    if reader == "data":
+        term = g.op("ReduceMean", "past_key", keepdims=0)
+    else:
+        term = g.op("Cast", g.op("Gather", g.op("Shape", "past_key"), g.init(3, np.int64)), to=TensorProto.FLOAT)
+    return g.model(g.op("MatMul", g.op("Add", y, term), g.init(hb.weights(2, hb.HID, hb.VOCAB))))
+
+
+def test_cache_read_as_data_is_refused_naming_the_reader():
+    model = _reading_graph("data")
+    reader = next(n for n in model.graph.node if n.op_type == "ReduceMean")
+    for call in (lrp_onnx.convert, lrp_onnx.inspect_model):
+        with pytest.raises(LRPError, match=f"cache input 'past_key': read as data by '{reader.name}'"):
+            call(model, source="x")
+
+
+def test_cache_axis_of_unknown_size_is_refused_when_its_shape_is_read():
+    with pytest.raises(LRPError, match="cache input 'past_key': axis 3 \\('head_dim'\\) is neither static.*reads its shape"):
+        lrp_onnx.convert(_reading_graph("shape"), source="x")
+    # unread (a fused attention op's emptied past slot), the same unknown axis is no obstacle
     model = _mha_graph(True)
-    dim = model.graph.input[1].type.tensor_type.shape.dim[1]  # heads: make it a dynamic axis of its own
-    dim.dim_param = "heads"
-    with pytest.raises(LRPError, match="cache input 'past_key': axis 1 \\('heads'\\)"):
-        lrp_onnx.convert(model, source="x")
+    model.graph.input[1].type.tensor_type.shape.dim[3].dim_param = "head_dim"
+    assert "lrp_relevance" in [o.name for o in lrp_onnx.convert(model, source="x").graph.output]
