@@ -230,6 +230,10 @@ def cmd_explain(args) -> int:
             check_output_file(path, inputs=[args.model, args.tokenizer])
     if args.generate is not None and (args.image is not None or len(args.text) != 1):
         raise LRPError("--generate explains one prompt: give one --text")
+    if args.decoder is not None and args.generate is None:
+        raise LRPError("--decoder decodes for --generate: give --generate N")
+    if args.decoder is not None and not os.path.isfile(args.decoder):
+        raise LRPError(f"--decoder {args.decoder}: no such file")
     if args.generate is not None and (args.target is not None or args.target_token is not None):
         raise LRPError("--generate explains the generated tokens: --target/--target-token do not apply")
     explainer = Explainer(args.model)
@@ -304,7 +308,7 @@ def _explain_generation(explainer, args) -> int:
     if args.generate < 1:
         raise LRPError(f"--generate {args.generate}: give a positive number of tokens")
     tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
-    g = explainer.explain_generation(ids[0], max_new_tokens=args.generate, tokenizer=tok)
+    g = explainer.explain_generation(ids[0], max_new_tokens=args.generate, tokenizer=tok, decoder=args.decoder)
     title = f"prompt: {args.text[0]!r}; generated: {g.text!r}"
     if args.html:
         write_generation_html(g, args.html, title)
@@ -467,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate N tokens greedily from the --text prompt (stopping at an end token) and "
                         "explain each; --html/--png draw the matrix (rows: generated tokens). One run of a "
                         "model converted with --multi-target")
+    p.add_argument("--decoder", metavar="MODEL",
+                   help="with --generate: decode with this ONNX model (the original export; a KV-cache export "
+                        "decodes with its cache, one token a step) instead of the converted model's forward")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("evaluate", help="faithfulness: MoRF/LeRF perturbation curves and ABPC per method")

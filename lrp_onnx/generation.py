@@ -9,7 +9,8 @@ of token i on the sequence that existed when it was generated. A single-target m
 in one batched run (N copies of the sequence, one target each: the forward runs N times).
 
 Decoding: by default a forward-only copy of the converted model (its backward pruned), re-running the
-whole sequence at each step; or `decoder=` an ONNX model with input_ids (the original export), or a
+whole sequence at each step; or `decoder=` an ONNX model with input_ids (the original export; a KV-cache
+export decodes with its cache: the prompt once, then one token a step), or a
 callable ids [1, L] -> next-token logits [vocab] (a KV-cache decoder, a PyTorch model...); or
 `generated_ids=` a continuation produced elsewhere (sampled, from any generator), explained as given.
 No PyTorch here.
@@ -150,6 +151,9 @@ def _decoder(explainer, decoder, inputs):
     if decoder is not None:
         session, names = open_session(os.fspath(decoder), label=os.fspath(decoder))
         output = session.get_outputs()[0].name
+        cached = _cached_decoder(session, names, output, inputs, os.fspath(decoder))
+        if cached is not None:
+            return cached
     else:
         session, names, output = _forward_only(explainer)
 
@@ -165,6 +169,65 @@ def _decoder(explainer, decoder, inputs):
                            f"expected")
         return scores[0, -1]
 
+    return run
+
+
+def _cached_decoder(session, names, output, inputs, label):
+    """A KV-cache export as the decoder (past_key_values.* inputs, present.* outputs, optionally a merged
+    decoder's use_cache_branch): the prompt runs once with an empty cache, then each step feeds only the
+    new token and the cache the previous step returned. None when the model has no cache inputs."""
+    from .cache import is_cache_name
+    from .session import text_inputs
+
+    float_types = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+    past = [i for i in session.get_inputs() if is_cache_name(i.name) and i.type in float_types]
+    if not past:
+        return None
+    outputs = [o.name for o in session.get_outputs()]
+    present = {}
+    for i in past:
+        match = [c for c in (i.name.replace("past_key_values", "present"), i.name.replace("past", "present"))
+                 if c in outputs]
+        if not match:
+            raise LRPError(f"{label}: cache input '{i.name}' has no matching present output; "
+                           f"pass decoder= a callable or generated_ids=")
+        present[i.name] = match[0]
+    empty = {}
+    for i in past:
+        dims = [d if isinstance(d, int) else None for d in i.shape]
+        axis = next((k for k, d in enumerate(i.shape) if isinstance(d, str) and "past" in d.lower()), None)
+        unknown = [k for k, d in enumerate(dims) if d is None and k not in (0, axis)]
+        if axis is None or unknown:
+            raise LRPError(f"{label}: cache input '{i.name}' has shape {i.shape}: cannot make an empty cache "
+                           f"(a static shape but the batch and 'past...' axes is needed); pass decoder= a callable")
+        dims[0], dims[axis] = 1, 0
+        empty[i.name] = np.zeros(dims, np.float16 if "16" in i.type else np.float32)
+    flags = {i.name: len(i.shape) for i in session.get_inputs() if i.type == "tensor(bool)"}  # use_cache_branch
+    state = {"ids": None, "cache": None}
+
+    def run(ids):
+        ids = np.asarray(ids, np.int64)
+        seen = state["ids"]
+        if seen is not None and ids.shape[1] > seen.shape[1] and np.array_equal(ids[:, :seen.shape[1]], seen):
+            new, cache, start = ids[:, seen.shape[1]:], state["cache"], seen.shape[1]
+        else:
+            new, cache, start = ids, empty, 0
+        feed = text_inputs(names, new, np.ones((1, ids.shape[1]), np.int64))
+        if "position_ids" in feed:
+            feed["position_ids"] = np.arange(start, ids.shape[1], dtype=np.int64)[None]
+        feed.update({k: v for k, v in inputs.items() if k in names})
+        feed.update(cache)
+        feed.update({f: np.full([1] * rank, start > 0) for f, rank in flags.items()})
+        values = dict(zip(outputs, session.run(None, feed)))
+        run.fed.append(new.shape[1])
+        state["ids"], state["cache"] = ids, {k: values[v] for k, v in present.items()}
+        scores = np.asarray(values[output])
+        if scores.ndim != 3:
+            raise LRPError(f"the decoder's output '{output}' has shape {list(scores.shape)}; [1, sequence, vocab] "
+                           f"expected")
+        return scores[0, -1]
+
+    run.fed = []  # tokens fed at each call: the prompt, then 1 a step
     return run
 
 

@@ -145,3 +145,31 @@ def test_cache_axis_of_unknown_size_is_refused_when_its_shape_is_read():
     model = _mha_graph(True)
     model.graph.input[1].type.tensor_type.shape.dim[3].dim_param = "head_dim"
     assert "lrp_relevance" in [o.name for o in lrp_onnx.convert(model, source="x").graph.output]
+
+
+# -- decoding with the cache ---------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["with_past", "merged"])
+def test_generation_decodes_with_the_cache(optimum_exports, form):
+    """decoder= a KV-cache export: the prompt is fed once, then one token a step with the cache the step
+    before returned; each step's next-token logits equal the no-cache export's over the whole sequence,
+    and the explained generation equals the one decoded without a cache."""
+    import onnxruntime as ort
+
+    from lrp_onnx.generation import _decoder
+
+    nocache, exports = optimum_exports
+    explainer = explainer_for(exports[form], multi_target=True)
+    prompt = explain_inputs("llama")["input_ids"][:1]
+    step = _decoder(explainer, exports[form], {})
+    plain = ort.InferenceSession(str(nocache), providers=CPU)
+    ids = prompt
+    for _ in range(5):
+        got = step(ids)
+        want = plain.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0, -1]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        ids = np.concatenate([ids, [[int(np.argmax(got))]]], axis=1)
+    assert step.fed == [prompt.shape[1], 1, 1, 1, 1]
+    cached = explainer.explain_generation(prompt, 6, decoder=exports[form])
+    uncached = explainer.explain_generation(prompt, 6)
+    np.testing.assert_array_equal(cached.generated_ids, uncached.generated_ids)
+    np.testing.assert_array_equal(cached.relevance, uncached.relevance)
