@@ -79,6 +79,22 @@ def test_optimum_cache_exports_explain_like_the_no_cache_export(optimum_exports,
         assert rel_l2(cached.relevance, plain.relevance) <= TOLERANCE[rules], rules
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_optimum_with_past_of_other_families(tiny_model, workdir, family):
+    """GPT-2 (learned positions, Conv1D) and Qwen3 (q/k norms) through optimum's with-past export."""
+    from models import kvcache
+
+    hf_dir, nocache = tiny_model(family)
+    cached = kvcache.with_past(hf_dir, workdir / "kvcache" / f"{family}.onnx")
+    feed = _feed()
+    explainer = explainer_for(cached)
+    got = explainer.run(**{k: v for k, v in feed.items() if k in explainer.input_names})
+    want = explainer_for(nocache).run(input_ids=feed["input_ids"], attention_mask=feed["attention_mask"])
+    assert len(explainer.meta["bound_inputs"]) == 4
+    np.testing.assert_allclose(got.logit, want.logit, rtol=1e-5)
+    assert rel_l2(got.relevance, want.relevance) <= TOLERANCE["attnlrp"]
+
+
 def test_inspect_names_the_bound_cache_inputs(optimum_exports):
     _, exports = optimum_exports
     report = lrp_onnx.inspect_model(str(exports["merged"]))
