@@ -186,6 +186,5 @@ def drop_outputs(model: onnx.ModelProto, keep: set[str]) -> None:
     del g.node[:]
     g.node.extend(reversed(kept))
     used = needed
-    inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
+    for k in reversed([k for k, t in enumerate(g.initializer) if t.name not in used]):
+        del g.initializer[k]  # in place: rebuilding the list would copy every weight

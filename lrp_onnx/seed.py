@@ -173,9 +173,8 @@ def optional_defaults(model: onnx.ModelProto, names=(TARGET_INPUT, POSITION_INPU
                                        then_branch=given, else_branch=fallback)]
     if not inputs:
         return
-    kept = [t for t in g.initializer if t.name not in inputs]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    for k in reversed([k for k, t in enumerate(g.initializer) if t.name in inputs]):
+        del g.initializer[k]  # in place: rebuilding the list would copy every weight
     nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)

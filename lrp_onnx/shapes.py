@@ -117,7 +117,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
 def _quiet():
     """Shape inference talks ("Unable to determine if seq <= ...") on stdout, stderr and through logging;
     a refusal must print its one error line only."""
-    loggers = [logging.getLogger(name) for name in ("onnxruntime.tools.symbolic_shape_infer", "onnxruntime",
+    loggers = [logging.getLogger(name) for name in ("onnxruntime.tools.symbolic_shape_infer", "_lrp_symbolic_shape_infer", "onnxruntime",
                                                      "onnx")]
     saved = [(lg, lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
@@ -188,12 +188,33 @@ def _reconcile_control_flow(model: onnx.ModelProto, inferred: onnx.ModelProto) -
     return inferred
 
 
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference class, loaded from its file: importing it as
+    onnxruntime.tools.symbolic_shape_infer runs onnxruntime/tools/__init__.py, which imports PyTorch
+    when it is installed (1.6 s of a 30-layer conversion, and no conversion needs PyTorch)."""
+    import sys
+
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    module = sys.modules.get(name) or sys.modules.get("_lrp_symbolic_shape_infer")
+    if module is None:
+        import importlib.util
+        import os
+
+        import onnxruntime
+
+        path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+        spec = importlib.util.spec_from_file_location("_lrp_symbolic_shape_infer", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
+
+
 def _infer_shapes_loud(model: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
         if _symbolic_inference_unreliable(model):
             raise ValueError("onnx's shape inference instead")
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        inferred = _symbolic_shape_inference().infer_shapes(model, auto_merge=True, guess_output_rank=True)
         if inferred is not None:
             return inferred
     except Exception:
