@@ -109,6 +109,9 @@ def _add_conversion_options(p):
                    help="replace lrp_target/lrp_position by a float input lrp_seed of the output's shape")
     p.add_argument("--relevance-only", action="store_true",
                    help="drop the original outputs; run the LM head at the explained position only (faster)")
+    p.add_argument("--multi-target", action="store_true",
+                   help="several targets per row in one forward pass: lrp_target/lrp_position take [batch, K] "
+                        "and relevance gets a target axis [batch, K, ...] (explain --generate uses it)")
 
 
 def cmd_convert(args) -> int:
@@ -128,7 +131,7 @@ def cmd_inspect(args) -> int:
 
     report = inspect_model(args.model, rules=args.rules, source=args.source, output=args.output,
                            overrides=_rule_overrides(args), latent=args.latent or (), seed_input=args.seed_input,
-                           relevance_only=args.relevance_only)
+                           relevance_only=args.relevance_only, multi_target=args.multi_target)
     print(report.format())
     return 0 if report.supported else 1
 
@@ -430,9 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analysis_options(p)
     p.add_argument("-o", required=True, metavar="OUT", help="where to write the converted model")
     _add_conversion_options(p)
-    p.add_argument("--multi-target", action="store_true",
-                   help="several targets per row in one forward pass: lrp_target/lrp_position take [batch, K] "
-                        "and relevance gets a target axis [batch, K, ...] (explain --generate uses it)")
     p.add_argument("--memory", choices=["fast", "lean"], default="fast",
                    help="lean: the backward recomputes each attention's scores and probabilities from Q and K "
                         "instead of keeping every layer's [heads, L, L] tensors (less memory at long inputs)")

@@ -42,12 +42,13 @@ class Report:
 
 
 def inspect_model(model, *, rules="attnlrp", source=None, output=None, overrides=None, latent=(),
-                  seed_input=False, relevance_only=False) -> Report:
+                  seed_input=False, relevance_only=False, multi_target=False) -> Report:
     """What `convert` with the same arguments would do, without writing anything: the same checks
     (pipeline.plan_conversion), so the report is unsupported exactly when `convert` refuses, naming the
     same nodes; bad arguments and unusable graphs raise the same LRPError."""
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
-                           seed_input=seed_input, overrides=overrides, relevance_only=relevance_only)
+                           seed_input=seed_input, overrides=overrides, relevance_only=relevance_only,
+                           multi_target=multi_target)
     view, plan = conv.view, conv.plan
     report = Report(plan.rules, conv.output, conv.sources, problems=list(conv.problems),
                     bound_inputs=dict(conv.bound_inputs))

@@ -269,3 +269,26 @@ def test_smollm2_generation_rows_equal_single_runs(rules, smollm2, workdir):
         np.testing.assert_array_equal(g.generated_ids, generated)
         for i, row in enumerate(rows):
             assert rel_l2(g.relevance[i, :len(row)], row) <= TOLERANCE["gradient"]
+
+
+def test_inspect_multi_target_refuses_exactly_where_convert_does(tmp_path):
+    """A [batch] output (a score per row) takes no [batch, K] targets: convert and inspect with
+    --multi-target both refuse it with the same line (exit 2); without --multi-target both accept it."""
+    from tests import handbuilt as hb
+    from tests.conftest import lrp_cli
+
+    g = hb.Graph([hb.float_input()], opset=17)
+    y = g.op("ReduceSum", g.op("MatMul", "x", g.init(hb.weights(1, hb.HID, hb.VOCAB))), g.init([1, 2], np.int64),
+             keepdims=0)
+    path = tmp_path / "score.onnx"
+    import onnx
+
+    onnx.save(g.model(y, output_shape=(hb.B,)), path)
+    errors = []
+    for command in (["convert", path, "-o", tmp_path / "out.onnx"], ["inspect", path]):
+        plain = lrp_cli(*command, "--source", "x")
+        assert plain.returncode == 0, plain.stderr
+        multi = lrp_cli(*command, "--source", "x", "--multi-target")
+        assert multi.returncode == 2 and multi.stderr.count("\n") == 1, multi.stderr
+        errors.append(multi.stderr)
+    assert errors[0] == errors[1] and "has rank 1; several targets per row work for rank 2-3" in errors[0]
