@@ -28,9 +28,10 @@ applied to the Gemm's result either way (outputs bit-identical on the tiny bert'
 
 A copy must not be merged back into the forward by onnxruntime's common-subexpression elimination
 (which would make the forward tensor read again): each recomputation reads its forward inputs as
-Max(t, t), a tensor equal to t that no forward node reads (fp32 models: onnxruntime removes a Cast to
-the same type or an Identity before it looks for common subexpressions; in half models the fp32 casts
-of precision.py play that role). A DynamicQuantizeLinear scale is recomputed as the operator
+Reshape(t, Shape(t)), a tensor equal to t that no forward node reads and that onnxruntime's CPU
+Reshape aliases instead of copying (fp32 models: onnxruntime removes a Cast to the same type or an
+Identity before it looks for common subexpressions; the earlier Max(t, t) copied every read tensor;
+in half models the fp32 casts of precision.py play that role). A DynamicQuantizeLinear scale is recomputed as the operator
 defines it, (max(0, max x) - min(0, min x)) / 255, so no quantization op is copied.
 """
 from __future__ import annotations
@@ -120,15 +121,17 @@ def rematerialize(b: Builder, backward: list[onnx.NodeProto], half: bool) -> int
         return "recompute"
 
     def anchor(t: str, force: bool = False) -> str:
-        """Forward tensor t as a recomputation reads it: in fp32 models as Max(t, t), equal to t and read
-        by no forward node, so common-subexpression elimination cannot merge the copy back into the
+        """Forward tensor t as a recomputation reads it: in fp32 models as Reshape(t, Shape(t)) (an alias,
+        no copy), equal to t and read by no forward node, so common-subexpression elimination cannot merge the copy back into the
         forward (onnxruntime removes a Cast to the same type or an Identity first); in half models
         precision.py's fp32 casts do that."""
         if not force and (half and view.dtype(t) in HALF or not view.is_float(t) or view.is_constant(t)):
             return t
         if t not in anchors:
             anchors[t] = f"{PREFIX}read/{t}"
-            added.append(helper.make_node("Max", [t, t], [anchors[t]], name=f"{PREFIX}read_node/{t}"))
+            shape = f"{PREFIX}read_shape/{t}"
+            added.append(helper.make_node("Shape", [t], [shape], name=f"{PREFIX}read_shape_node/{t}"))
+            added.append(helper.make_node("Reshape", [t, shape], [anchors[t]], name=f"{PREFIX}read_node/{t}"))
             view.info[anchors[t]] = view.info.get(t)
         return anchors[t]
 
