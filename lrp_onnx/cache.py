@@ -87,14 +87,29 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
     binding = Binding()
     if not cache:
         return binding
+    readers = _readers(g)
+    caches, others = [], []
+    for inp in cache:  # a cache is extended along its past axis; a time series' past_values is read as data
+        dims = _dims(inp)
+        try:
+            axis = _past_axis(inp.name, dims) if dims is not None else None
+        except LRPError:
+            axis = None
+        reader = _data_reader(g, readers, inp.name, axis, len(dims)) if axis is not None else "its shape"
+        (caches if reader is None else others).append((inp, dims, axis, reader))
+    if not caches:
+        return binding
+    if others:
+        inp, _, _, reader = others[0]
+        what = reader if isinstance(reader, str) else node_label(reader)
+        raise LRPError(f"cache input '{inp.name}': read as data by {what}, while the graph's other cache inputs "
+                       f"({caches[0][0].name}, ...) are extended along their past axis; an empty cache would "
+                       f"change what it computes (a cross-attention cache of a decoder with past): export the "
+                       f"model without a cache")
     ids = _token_input(g, initializers, {i.name for i in cache})
     bound = binding.bound
     new_nodes = []
-    for inp in cache:
-        dims = _dims(inp)
-        if dims is None:
-            raise LRPError(f"cache input '{inp.name}': its shape is not declared; cannot bind it to an empty cache")
-        axis = _past_axis(inp.name, dims)
+    for inp, dims, axis, _ in caches:
         pieces, unknown = [], []
         for k, d in enumerate(dims):
             if k == axis:
@@ -155,6 +170,49 @@ def settle_cache(model: onnx.ModelProto, binding: Binding) -> None:
 
 
 _LAYOUT_OPS = ("Transpose", "Cast", "Identity")
+
+
+def _readers(g):
+    readers = {}
+    for node in g.node:
+        for t in _reads(node):
+            readers.setdefault(t, []).append(node)
+    return readers
+
+
+def _data_reader(g, readers, name, axis, rank):
+    """The first main-graph node that reads `name` (through Transpose/Cast/Identity) other than as a
+    cache: a Concat along the past axis, a fused attention op's past slot, Shape, or a node with
+    subgraphs (a merged decoder's If: decided after it is inlined). None when every reader is one."""
+    for node in readers.get(name, []):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain == "" and node.op_type == "Shape" or any(True for _ in _subgraph_refs(node, name)):
+            continue
+        if domain == "" and node.op_type == "Concat":
+            if next((a.i for a in node.attribute if a.name == "axis"), 0) % rank == axis:
+                continue
+            return node
+        if domain == "" and node.op_type in _LAYOUT_OPS:
+            next_axis = axis
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(rank))[::-1])
+                next_axis = perm.index(axis)
+            found = _data_reader(g, readers, node.output[0], next_axis, rank)
+            if found is not None:
+                return found
+            continue
+        slots = _PAST_SLOTS.get((domain, node.op_type), ())
+        if any(k < len(node.input) and node.input[k] == name for k in slots) and \
+                all(t != name for k, t in enumerate(node.input) if k not in slots):
+            continue
+        return node
+    return None
+
+
+def _subgraph_refs(node, name):
+    from .control import outer_references, has_subgraph
+    if has_subgraph(node) and name in outer_references(node):
+        yield node
 
 
 def _data_readers(readers, name):

@@ -9,6 +9,8 @@ converted model explains full sequences with the relevance of the export without
   without a past (the op's "no past" slot), forward equal to onnxruntime's kernel fed an empty past.
 * a cache input whose axes cannot be told is refused, naming it.
 """
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -132,31 +134,59 @@ def test_fused_attention_past_slots_are_emptied():
         assert rel_l2(got.relevance, want.relevance) <= TOLERANCE[rules], rules
 
 
-def _reading_graph(reader):
-    """x -> MatMul -> logits, plus a term read from a past_key input [B, heads, past, head_dim]:
-    reader "data" (ReduceMean of the cache: a cross-attention cache is read like this), "shape" (its last
-    axis's size, as a float)."""
-    g = hb.Graph([hb.float_input(), helper.make_tensor_value_info("past_key", TensorProto.FLOAT,
-                                                                  [hb.B, HEADS, PAST, "head_dim"])], opset=17)
+def _reading_graph(reader, with_cache=False):
+    """x -> MatMul -> logits, plus a term read from an input past_key [B, heads, past, head_dim]:
+    reader "data" (its ReduceMean: read as data, as a cross-attention cache or a time series' past values
+    are), "shape" (its last axis's size, as a float). with_cache: also an input past_value that is a
+    cache (concatenated along its past axis with the projected x, then reduced into the output)."""
+    inputs = [hb.float_input(), helper.make_tensor_value_info("past_key", TensorProto.FLOAT,
+                                                              [hb.B, HEADS, PAST, "head_dim"])]
+    if with_cache:
+        inputs.append(helper.make_tensor_value_info("past_value", TensorProto.FLOAT, [hb.B, HEADS, PAST, D]))
+    g = hb.Graph(inputs, opset=17)
     y = g.op("MatMul", "x", g.init(hb.weights(1, hb.HID, hb.HID)))
     if reader == "data":
         term = g.op("ReduceMean", "past_key", keepdims=0)
     else:
         term = g.op("Cast", g.op("Gather", g.op("Shape", "past_key"), g.init(3, np.int64)), to=TensorProto.FLOAT)
-    return g.model(g.op("MatMul", g.op("Add", y, term), g.init(hb.weights(2, hb.HID, hb.VOCAB))))
+    y = g.op("Add", y, term)
+    if with_cache:  # [B, S, HID] -> [B, heads, S, D], appended to the past, summed over heads and D
+        v = g.op("Transpose", g.op("Reshape", y, g.init([hb.B, hb.S, HEADS, D], np.int64)), perm=[0, 2, 1, 3])
+        full = g.op("Concat", "past_value", v, axis=2)
+        summed = g.op("ReduceSum", full, g.init([1, 3], np.int64), keepdims=0)  # [B, S]
+        y = g.op("Add", y, g.op("Unsqueeze", summed, g.init([2], np.int64)))  # + [B, S, 1]
+    return g.model(g.op("MatMul", y, g.init(hb.weights(2, hb.HID, hb.VOCAB))))
 
 
-def test_cache_read_as_data_is_refused_naming_the_reader():
+def test_input_named_past_but_read_as_data_is_an_ordinary_input():
+    """A time series' past_values (or any past-named input that is not extended along an axis) is no cache:
+    it stays an input, and relevance equals the same graph's with the input renamed."""
     model = _reading_graph("data")
+    renamed = onnx.ModelProto.FromString(model.SerializeToString())
+    for n in renamed.graph.node:
+        n.input[:] = ["series" if i == "past_key" else i for i in n.input]
+    renamed.graph.input[1].name = "series"
+    renamed.graph.input[1].type.tensor_type.shape.dim[3].dim_value = D
+    model.graph.input[1].type.tensor_type.shape.dim[3].dim_value = D
+    x = np.random.default_rng(3).standard_normal((hb.B, hb.S, hb.HID)).astype(np.float32)
+    past = np.random.default_rng(4).standard_normal((hb.B, HEADS, 3, D)).astype(np.float32)
+    got, _ = hb.relevance(model, "attnlrp", {"x": x, "past_key": past})
+    want, _ = hb.relevance(renamed, "attnlrp", {"x": x, "series": past})
+    np.testing.assert_array_equal(got.relevance, want.relevance)
+    assert "bound_inputs" not in json.loads(lrp_onnx.convert(model, source="x").metadata_props[0].value)
+
+
+def test_cache_read_as_data_next_to_a_cache_is_refused_naming_the_reader():
+    model = _reading_graph("data", with_cache=True)
     reader = next(n for n in model.graph.node if n.op_type == "ReduceMean")
     for call in (lrp_onnx.convert, lrp_onnx.inspect_model):
-        with pytest.raises(LRPError, match=f"cache input 'past_key': read as data by '{reader.name}'"):
+        with pytest.raises(LRPError, match=f"cache input 'past_key': read as data by '{reader.name}'.*past_value"):
             call(model, source="x")
 
 
 def test_cache_axis_of_unknown_size_is_refused_when_its_shape_is_read():
     with pytest.raises(LRPError, match="cache input 'past_key': axis 3 \\('head_dim'\\) is neither static.*reads its shape"):
-        lrp_onnx.convert(_reading_graph("shape"), source="x")
+        lrp_onnx.convert(_reading_graph("shape", with_cache=True), source="x")
     # unread (a fused attention op's emptied past slot), the same unknown axis is no obstacle
     model = _mha_graph(True)
     model.graph.input[1].type.tensor_type.shape.dim[3].dim_param = "head_dim"
@@ -189,3 +219,18 @@ def test_generation_decodes_with_the_cache(optimum_exports, form):
     uncached = explainer.explain_generation(prompt, 6)
     np.testing.assert_array_equal(cached.generated_ids, uncached.generated_ids)
     np.testing.assert_array_equal(cached.relevance, uncached.relevance)
+
+
+def test_cache_concatenated_and_measured_gives_the_empty_cache_run():
+    """past_value concatenated along its past axis and past_key's shape read (a past length): bound empty,
+    the converted forward equals onnxruntime's run fed empty caches, and gradient-mode relevance equals
+    float64 finite differences of that run."""
+    model = _reading_graph("shape", with_cache=True)
+    model.graph.input[1].type.tensor_type.shape.dim[3].dim_value = D
+    assert sorted(lrp_onnx.inspect_model(model, source="x").bound_inputs) == ["past_key", "past_value"]
+    x = np.random.default_rng(5).standard_normal((hb.B, hb.S, hb.HID)).astype(np.float32)
+    empty = {"past_key": np.zeros((hb.B, HEADS, 0, D), np.float32), "past_value": np.zeros((hb.B, HEADS, 0, D), np.float32)}
+    got, forward = hb.relevance(model, "gradient", {"x": x})
+    np.testing.assert_allclose(forward, hb.ort_run(model, {"x": x, **empty}), rtol=1e-6, atol=1e-6)
+    reference = hb.finite_difference_relevance(model, {"x": x, **empty})
+    assert rel_l2(got.relevance, reference) <= 1e-5
