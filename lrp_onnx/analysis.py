@@ -37,7 +37,7 @@ ELEMENTWISE_OPS = ACTIVATION_OPS | {
     "Swish"}
 NORM_OPS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization",
-            "MeanVarianceNormalization"}
+            "MeanVarianceNormalization", "LRN"}
 SOFTMAX_OPS = {"Softmax", "LogSoftmax", "ReduceLogSumExp"}
 ROUTING_OPS = {"Cast", "Dropout", "Identity", "Where", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                "Expand"}

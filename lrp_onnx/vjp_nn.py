@@ -307,6 +307,42 @@ def _mean_variance_normalization(b, node, gy, wants, constant_std):
     return [gx]
 
 
+@register_norm("LRN")
+def _local_response_normalization(b, node, gy, wants, constant_std):
+    """y = x / d^beta, d = bias + alpha / size * S, S[c] = sum of x^2 over the channels
+    [c - floor((size-1)/2), c + ceil((size-1)/2)] (clipped to [0, C)) of each position. The statistic d
+    is one of the tensor itself: with constant_std it is held constant (g / d^beta); the gradient adds
+    -2 alpha beta / size * x[j] * sum of g x d^(-beta-1) over the channels whose window holds j."""
+    x = node.input[0]
+    size = attr(node, "size")
+    alpha, beta, bias = attr(node, "alpha", 1e-4), attr(node, "beta", 0.75), attr(node, "bias", 1.0)
+    r = b.view.rank(x)
+    if r is None or r < 3:
+        raise NotImplementedError("LRN of an input of unknown rank")
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    g = _g(gy)
+
+    def window_sum(t, before, after):
+        """sum over t[c - before .. c + after] (zero outside) along the channel axis."""
+        pads = [0] * (2 * r)
+        pads[1], pads[r + 1] = before, after
+        padded = b.op("Pad", [t, b.ints(pads)], mode="constant", dtype=b.view.dtype(t), shape=[None] * r)
+        channels = b.op("Slice", [b.shape_of(t), b.ints([1]), b.ints([2])], dtype=INT64, shape=[1])
+        parts = [b.op("Slice", [padded, b.ints([k]), b.op("Add", [channels, b.ints([k])], dtype=INT64, shape=[1]),
+                                b.ints([1])], like=t) for k in range(before + after + 1)]
+        return parts[0] if len(parts) == 1 else b.op("Sum", parts, like=t)
+
+    d = b.add(b.scalar_like(bias, x), b.mul(b.scalar_like(alpha / size, x), window_sum(b.mul(x, x, like=x), lo, hi),
+                                             like=x), like=x)
+    d_beta = b.op("Pow", [d, b.scalar_like(beta, x)], like=x)
+    gx = b.op("Div", [g, d_beta], like=x)
+    if not constant_std:  # the statistic's own gradient: each x[j] is in the windows of c in [j - hi, j + lo]
+        u = b.op("Div", [b.mul(g, x, like=x), b.mul(d_beta, d, like=x)], like=x)
+        v = window_sum(u, hi, lo)
+        gx = b.op("Sub", [gx, b.mul(b.scalar_like(2 * alpha * beta / size, x), b.mul(x, v, like=x), like=x)], like=x)
+    return [gx]
+
+
 # -- pooling --------------------------------------------------------------------------------------
 def _spatial(b, node) -> int:
     r = b.view.rank(node.input[0])

@@ -686,3 +686,36 @@ def test_dft(case, opset):
 def test_mean_variance_normalization(axes):
     attrs = {} if axes is None else {"axes": axes}
     check([node("MeanVarianceNormalization", ["x"], **attrs)], {"x": rand(2, 3, 4, 2, dtype=F32)}, step=1e-3)
+
+
+# -- LRN (local response normalization: AlexNet, Inception v1, ZFNet) --------------------------------------
+def _lrn_denominator(x, size, alpha, bias):
+    """numpy: bias + alpha / size * sum of x^2 over channels [c - floor((size-1)/2), c + ceil((size-1)/2)]."""
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = x.astype(np.float64) ** 2
+    s = np.zeros_like(sq)
+    for c in range(x.shape[1]):
+        s[:, c] = sq[:, max(0, c - lo):min(x.shape[1], c + hi + 1)].sum(axis=1)
+    return bias + alpha / size * s
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_lrn(size):
+    """alpha 0.5 (not the default 1e-4) so that the statistic's own gradient term matters. (onnxruntime's
+    kernel takes odd sizes only.)"""
+    check([node("LRN", ["x"], size=size, alpha=0.5, beta=0.75, bias=1.5)], {"x": rand(2, 6, 3, 2, dtype=F32)},
+          step=1e-3, tol=2e-3)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_lrn_attnlrp_holds_the_statistic_constant(size):
+    """AttnLRP's norm rule: relevance = x * seed / d^beta with d the window statistic, in numpy."""
+    x = rand(2, 6, 3, 2, dtype=F32)
+    model = make_model([node("LRN", ["x"], size=size, alpha=0.5, beta=0.75, bias=1.5)], {"x": x})
+    converted = lrp_onnx.convert(model, rules="attnlrp", source="x", seed_input=True)
+    seed = np.random.default_rng(2).standard_normal(x.shape).astype(F32)
+    values = dict(zip([o.name for o in _session(converted).get_outputs()],
+                      _session(converted).run(None, {"x": x, "lrp_seed": seed})))
+    expected = x * seed / _lrn_denominator(x, size, 0.5, 1.5) ** 0.75
+    assert rel_err(values["lrp_relevance"].astype(np.float64), expected) <= 1e-5
+    np.testing.assert_allclose(values["y"], x / _lrn_denominator(x, size, 0.5, 1.5) ** 0.75, rtol=1e-5)
