@@ -79,6 +79,21 @@ def _exclusive(view: GraphView, chain: set, output: str) -> bool:
     return True
 
 
+def squeeze_class_output(model: onnx.ModelProto, view: GraphView, output: str) -> str | None:
+    """A [batch, classes, 1, ..., 1] output (a CNN classifier's Conv head or global pool, e.g.
+    DenseNet's [N, 1000, 1, 1]) explained as [batch, classes]: a Squeeze of the trailing static 1
+    axes is added to the graph (in place) and its output is the explained tensor. None for any
+    other shape."""
+    shape = view.shape(output)
+    if shape is None or len(shape) < 4 or any(d != 1 for d in shape[2:]):
+        return None
+    axes = f"lrp/squeezed/{output}/axes"
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(2, len(shape), dtype=np.int64), axes))
+    squeezed = f"lrp/squeezed/{output}"
+    model.graph.node.append(helper.make_node("Squeeze", [output, axes], [squeezed], name=squeezed))
+    return squeezed
+
+
 def select_position_before_head(model: onnx.ModelProto, view: GraphView, output: str,
                                 multi_target: bool = False) -> str | None:
     """Rewrite `model` in place so the head runs at lrp_position only; return the new output name.

@@ -26,11 +26,11 @@ from .unfuse import unfuse_contrib_ops
 from .cache import bind_cache_inputs, settle_cache
 from .control import branch_model, free_names as outer_references_of_graph, has_subgraph, \
     inline_constant_ifs, renamed_branch, subgraphs
-from .canonicalize import drop_outputs, select_position_before_head
+from .canonicalize import drop_outputs, select_position_before_head, squeeze_class_output
 from .errors import LRPError, UnsupportedOpsError
 from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
 from .graph import GraphView, TensorInfo, node_label
-from .validate import check_graph, input_limits
+from .validate import check_emitted, check_graph, input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .rules import rule_misfit, warn_unmatched_overrides
@@ -454,7 +454,13 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
             raise LRPError(f"tensor '{s}' is not in the graph (no node produces it and no input has that name)")
     if not sources:
         sources = default_sources(view, output)
-    # canonicalize: in relevance-only mode, compute the head at the explained position only
+    # canonicalize: a [batch, classes, 1, 1] output is explained as [batch, classes]; in relevance-only
+    # mode, the head is computed at the explained position only
+    if not seed_input:
+        squeezed = squeeze_class_output(model, view, output)
+        if squeezed is not None:
+            output = squeezed
+            view = GraphView.build(model, infer_shapes(model))
     position_selected = False
     if relevance_only and not seed_input:
         selected = select_position_before_head(model, view, output, multi_target)
@@ -582,6 +588,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         if p.key == "lrp_onnx":
             model.metadata_props.remove(p)
     model.metadata_props.add(key="lrp_onnx", value=json.dumps(meta))
+    check_emitted(model)
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model

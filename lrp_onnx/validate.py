@@ -141,6 +141,27 @@ def _run_checker(model: onnx.ModelProto, label: str) -> None:
     # MeanVarianceNormalization; graph errors are found by check_graph, the rest by onnxruntime)
 
 
+def check_emitted(model: onnx.ModelProto) -> None:
+    """The converted graph through onnx's checker (its weight-free copy): a backward node that the model's
+    opset does not define (an attribute added in a later opset) is refused here, naming it, instead of
+    being written out for onnxruntime to reject at load time."""
+    copy = _weight_free_copy(model)
+    try:
+        onnx.checker.check_model(copy, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Field 'shape' of 'type' is required but missing" in first:
+            return
+        node = next((n for n in copy.graph.node if n.name and n.name in str(exc)), None)
+        where = f" at {node_label(node)}" if node is not None else ""
+        raise LRPError(f"the converted graph is not valid ONNX{where} (onnx checker: {first[:300]}); this is an "
+                       f"lrp-onnx bug for this model's opset {_opset(model)}: please report it") from None
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 # -- index ranges of a model's integer inputs (recorded at conversion, checked by Explainer.run) --------
 INDEX_ROUTING_OPS = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten")
 

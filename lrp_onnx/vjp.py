@@ -188,17 +188,48 @@ def _gather(b, node, gy, wants):
                                      b.op("Slice", [data_shape, b.ints([axis + 1]), b.ints([r])])], axis=0)
         g = b.op("Reshape", [g, flat_shape], dtype=b.view.dtype(g), shape=[None] * r)
         idx = b.op("Reshape", [indices, b.ints([-1])])
+    if b.opset < SCATTER_ADD_OPSET and idx_rank > 0:
+        return [_gather_vjp_by_one_hot(b, data, idx, g, axis, r), None]
     idx_shape = [1] * r
     idx_shape[axis] = -1
     idx = b.op("Expand", [b.op("Reshape", [idx, b.ints(idx_shape)]), b.shape_of(g)])
-    out = b.op("ScatterElements", [b.zeros_like(data), idx, g], axis=axis, reduction="add", like=data)
+    # a scalar index selects one slice: no index repeats, a plain scatter is exact below opset 16 too
+    add = {"reduction": "add"} if b.opset >= SCATTER_ADD_OPSET else {}
+    out = b.op("ScatterElements", [b.zeros_like(data), idx, g], axis=axis, like=data, **add)
     return [out, None]
+
+
+SCATTER_ADD_OPSET = 16  # ScatterElements / ScatterND take reduction="add" from opset 16 on
+
+
+def _gather_vjp_by_one_hot(b, data, idx, g, axis, r):
+    """Below opset 16 (no scatter-add): the gradient of a Gather along `axis` with M (flattened) indices
+    into N slices is OneHot(idx, N)ᵀ [N, M] @ g with `axis` moved first and the rest flattened
+    [M, rest]; repeated indices add up. Negative indices count from the end, as Gather's do."""
+    dt = b.view.dtype(data)
+    n = b.op("Slice", [b.shape_of(data), b.ints([axis]), b.ints([axis + 1])])
+    idx = b.op("Where", [b.op("Less", [idx, b.ints([0])]), b.op("Add", [idx, n]), idx])
+    perm = [axis] + [k for k in range(r) if k != axis]
+    inverse = [perm.index(k) for k in range(r)]
+    g_first = b.op("Transpose", [g], perm=perm, dtype=dt, shape=[None] * r)
+    rows = b.op("Reshape", [g_first, b.ints([0, -1])], dtype=dt, shape=[None, None])
+    slots = b.op("Unsqueeze", [b.op("Range", [b.ints(0), b.op("Squeeze", [n, b.ints([0])]), b.ints(1)]),
+                               b.ints([1])])  # [N, 1]
+    one_hot = b.op("Cast", [b.op("Equal", [slots, b.op("Unsqueeze", [idx, b.ints([0])])])], to=dt,
+                   dtype=dt, shape=[None, None])  # [N, M] (onnxruntime's OneHot lacks most types)
+    summed = b.op("MatMul", [one_hot, rows], dtype=dt, shape=[None, None])
+    data_first = b.op("Transpose", [data], perm=perm, dtype=dt, shape=[None] * r)
+    out = b.op("Reshape", [summed, b.shape_of(data_first)], dtype=dt, shape=[None] * r)
+    return b.op("Transpose", [out], perm=inverse, like=data)
 
 
 @register("GatherElements")
 def _gather_elements(b, node, gy, wants):
     data, indices = node.input[0], node.input[1]
     axis = attr(node, "axis", 0)
+    if b.opset < SCATTER_ADD_OPSET:
+        raise NotImplementedError(f"GatherElements on the relevance path below opset {SCATTER_ADD_OPSET} "
+                                  f"(its gradient is a scatter-add; re-export at opset >= {SCATTER_ADD_OPSET})")
     out = b.op("ScatterElements", [b.zeros_like(data), indices, _g(gy)], axis=axis, reduction="add", like=data)
     return [out, None]
 
@@ -209,6 +240,9 @@ def _gather_nd(b, node, gy, wants):
     if attr(node, "batch_dims", 0):
         raise NotImplementedError("GatherND with batch_dims > 0 on the relevance path")
     data, indices = node.input[0], node.input[1]
+    if b.opset < SCATTER_ADD_OPSET:
+        raise NotImplementedError(f"GatherND on the relevance path below opset {SCATTER_ADD_OPSET} "
+                                  f"(its gradient is a scatter-add; re-export at opset >= {SCATTER_ADD_OPSET})")
     out = b.op("ScatterND", [b.zeros_like(data), indices, _g(gy)], reduction="add", like=data)
     return [out, None]
 

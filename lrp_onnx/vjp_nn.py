@@ -15,6 +15,8 @@ arg-max (MaxPool: the index onnxruntime's MaxPool reports; GlobalMaxPool: the fi
 PyTorch's max pooling pick it)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -383,10 +385,29 @@ def _max_pool(b, node, gy, wants):
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "storage_order"}
     dt = b.view.dtype(x)
     _, indices = b.op("MaxPool", [x], n_out=2, **attrs)
-    flat_g = b.op("Reshape", [_g(gy), b.ints([-1])], dtype=dt, shape=[None])
-    flat_i = b.op("Reshape", [indices, b.ints([-1])], dtype=INT64, shape=[None])
     zeros = b.op("Reshape", [b.zeros_like(x), b.ints([-1])], dtype=dt, shape=[None])
-    out = b.op("ScatterElements", [zeros, flat_i, flat_g], axis=0, reduction="add", dtype=dt, shape=[None])
+    if b.opset >= 16:
+        flat_g = b.op("Reshape", [_g(gy), b.ints([-1])], dtype=dt, shape=[None])
+        flat_i = b.op("Reshape", [indices, b.ints([-1])], dtype=INT64, shape=[None])
+        out = b.op("ScatterElements", [zeros, flat_i, flat_g], axis=0, reduction="add", dtype=dt, shape=[None])
+        return [b.reshape_like(out, x)]
+    # below opset 16 (no scatter-add): the windows in output positions m apart along each spatial axis,
+    # m * stride >= the dilated kernel, are disjoint, so each such group of outputs scatters to distinct
+    # inputs; the groups' plain scatters add up
+    kernel = attrs["kernel_shape"]
+    strides = attrs.get("strides", [1] * len(kernel))
+    dilations = attrs.get("dilations", [1] * len(kernel))
+    steps = [-(-((k - 1) * d + 1) // s) for k, s, d in zip(kernel, strides, dilations)]
+    axes = list(range(2, 2 + len(kernel)))
+    parts = []
+    for offsets in itertools.product(*[range(m) for m in steps]):
+        def pick(t, dtype):
+            return b.op("Reshape", [b.op("Slice", [t, b.ints(list(offsets)), b.ints([2 ** 62] * len(axes)), b.ints(axes),
+                                                   b.ints(steps)], dtype=dtype, shape=None), b.ints([-1])],
+                        dtype=dtype, shape=[None])
+        parts.append(b.op("ScatterElements", [zeros, pick(indices, INT64), pick(_g(gy), dt)], axis=0, dtype=dt,
+                          shape=[None]))
+    out = parts[0] if len(parts) == 1 else b.op("Sum", parts, dtype=dt, shape=[None])
     return [b.reshape_like(out, x)]
 
 

@@ -383,8 +383,23 @@ def test_slice_steps(case, dynamic):
 @pytest.mark.parametrize("indices", [np.array([[0, 2], [2, -1], [1, 1]]), np.array([[[1]], [[0]]]), np.array(2),
                                      np.array([3, 0, 3])], ids=["rank2", "rank3", "scalar", "rank1_repeats"])
 @pytest.mark.parametrize("axis", [0, 1, -1])
-def test_gather_any_rank(indices, axis):
-    check([node("Gather", ["x", "i"], axis=axis)], {"x": rand(4, 4, 4)}, consts={"i": indices})
+@pytest.mark.parametrize("opset", [13, 18])  # below 16 no scatter-add: a one-hot product instead
+def test_gather_any_rank(indices, axis, opset):
+    check([node("Gather", ["x", "i"], axis=axis)], {"x": rand(4, 4, 4)}, consts={"i": indices}, opset=opset)
+
+
+def test_gather_below_opset_16_with_dynamic_indices():
+    check([node("Gather", ["x", "i"], axis=1)], {"x": rand(2, 5, 3), "i": np.array([4, -1, 0, 4])}, opset=14,
+          dynamic={"x": ["A", "B", 3], "i": ["M"]})
+
+
+@pytest.mark.parametrize("op", ["GatherElements", "GatherND"])
+def test_scatter_add_gradients_below_opset_16_are_refused_by_name(op):
+    model = make_model([node(op, ["x", "i"])], {"x": rand(3, 4)}, consts={"i": np.array([[0, 1], [1, 0]])},
+                       opset=13)
+    name = model.graph.node[0].name
+    with pytest.raises(LRPError, match=f"'{name}'.*{op} on the relevance path below opset 16"):
+        lrp_onnx.convert(model, rules="gradient", source="x", seed_input=True)
 
 
 def test_gather_elements():
@@ -468,10 +483,11 @@ def test_average_pool(case, count_include_pad, dynamic):
 
 
 @pytest.mark.parametrize("case", list(POOLS))
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_max_pool(case, dynamic):
+@pytest.mark.parametrize("dynamic,opset", [(False, 18), (True, 18), (True, 13)])
+def test_max_pool(case, dynamic, opset):
+    """opset 13: no scatter-add; groups of disjoint windows scatter in turn."""
     x = RNG.permutation(2 * 2 * 7 * 6).reshape(2, 2, 7, 6).astype(F64) / 10  # no ties
-    check([node("MaxPool", ["x"], storage_order=0, **POOLS[case])], {"x": x}, step=1e-3,
+    check([node("MaxPool", ["x"], storage_order=0, **POOLS[case])], {"x": x}, step=1e-3, opset=opset,
           dynamic={"x": ["N", 2, "H", "W"]} if dynamic else None)
 
 
@@ -485,6 +501,7 @@ def test_pools_1d_3d():
     check([node("AveragePool", ["x"], kernel_shape=[2, 2, 3], strides=[2, 1, 2])], {"x": rand(1, 2, 4, 3, 5, dtype=F32)})
     x = RNG.permutation(120).reshape(1, 2, 4, 3, 5).astype(F64)
     check([node("MaxPool", ["x"], kernel_shape=[2, 2, 3], strides=[2, 1, 2])], {"x": x}, step=1e-3)
+    check([node("MaxPool", ["x"], kernel_shape=[2, 2, 3], strides=[1, 1, 2])], {"x": x}, step=1e-3, opset=13)
 
 
 @pytest.mark.parametrize("op", ["GlobalAveragePool", "GlobalMaxPool"])
