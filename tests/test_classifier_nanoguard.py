@@ -10,7 +10,6 @@ models/classifier_nanoguard.py.
   (PyTorch, LXT's rules), and so do the relevance and ABPC.
 """
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,16 +89,14 @@ def test_gradient_equals_autograd_and_vanishes_per_token(exported, package, tmp_
         assert np.abs(ours.sum(-1)).max() <= 1e-5 * np.abs(ours).sum(-1).max()
 
 
-def test_evaluate_curves_equal_lxt_perturbation(exported, tmp_path, monkeypatch):
+def test_evaluate_curves_equal_lxt_perturbation(exported, tmp_path):
     from lrp_onnx.faithfulness import evaluate
+    from tools import lxt_perturbation  # its nanoguard loader patches nothing, so it may run in this process
 
     evaluation = evaluate(exported / "model.onnx", exported / "tokenizer.json", str(PROMPTS), task="classification",
                           methods=("attnlrp",), workdir=tmp_path / "graphs", limit=2, progress=False)
     out = tmp_path / "eval"
     evaluation.write(out)
-    monkeypatch.syspath_prepend(str(REPO / "tools"))
-    import lxt_perturbation
-
     assert lxt_perturbation.main(["--loader", "nanoguard", "--hf-dir", str(tmp_path / "unused"),
                                   "--results", str(out / "results.json"), "--out", str(tmp_path / "lxt.json")]) == 0
     ours = json.loads((out / "results.json").read_text())["examples"]
@@ -112,4 +109,3 @@ def test_evaluate_curves_equal_lxt_perturbation(exported, tmp_path, monkeypatch)
         np.testing.assert_allclose(mine["morf"]["attnlrp"], lxt["morf"], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(mine["lerf"]["attnlrp"], lxt["lerf"], rtol=1e-4, atol=1e-4)
         assert abs(mine["abpc"]["attnlrp"] - lxt["abpc"]) <= 1e-4
-    sys.modules.pop("lxt_perturbation", None)
