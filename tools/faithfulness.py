@@ -17,7 +17,8 @@ A text classifier (the AttnLRP paper's sentiment protocol) on the project's revi
     python -m tools.faithfulness --classifier DIR --out build/faithfulness-classifier
 
 DIR holds model.onnx ([batch, classes] logits), tokenizer.json and, for the LXT column, hf/ (the
-Hugging Face model, a model_type LXT 2.1 patches: bert). The texts are tools/data/reviews.tsv (120
+Hugging Face model, a model_type LXT 2.1 patches: bert) or lxt.json naming a loader of
+tools/lxt_perturbation.py (models/classifier_nanoguard.py writes {"loader": "nanoguard"}). The texts are tools/data/reviews.tsv (120
 reviews written for the project, CC0); each explains its predicted class (`--explain label`: the
 review's sentiment, with --labels naming the classes in index order); score = that class's logit,
 plus a log-probability run. Writes table.md and the evaluate outputs under OUT/classifier{,-logprob}.
@@ -56,7 +57,8 @@ def ensure_export(recipe: str, cache: Path) -> Path:
 
 
 def run_lxt(recipe: str, directory: Path, results: Path, out: Path) -> dict:
-    """recipe: smollm2, minilm, or classifier (a Hugging Face sequence classifier in directory/hf)."""
+    """recipe: smollm2, minilm, classifier (a Hugging Face sequence classifier in directory/hf) or
+    nanoguard (the installed metatronnanoguard package's model)."""
     subprocess.run([sys.executable, str(REPO / "tools" / "lxt_perturbation.py"), "--loader", recipe,
                     "--hf-dir", str(directory / "hf"), "--results", str(results), "--out", str(out)],
                    check=True, cwd=REPO)
@@ -215,10 +217,13 @@ def run_classifier(args) -> int:
         sub = out / ("classifier" if score == "logit" else "classifier-logprob")
         ev.write(sub, title=f"{args.name} (classification, {score})")
         evaluations[score] = ev
-        if not args.no_lxt and (hf / "config.json").exists():
+        loader = ("classifier" if (hf / "config.json").exists() else
+                  json.loads((directory / "lxt.json").read_text())["loader"] if (directory / "lxt.json").exists()
+                  else None)
+        if not args.no_lxt and loader:
             start = time.time()
             log(f"classifier: LXT AttnLRP in PyTorch on the same examples ({score})")
-            lxt[score] = run_lxt("classifier", directory, sub / "results.json", sub / "lxt.json")
+            lxt[score] = run_lxt(loader, directory, sub / "results.json", sub / "lxt.json")
             seconds[f"LXT ({score})"] = time.time() - start
     text = classifier_table(args.name, evaluations, lxt, seconds)
     (out / "table.md").write_text(text)

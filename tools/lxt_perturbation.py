@@ -1,12 +1,17 @@
 """LXT's AttnLRP relevance and its MoRF/LeRF curves, in PyTorch, for the examples of an
 `lrp-onnx evaluate` results.json (same token ids, same explained target or reference sentence).
 
-    python tools/lxt_perturbation.py --loader smollm2|minilm|classifier --hf-dir DIR --results results.json --out lxt.json
+    python tools/lxt_perturbation.py --loader smollm2|minilm|classifier|nanoguard --hf-dir DIR --results results.json --out lxt.json
 
 `--loader classifier`: a Hugging Face sequence classifier saved in DIR (config.json + weights, e.g. a
 BertForSequenceClassification; its model_type must be one LXT 2.1 patches: bert) for the results of
 `lrp-onnx evaluate --task classification`: the score is the explained class's logit (or its
 log-softmax, when the results were computed with --score logprob).
+
+`--loader nanoguard`: the installed metatronnanoguard package's prompt-injection classifier (not a
+transformers model; --hf-dir is ignored), run with LXT 2.1's rule functions placed as LXT's patches
+place them (tests/reference_nanoguard.py), for `lrp-onnx evaluate --task classification` results
+computed on models/classifier_nanoguard.py's export.
 
 Runs in its own process: LXT's monkey_patch changes transformers classes process-wide. The curves
 zero the removed tokens' `inputs_embeds` (LXT patches change gradients only, not forward values).
@@ -60,7 +65,7 @@ def area_between(morf, lerf):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loader", choices=["smollm2", "minilm", "classifier"], required=True)
+    parser.add_argument("--loader", choices=["smollm2", "minilm", "classifier", "nanoguard"], required=True)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--results", required=True, help="results.json written by lrp-onnx evaluate")
     parser.add_argument("--out", required=True)
@@ -73,15 +78,23 @@ def main(argv=None) -> int:
 
     from tests.reference import patch_classes
 
-    if args.loader == "classifier":
+    if args.loader == "nanoguard":
+        family = None
+    elif args.loader == "classifier":
         config = json.loads((Path(args.hf_dir) / "config.json").read_text())
         family = config.get("model_type")
         if family != "bert":
             raise SystemExit(f"LXT 2.1's AttnLRP classifier comparison supports bert here, not {family!r}")
     else:
         family = "llama" if args.loader == "smollm2" else "bert"
-    patch_classes(family, "attnlrp")  # before loading: LXT may replace classes
-    if args.loader == "classifier":
+    if family:
+        patch_classes(family, "attnlrp")  # before loading: LXT may replace classes
+    if args.loader == "nanoguard":
+        from models import classifier_nanoguard
+        from tests.reference_nanoguard import NanoGuardLXT
+
+        model = NanoGuardLXT(classifier_nanoguard.load_model(), "attnlrp")
+    elif args.loader == "classifier":
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(args.hf_dir)
