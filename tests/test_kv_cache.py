@@ -234,3 +234,25 @@ def test_cache_concatenated_and_measured_gives_the_empty_cache_run():
     np.testing.assert_allclose(forward, hb.ort_run(model, {"x": x, **empty}), rtol=1e-6, atol=1e-6)
     reference = hb.finite_difference_relevance(model, {"x": x, **empty})
     assert rel_l2(got.relevance, reference) <= 1e-5
+
+
+def test_cli_generate_with_a_cache_decoder(optimum_exports, word_tokenizer, tmp_path):
+    """explain --generate N --decoder with_past.onnx: the same generation and matrix as the API."""
+    import subprocess
+    import sys
+
+    _, exports = optimum_exports
+    converted = tmp_path / "multi.onnx"
+    lrp_onnx.convert(exports["with_past"], converted, multi_target=True)
+    proc = subprocess.run([sys.executable, "-m", "lrp_onnx", "explain", str(converted), "--tokenizer",
+                           str(word_tokenizer), "--text", "w5 w17 w3 w44", "--generate", "3", "--decoder",
+                           str(exports["with_past"]), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    api = lrp_onnx.Explainer(converted, providers=CPU).explain_generation([5, 17, 3, 44], 3)
+    assert report["generated_ids"] == api.generated_ids.tolist()
+    np.testing.assert_allclose(np.array(report["relevance"]), api.relevance, rtol=1e-6, atol=1e-7)
+    bad = subprocess.run([sys.executable, "-m", "lrp_onnx", "explain", str(converted), "--tokenizer",
+                          str(word_tokenizer), "--text", "w5", "--decoder", str(exports["with_past"])],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "lrp-onnx: error: --decoder decodes for --generate: give --generate N"
