@@ -95,14 +95,17 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
             axis = _past_axis(inp.name, dims) if dims is not None else None
         except LRPError:
             axis = None
-        reader = _data_reader(g, readers, inp.name, axis, len(dims)) if axis is not None else "its shape"
+        if axis is None:
+            reader = f"has no past-length axis that can be told (shape {dims})"
+        else:
+            found = _data_reader(g, readers, inp.name, axis, len(dims))
+            reader = None if found is None else f"read as data by {node_label(found)}"
         (caches if reader is None else others).append((inp, dims, axis, reader))
     if not caches:
         return binding
     if others:
         inp, _, _, reader = others[0]
-        what = reader if isinstance(reader, str) else node_label(reader)
-        raise LRPError(f"cache input '{inp.name}': read as data by {what}, while the graph's other cache inputs "
+        raise LRPError(f"cache input '{inp.name}': {reader}, while the graph's other cache inputs "
                        f"({caches[0][0].name}, ...) are extended along their past axis; an empty cache would "
                        f"change what it computes (a cross-attention cache of a decoder with past): export the "
                        f"model without a cache")
