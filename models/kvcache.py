@@ -6,6 +6,8 @@
     merged(hf_dir, "out/merged.onnx")         # optimum's merged decoder: the same inputs plus
                                               #   use_cache_branch (bool [1]); one If whose branches are
                                               #   the decoder without past (false) and with past (true)
+    seq2seq(hf_dir, "out/t5")                 # an encoder-decoder: encoder, decoder, decoder with past
+                                              #   (self- and cross-attention caches), merged decoder
 
 hf_dir: a Hugging Face model directory (config.json + weights), e.g. models.tiny.save's. Both use
 optimum's own export code (its ONNX configs, dummy inputs, dynamic axes, merge_decoders): the form
@@ -64,6 +66,20 @@ def merged(hf_dir, path) -> Path:
     first.unlink()
     second.unlink()
     return path
+
+
+def seq2seq(hf_dir, out_dir) -> dict:
+    """optimum's export of an encoder-decoder with past (`text2text-generation-with-past`): {"encoder",
+    "decoder" (no past), "decoder_with_past", "decoder_merged"} -> paths."""
+    from optimum.exporters.onnx import main_export
+
+    out = Path(out_dir)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        main_export(str(hf_dir), output=out, task="text2text-generation-with-past")
+    names = {"encoder": "encoder_model", "decoder": "decoder_model", "decoder_with_past": "decoder_with_past_model",
+             "decoder_merged": "decoder_model_merged"}
+    return {k: out / f"{v}.onnx" for k, v in names.items()}
 
 
 def main(argv=None):

@@ -256,3 +256,31 @@ def test_cli_generate_with_a_cache_decoder(optimum_exports, word_tokenizer, tmp_
                           str(word_tokenizer), "--text", "w5", "--decoder", str(exports["with_past"])],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip() == "lrp-onnx: error: --decoder decodes for --generate: give --generate N"
+
+
+def test_optimum_seq2seq_decoders(tiny_model, workdir):
+    """T5 through optimum's text2text-generation-with-past: the merged decoder explains like the decoder
+    without past (its self- and cross-attention caches are unread once use_cache_branch is false); the
+    decoder with past reads its cross-attention cache as data and is refused, naming the reader."""
+    import onnxruntime as ort
+
+    from models import kvcache
+
+    hf_dir, _ = tiny_model("t5")
+    paths = kvcache.seq2seq(hf_dir, workdir / "kvcache" / "t5")
+    inputs = explain_inputs("t5")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    hidden = ort.InferenceSession(str(paths["encoder"]), providers=CPU).run(
+        None, {"input_ids": ids, "attention_mask": mask})[0]
+    feed = {"input_ids": inputs["decoder_input_ids"], "encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+    for rules in RULES:
+        merged = explainer_for(paths["decoder_merged"], rules)
+        plain = explainer_for(paths["decoder"], rules)
+        got = merged.run(**{k: v for k, v in feed.items() if k in merged.input_names})
+        want = plain.run(**{k: v for k, v in feed.items() if k in plain.input_names})
+        np.testing.assert_array_equal(got.target, want.target)
+        assert rel_l2(got.relevance, want.relevance) <= TOLERANCE[rules], rules
+    assert merged.meta["bound_inputs"]["use_cache_branch"].startswith("false")
+    with pytest.raises(LRPError, match="cache input 'past_key_values.0.encoder.key': read as data by "
+                                       "'/decoder/block.0/layer.1/EncDecAttention/MatMul'"):
+        lrp_onnx.convert(str(paths["decoder_with_past"]))
