@@ -55,16 +55,20 @@ def _dims(value_info):
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
 
 
-def _past_axis(name: str, dims: list) -> int:
+def _past_axis(name: str, dims: list, token_dims: set) -> int:
+    """The past-length axis: the dynamic axis named 'past...', else the later of two dynamic axes (the
+    first being the batch), else the only one that is not an axis of the token ids (a static past, a
+    fixed-size buffer, has none: refused)."""
     dynamic = [k for k, d in enumerate(dims) if not isinstance(d, int)]
     named = [k for k in dynamic if isinstance(dims[k], str) and "past" in dims[k].lower()]
     if len(named) == 1:
         return named[0]
-    if len(dynamic) == 2 and dims[dynamic[0]] != dims[dynamic[1]]:
+    own = [k for k in dynamic if dims[k] is None or dims[k] not in token_dims]
+    if len(own) == 1:
+        return own[0]
+    if len(dynamic) == 2 and dims[dynamic[0]] != dims[dynamic[1]] and dynamic[1] in own:
         # [batch, heads, past, head_dim] and [2, batch, heads, past, head_dim]: the later dynamic axis
         return dynamic[1]
-    if len(dynamic) == 1:
-        return dynamic[0]
     raise LRPError(f"cache input '{name}' (shape {dims}): cannot tell its past-length axis "
                    f"(one dynamic axis named 'past...' is expected)")
 
@@ -88,11 +92,13 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
     if not cache:
         return binding
     readers = _readers(g)
+    ids = _token_input(g, initializers, {i.name for i in cache})
+    token_dims = {d for d in (_dims(ids) or []) if isinstance(d, str)} if ids is not None else set()
     caches, others = [], []
     for inp in cache:  # a cache is extended along its past axis; a time series' past_values is read as data
         dims = _dims(inp)
         try:
-            axis = _past_axis(inp.name, dims) if dims is not None else None
+            axis = _past_axis(inp.name, dims, token_dims) if dims is not None else None
         except LRPError:
             axis = None
         if axis is None:
@@ -109,7 +115,6 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
                        f"({caches[0][0].name}, ...) are extended along their past axis; an empty cache would "
                        f"change what it computes (a cross-attention cache of a decoder with past): export the "
                        f"model without a cache")
-    ids = _token_input(g, initializers, {i.name for i in cache})
     bound = binding.bound
     new_nodes = []
     for inp, dims, axis, _ in caches:
