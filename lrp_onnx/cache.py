@@ -139,8 +139,9 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
         if _selects_branches(g, inputs[name]):
             g.initializer.append(helper.make_tensor(name, TensorProto.BOOL, _dims(inputs[name]) or [], [False]))
             bound[name] = "false (the branch without a cache)"
-    for name in bound:
-        g.input.remove(inputs[name])
+    kept = [i for i in g.input if i.name not in bound]
+    del g.input[:]
+    g.input.extend(kept)
     nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
