@@ -219,7 +219,9 @@ def find_norm_scale(view: GraphView, end: int, claimed: set) -> Region | None:
         if any(c not in cone and c != end for i in cone for o in view.nodes[i].output
                for c in view.consumers.get(o, []) if o != d):
             continue
-        if ({"ReduceSum"} | SQUARE_REDUCTIONS) & ops and "ReduceMean" not in ops:
+        if any(view.nodes[i].op_type == "Div" and not view.is_constant(view.nodes[i].input[0]) for i in cone):
+            pattern = "ratio of norm statistics"  # ConvNeXt-V2's GRN: ||x|| / mean ||x||
+        elif ({"ReduceSum"} | SQUARE_REDUCTIONS) & ops and "ReduceMean" not in ops:
             pattern = "L2 norm"
         else:
             pattern = "RMSNorm rms" if node.op_type == "Mul" else "LayerNorm std"
@@ -259,15 +261,29 @@ def _norm_cone(view: GraphView, d: str, leaf: str, claimed: set):
             if not (n.input[0] == n.input[1] and _strip_casts(view, n.input[0]) == leaf):
                 return None
             saw_square = True
-        if n.op_type == "Div" and not view.is_constant(n.input[0]):
-            return None
         if n.op_type in ("Add", "Max") and not any(view.is_constant(i) for i in n.input):
             return None  # only a constant epsilon may be added (or clamped to)
         cone.add(p)
         stack.extend(i for i in n.input if i and view.may_carry_relevance(i))  # not shapes or axes
         if len(cone) > MAX_REGION_NODES:
             return None
-    return cone if saw_square else None
+    return cone if saw_square and _is_statistic(view, d, leaf, cone) else None
+
+
+def _is_statistic(view: GraphView, t: str, leaf: str, cone: set) -> bool:
+    """t depends on `leaf` only through reductions (a statistic of it, e.g. a std, or GRN's ratio of an
+    L2 norm to its mean), never elementwise: every path from t down to the leaf passes a Reduce*."""
+    if view.is_constant(t) or not view.may_carry_relevance(t):
+        return True
+    if _strip_casts(view, t) == leaf:
+        return False
+    p = view.producer.get(t)
+    if p is None or p not in cone:
+        return False
+    n = view.nodes[p]
+    if n.op_type.startswith("Reduce"):
+        return True
+    return all(_is_statistic(view, i, leaf, cone) for i in n.input if i)
 
 
 def find_fake_quantization(view: GraphView, end: int, claimed: set) -> Region | None:

@@ -2,14 +2,15 @@
 
 Causal self-attention, then two MLPs whose nonlinearities no exporter writes as one op: squared
 ReLU (`Relu -> Pow(2)`) and a composite of `Exp`, `Log`, `Abs` and a fractional `Pow`
-(log(1 + exp(u)) + 0.1 |u|^1.5), then an l2-normalised state (`F.normalize`: ReduceL2 -> Clip ->
-Expand -> Div) read by the LM head.
+(log(1 + exp(u)) + 0.1 |u|^1.5), a global response normalisation as ConvNeXt-V2 writes it (GRN:
+h + gamma * h * ||h||_seq / mean_d ||h||_seq + beta, a ratio of two statistics of h), then an
+l2-normalised state (`F.normalize`: ReduceL2 -> Clip -> Expand -> Div) read by the LM head.
 
 `relevance(model, ids, position, target, mode)` is the PyTorch reference: the same forward with
 LXT's own rule functions (lxt/efficient/rules.py, loaded by path so that nothing of LXT is patched)
 applied the LXT way — identity rule on each elementwise nonlinearity as a whole, uniform rule
 (divide_gradient by 2) on the two attention products, LayerNorm's std and the l2 norm held
-constant (stop_gradient), plain gradient elsewhere; `cp-lrp` also detaches the attention
+constant (stop_gradient), GRN's ratio too, plain gradient elsewhere; `cp-lrp` also detaches the attention
 probabilities (LXT's cp_wrap_attention_forward detaches q and k; the value then carries all of the
 product's relevance); `gradient` patches nothing.
 """
@@ -53,6 +54,7 @@ class Custom(nn.Module):
         self.up1, self.down1 = nn.Linear(d, ff), nn.Linear(ff, d)
         self.up2, self.down2 = nn.Linear(d, ff), nn.Linear(ff, d)
         self.head = nn.Linear(d, vocab, bias=False)
+        self.grn_gamma, self.grn_beta = nn.Parameter(torch.zeros(d)), nn.Parameter(torch.zeros(d))
         self.mode = "plain"    # "plain" (export), "gradient", "attnlrp", "cp-lrp" (references)
         self._rules = None
 
@@ -88,6 +90,8 @@ class Custom(nn.Module):
         h = h + self.out(attended)
         h = h + self.down1(self._identity(squared_relu, self.up1(self._layer_norm(self.ln2, h))))
         h = h + self.down2(self._identity(log_exp_pow, self.up2(self._layer_norm(self.ln3, h))))
+        g = torch.norm(h, p=2, dim=1, keepdim=True)  # GRN: ||h|| over the sequence, per channel
+        h = h + self.grn_gamma * (h * self._constant(g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + self.grn_beta
         norm = self._constant(h.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         unit = F.normalize(h, dim=-1) if self.mode == "plain" else h / norm
         return self.head(unit * 4.0)
@@ -100,6 +104,8 @@ def build(seed=0) -> Custom:
         for ln in (model.ln1, model.ln2, model.ln3):
             ln.weight.uniform_(0.5, 1.5)
             ln.bias.uniform_(-0.2, 0.2)
+        model.grn_gamma.uniform_(0.5, 1.5)
+        model.grn_beta.uniform_(-0.2, 0.2)
     return model.eval()
 
 

@@ -48,6 +48,7 @@ def test_custom_transformer_units_get_the_rules_of_what_they_compute(exported):
     assert any("Exp" in d and "Log" in d and "Abs" in d for d, _ in activations)
     norms = [d for d, (c, r) in by_pattern.items() if c == "norm_scale" and r == "constant"]
     assert sum("L2 norm" in d for d in norms) == 1  # F.normalize's ReduceL2 -> Clip -> Expand, held constant
+    assert sum("ratio of norm statistics" in d for d in norms) == 1  # GRN's ||h|| / mean ||h||, held constant
 
 
 def _graph(nodes, inputs, output_shape, initializers=()):
