@@ -103,18 +103,25 @@ def run_architecture(arch: str, workdir: Path) -> dict:
     options.log_severity_level = 4
     for path in sorted((workdir / "onnx").glob("*.onnx")):
         try:
-            explainer = lrp_onnx.Explainer.from_model(lrp_onnx.convert(str(path), rules="attnlrp"),
-                                                      providers=["CPUExecutionProvider"])
+            converted = lrp_onnx.convert(str(path), rules="attnlrp")
+        except lrp_onnx.LRPError as exc:
+            record["files"][path.name] = f"refused: {str(exc)[:300]}"
+            continue
+        except Exception as exc:
+            record["files"][path.name] = f"crash: {type(exc).__name__}: {str(exc)[:300]}"
+            continue
+        try:
+            explainer = lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"])
             feed = feed_for(explainer.session, model.config, np.random.default_rng(0))
             result = explainer.run(**feed)
             bound = len(explainer.meta.get("bound_inputs", {}))
             status = "ok" if np.isfinite(result.relevance).all() else "crash: non-finite relevance"
             record["files"][path.name] = f"{status} (KV-cache inputs bound: {bound})" if status == "ok" else status
-        except lrp_onnx.LRPError as exc:
+        except lrp_onnx.LRPError as exc:  # the converted model did not run: does the original?
             original = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             try:
                 original.run(None, feed_for(original, model.config, np.random.default_rng(0)))
-                record["files"][path.name] = f"refused: {str(exc)[:300]}"
+                record["files"][path.name] = f"crash: the original runs, the converted one not: {str(exc)[:300]}"
             except Exception as orig:
                 record["files"][path.name] = f"original: {str(orig).splitlines()[0][:200]}"
         except Exception as exc:
