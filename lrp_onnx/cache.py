@@ -135,10 +135,13 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
         bound[inp.name] = f"empty (axis {axis} of length 0)"
         binding.axes[inp.name] = (axis, len(dims))
         binding.unknown[inp.name] = unknown
+    cache_names = set(binding.axes)
     for name in [n for n in inputs if n not in initializers and n not in bound]:
-        if _selects_branches(g, inputs[name]):
-            g.initializer.append(helper.make_tensor(name, TensorProto.BOOL, _dims(inputs[name]) or [], [False]))
-            bound[name] = "false (the branch without a cache)"
+        value = _cache_choice(g, inputs[name], cache_names)
+        if value is not None:
+            rank = len(_dims(inputs[name]) or [])
+            g.initializer.append(helper.make_tensor(name, TensorProto.BOOL, [1] * rank, [value]))
+            bound[name] = f"{str(value).lower()} (the branch without a cache)"
     kept = [i for i in g.input if i.name not in bound]
     del g.input[:]
     g.input.extend(kept)
@@ -324,9 +327,25 @@ def _prune(g):
             g.node.remove(n)
 
 
-def _selects_branches(g, inp) -> bool:
-    """A boolean input read only as the condition of If nodes (possibly through Identity/Cast/Not)."""
+def _cache_choice(g, inp, cache_names: set):
+    """For a boolean input read only as the condition of If nodes (a merged decoder's use_cache_branch):
+    the value that picks, in every one of them, the branch that reads no cache input while the other
+    branch does. None for any other input (it stays an input, and its If a dynamic one)."""
     if inp.type.tensor_type.elem_type != TensorProto.BOOL:
-        return False
+        return None
     readers = [n for n in g.node if inp.name in n.input]
-    return bool(readers) and all(n.op_type == "If" and n.input[0] == inp.name for n in readers)
+    if not readers or any(n.op_type != "If" or list(n.input) != [inp.name] for n in readers):
+        return None
+    from .control import free_names
+
+    choice = None
+    for n in readers:
+        branches = {a.name: a.g for a in n.attribute if a.name in ("then_branch", "else_branch")}
+        reads = {k: bool(set(free_names(b)) & cache_names) for k, b in branches.items()}
+        if len(reads) != 2 or reads["then_branch"] == reads["else_branch"]:
+            return None
+        value = not reads["then_branch"]  # true picks then_branch
+        if choice is not None and value != choice:
+            return None
+        choice = value
+    return choice

@@ -193,16 +193,23 @@ def _cached_decoder(session, names, output, inputs, label):
                            f"pass decoder= a callable or generated_ids=")
         present[i.name] = match[0]
     empty = {}
+    numpy_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+    batch = next((i.shape[0] for i in session.get_inputs() if i.name == "input_ids"), None)
     for i in past:
-        dims = [d if isinstance(d, int) else None for d in i.shape]
+        if i.type not in numpy_types:
+            raise LRPError(f"{label}: cache input '{i.name}' is {i.type}, which numpy cannot feed; "
+                           f"pass decoder= a callable")
         axis = next((k for k, d in enumerate(i.shape) if isinstance(d, str) and "past" in d.lower()), None)
-        unknown = [k for k, d in enumerate(dims) if d is None and k not in (0, axis)]
-        if axis is None or unknown:
+        dims = [0 if k == axis else d if isinstance(d, int) else 1 if d == batch else None
+                for k, d in enumerate(i.shape)]
+        if axis is None or None in dims:
             raise LRPError(f"{label}: cache input '{i.name}' has shape {i.shape}: cannot make an empty cache "
-                           f"(a static shape but the batch and 'past...' axes is needed); pass decoder= a callable")
-        dims[0], dims[axis] = 1, 0
-        empty[i.name] = np.zeros(dims, np.float16 if "16" in i.type else np.float32)
-    flags = {i.name: len(i.shape) for i in session.get_inputs() if i.type == "tensor(bool)"}  # use_cache_branch
+                           f"(static axes but the batch and a 'past...' axis are needed); pass decoder= a callable")
+        empty[i.name] = np.zeros(dims, numpy_types[i.type])
+    flags = {i.name: len(i.shape) for i in session.get_inputs() if i.type == "tensor(bool)"}
+    if any("cache" not in f for f in flags):
+        raise LRPError(f"{label}: boolean input(s) {', '.join(f for f in flags if 'cache' not in f)}: cannot tell "
+                       f"what to feed when decoding with the cache; pass decoder= a callable")
     state = {"ids": None, "cache": None}
 
     def run(ids):
@@ -217,7 +224,11 @@ def _cached_decoder(session, names, output, inputs, label):
             feed["position_ids"] = np.arange(start, ids.shape[1], dtype=np.int64)[None]
         feed.update({k: v for k, v in inputs.items() if k in names})
         feed.update(cache)
-        feed.update({f: np.full([1] * rank, start > 0) for f, rank in flags.items()})
+        feed.update({f: np.full([1] * rank, start > 0) for f, rank in flags.items()})  # use_cache_branch
+        missing = [i.name for i in session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
+        if missing:
+            raise LRPError(f"the decoder needs input(s) {', '.join(missing)}, which cannot be made from token ids; "
+                           f"pass decoder= (an ONNX model or a callable) or generated_ids=")
         values = dict(zip(outputs, session.run(None, feed)))
         run.fed.append(new.shape[1])
         state["ids"], state["cache"] = ids, {k: values[v] for k, v in present.items()}

@@ -281,9 +281,27 @@ def _is_statistic(view: GraphView, t: str, leaf: str, cone: set) -> bool:
     if p is None or p not in cone:
         return False
     n = view.nodes[p]
-    if n.op_type.startswith("Reduce"):
+    if n.op_type.startswith("Reduce") and _reduces(view, n):
         return True
     return all(_is_statistic(view, i, leaf, cone) for i in n.input if i)
+
+
+def _reduces(view: GraphView, n) -> bool:
+    """A Reduce* that really reduces: not the identity of noop_with_empty_axes with no axes, and not
+    only over axes known to have size 1 (both are elementwise)."""
+    axes = next((list(a.ints) for a in n.attribute if a.name == "axes"), None)
+    if axes is None and len(n.input) > 1 and n.input[1]:
+        value = view.value(n.input[1])
+        if value is None:
+            return False  # axes computed at run time: not known to reduce
+        axes = [int(a) for a in np.asarray(value).reshape(-1)]
+    noop = next((a.i for a in n.attribute if a.name == "noop_with_empty_axes"), 0)
+    if not axes:
+        return not noop
+    shape = view.shape(n.input[0])
+    if shape is None:
+        return True
+    return any(shape[a % len(shape)] != 1 for a in axes)
 
 
 def find_fake_quantization(view: GraphView, end: int, claimed: set) -> Region | None:

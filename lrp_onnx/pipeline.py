@@ -419,6 +419,7 @@ class Conversion:
     grads: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)  # unsupported units: `convert` refuses, `inspect` lists them
     bound_inputs: dict = field(default_factory=dict)  # KV-cache inputs bound inside the graph (cache.py)
+    original_nodes: set = field(default_factory=set)  # the input model's node names (the rest was written here)
 
 
 def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
@@ -434,6 +435,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     # load
     model_path = None if isinstance(model, onnx.ModelProto) else model
     model, base_dir = load_model(model)
+    original_nodes = {n.name for n in model.graph.node}
     check_convert_paths(model, model_path, base_dir, output_path)
     upgrade_opset(model)
     cache = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
@@ -469,7 +471,8 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
             view = GraphView.build(model, infer_shapes(model))
     # analyze
     plan = analyze(view, rules, output, sources, overrides)
-    conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected, bound_inputs=cache.bound)
+    conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected, bound_inputs=cache.bound,
+                      original_nodes=original_nodes)
     if plan.problems:
         conv.problems = list(plan.problems)
         return conv
@@ -588,7 +591,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         if p.key == "lrp_onnx":
             model.metadata_props.remove(p)
     model.metadata_props.add(key="lrp_onnx", value=json.dumps(meta))
-    check_emitted(model)
+    check_emitted(model, conv.original_nodes)
     if output_path is not None:
         save_model(model, output_path, base_dir)
     return model

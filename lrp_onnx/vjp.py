@@ -208,6 +208,7 @@ def _gather_vjp_by_one_hot(b, data, idx, g, axis, r):
     [M, rest]; repeated indices add up. Negative indices count from the end, as Gather's do."""
     dt = b.view.dtype(data)
     n = b.op("Slice", [b.shape_of(data), b.ints([axis]), b.ints([axis + 1])])
+    idx = b.op("Cast", [idx], to=onnx.TensorProto.INT64, dtype=onnx.TensorProto.INT64, shape=[None])  # int32 too
     idx = b.op("Where", [b.op("Less", [idx, b.ints([0])]), b.op("Add", [idx, n]), idx])
     perm = [axis] + [k for k in range(r) if k != axis]
     inverse = [perm.index(k) for k in range(r)]

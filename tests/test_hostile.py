@@ -416,3 +416,25 @@ def test_unexpected_errors_exit_1_with_the_traceback_only_under_debug(lm, tmp_pa
     assert_fails(capfd, tmp_path, *args, code=1, words=["internal error", "ZeroDivisionError", "--debug"])
     with pytest.raises(ZeroDivisionError):
         cli.main([str(a) for a in args] + ["--debug"])
+
+
+def test_a_node_the_opset_does_not_define_is_refused_before_writing():
+    """The check converted graphs pass before they are written (validate.check_emitted): a node written by
+    the conversion with an attribute its opset lacks (ScatterElements' reduction before opset 16) is an
+    error naming it; the input model's own nodes are not re-judged."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lrp_onnx.validate import check_emitted
+
+    node = helper.make_node("ScatterElements", ["a", "i", "u"], ["y"], name="lrp/scatter", reduction="add")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, [2]) for k in "aiu"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    for opset, refused in ((13, True), (16, False)):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        if refused:
+            with pytest.raises(lrp_onnx.LRPError, match="not valid ONNX at 'lrp/scatter' .*Unrecognized attribute: reduction"):
+                check_emitted(model, set())
+            check_emitted(model, {"lrp/scatter"})  # a node of the input model: onnxruntime's to judge
+        else:
+            check_emitted(model, set())

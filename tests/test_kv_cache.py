@@ -284,3 +284,31 @@ def test_optimum_seq2seq_decoders(tiny_model, workdir):
     with pytest.raises(LRPError, match="cache input 'past_key_values.0.encoder.key': read as data by "
                                        "'/decoder/block.0/layer.1/EncDecAttention/MatMul'"):
         lrp_onnx.convert(str(paths["decoder_with_past"]))
+
+
+def test_a_flag_unrelated_to_the_cache_stays_an_input():
+    """Next to a real cache, a boolean that chooses between branches neither of which reads the cache
+    (a sampling switch) is left alone: an input, its If a dynamic one; only the cache is bound."""
+    g = hb.Graph([hb.float_input(), helper.make_tensor_value_info("past_value", TensorProto.FLOAT,
+                                                                  [hb.B, HEADS, PAST, D]),
+                  helper.make_tensor_value_info("use_sampling", TensorProto.BOOL, [1])], opset=17)
+    y = g.op("MatMul", "x", g.init(hb.weights(1, hb.HID, HEADS * D)))
+    v = g.op("Transpose", g.op("Reshape", y, g.init([hb.B, hb.S, HEADS, D], np.int64)), perm=[0, 2, 1, 3])
+    g.op("Concat", "past_value", v, axis=2)  # the cache, extended (its present output unused here)
+    branch = {}
+    for name, factor in (("then_branch", 2.0), ("else_branch", 3.0)):
+        out = f"{name}_out"
+        branch[name] = helper.make_graph([helper.make_node("Mul", [y, g.init(np.float32(factor))], [out])], name, [],
+                                         [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    z = g.op("If", "use_sampling", **branch)
+    model = g.model(g.op("MatMul", z, g.init(hb.weights(2, HEADS * D, hb.VOCAB))))
+    report = lrp_onnx.inspect_model(model, source="x")
+    assert report.supported and report.bound_inputs == {"past_value": "empty (axis 2 of length 0)"}
+    x = np.random.default_rng(6).standard_normal((hb.B, hb.S, hb.HID)).astype(np.float32)
+    w1, w2 = hb.weights(1, hb.HID, HEADS * D).astype(np.float64), hb.weights(2, HEADS * D, hb.VOCAB).astype(np.float64)
+    for flag, factor in ((True, 2.0), (False, 3.0)):  # the model is linear: relevance = x * (factor w1 w2[:, t])
+        got, _ = hb.relevance(model, "gradient", {"x": x, "use_sampling": np.array([flag])})
+        want = np.zeros(x.shape)
+        for row, (t, p) in enumerate(zip(np.broadcast_to(hb.TARGET, (hb.B,)), np.broadcast_to(hb.POSITION, (hb.B,)))):
+            want[row, p % hb.S] = x[row, p % hb.S] * factor * (w1 @ w2[:, t])
+        assert rel_l2(got.relevance, want) <= 1e-5

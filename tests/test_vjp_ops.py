@@ -388,9 +388,10 @@ def test_gather_any_rank(indices, axis, opset):
     check([node("Gather", ["x", "i"], axis=axis)], {"x": rand(4, 4, 4)}, consts={"i": indices}, opset=opset)
 
 
-def test_gather_below_opset_16_with_dynamic_indices():
-    check([node("Gather", ["x", "i"], axis=1)], {"x": rand(2, 5, 3), "i": np.array([4, -1, 0, 4])}, opset=14,
-          dynamic={"x": ["A", "B", 3], "i": ["M"]})
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_gather_below_opset_16_with_dynamic_indices(dtype):
+    check([node("Gather", ["x", "i"], axis=1)], {"x": rand(2, 5, 3), "i": np.array([4, -1, 0, 4], dtype)},
+          opset=14, dynamic={"x": ["A", "B", 3], "i": ["M"]})
 
 
 @pytest.mark.parametrize("op", ["GatherElements", "GatherND"])
