@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto, helper
 
+from .control import free_names, has_subgraph, outer_references
 from .errors import LRPError
 from .graph import node_label
 
@@ -104,7 +105,7 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
         if axis is None:
             reader = f"has no past-length axis that can be told (shape {dims})"
         else:
-            found = _data_reader(g, readers, inp.name, axis, len(dims))
+            found = _data_reader(readers, inp.name, axis, len(dims))
             reader = None if found is None else f"read as data by {node_label(found)}"
         (caches if reader is None else others).append((inp, dims, axis, reader))
     if not caches:
@@ -164,10 +165,7 @@ def settle_cache(model: onnx.ModelProto, binding: Binding) -> None:
     for name in cache:
         _simplify(g, name, *binding.axes[name])
     _prune(g)
-    readers = {}
-    for node in g.node:
-        for t in _reads(node):
-            readers.setdefault(t, []).append(node)
+    readers = _readers(g)
     for name in cache:
         for node in _data_readers(readers, name):
             raise LRPError(f"cache input '{name}': read as data by {node_label(node)}, not only "
@@ -192,13 +190,13 @@ def _readers(g):
     return readers
 
 
-def _data_reader(g, readers, name, axis, rank):
+def _data_reader(readers, name, axis, rank):
     """The first main-graph node that reads `name` (through Transpose/Cast/Identity) other than as a
     cache: a Concat along the past axis, a fused attention op's past slot, Shape, or a node with
     subgraphs (a merged decoder's If: decided after it is inlined). None when every reader is one."""
     for node in readers.get(name, []):
         domain = "" if node.domain == "ai.onnx" else node.domain
-        if domain == "" and node.op_type == "Shape" or any(True for _ in _subgraph_refs(node, name)):
+        if domain == "" and node.op_type == "Shape" or has_subgraph(node) and name in outer_references(node):
             continue
         if domain == "" and node.op_type == "Concat":
             if next((a.i for a in node.attribute if a.name == "axis"), 0) % rank == axis:
@@ -209,7 +207,7 @@ def _data_reader(g, readers, name, axis, rank):
             if node.op_type == "Transpose":
                 perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(rank))[::-1])
                 next_axis = perm.index(axis)
-            found = _data_reader(g, readers, node.output[0], next_axis, rank)
+            found = _data_reader(readers, node.output[0], next_axis, rank)
             if found is not None:
                 return found
             continue
@@ -219,12 +217,6 @@ def _data_reader(g, readers, name, axis, rank):
             continue
         return node
     return None
-
-
-def _subgraph_refs(node, name):
-    from .control import outer_references, has_subgraph
-    if has_subgraph(node) and name in outer_references(node):
-        yield node
 
 
 def _data_readers(readers, name):
@@ -238,7 +230,6 @@ def _data_readers(readers, name):
 
 
 def _reads(node):
-    from .control import outer_references, has_subgraph
     yield from node.input
     if has_subgraph(node):
         yield from outer_references(node)
@@ -336,8 +327,6 @@ def _cache_choice(g, inp, cache_names: set):
     readers = [n for n in g.node if inp.name in n.input]
     if not readers or any(n.op_type != "If" or list(n.input) != [inp.name] for n in readers):
         return None
-    from .control import free_names
-
     choice = None
     for n in readers:
         branches = {a.name: a.g for a in n.attribute if a.name in ("then_branch", "else_branch")}

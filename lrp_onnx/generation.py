@@ -159,17 +159,23 @@ def _decoder(explainer, decoder, inputs):
 
     def run(ids):
         feed = {**text_inputs(names, ids), **{k: v for k, v in inputs.items() if k in names}}
-        missing = [i.name for i in session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
-        if missing:
-            raise LRPError(f"the decoder needs input(s) {', '.join(missing)}, which cannot be made from token ids; "
-                           f"pass decoder= (an ONNX model or a callable) or generated_ids=")
-        scores = np.asarray(session.run([output], feed)[0])
-        if scores.ndim != 3:
-            raise LRPError(f"the decoder's output '{output}' has shape {list(scores.shape)}; [1, sequence, vocab] "
-                           f"expected")
-        return scores[0, -1]
+        return _run_step(session, feed, [output], output)[output][0, -1]
 
     return run
+
+
+def _run_step(session, feed: dict, fetch: list, output: str) -> dict:
+    """One decoding step: `fetch` -> values, after checking that `feed` holds every input the decoder
+    needs and that `output` has the shape of next-token logits, [1, sequence, vocab]."""
+    missing = [i.name for i in session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
+    if missing:
+        raise LRPError(f"the decoder needs input(s) {', '.join(missing)}, which cannot be made from token ids; "
+                       f"pass decoder= (an ONNX model or a callable) or generated_ids=")
+    values = dict(zip(fetch, session.run(fetch, feed)))
+    if np.ndim(values[output]) != 3:
+        raise LRPError(f"the decoder's output '{output}' has shape {list(np.shape(values[output]))}; "
+                       f"[1, sequence, vocab] expected")
+    return values
 
 
 def _cached_decoder(session, names, output, inputs, label):
@@ -225,18 +231,10 @@ def _cached_decoder(session, names, output, inputs, label):
         feed.update({k: v for k, v in inputs.items() if k in names})
         feed.update(cache)
         feed.update({f: np.full([1] * rank, start > 0) for f, rank in flags.items()})  # use_cache_branch
-        missing = [i.name for i in session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
-        if missing:
-            raise LRPError(f"the decoder needs input(s) {', '.join(missing)}, which cannot be made from token ids; "
-                           f"pass decoder= (an ONNX model or a callable) or generated_ids=")
-        values = dict(zip(outputs, session.run(None, feed)))
+        values = _run_step(session, feed, [output] + list(present.values()), output)
         run.fed.append(new.shape[1])
         state["ids"], state["cache"] = ids, {k: values[v] for k, v in present.items()}
-        scores = np.asarray(values[output])
-        if scores.ndim != 3:
-            raise LRPError(f"the decoder's output '{output}' has shape {list(scores.shape)}; [1, sequence, vocab] "
-                           f"expected")
-        return scores[0, -1]
+        return np.asarray(values[output])[0, -1]
 
     run.fed = []  # tokens fed at each call: the prompt, then 1 a step
     return run
