@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from .errors import LRPError
+from .errors import first_line, LRPError
 from .rules import RULE_SETS, RuleError, check_rule_name
 from .text import load_tokenizer  # noqa: F401 (lrp_onnx.cli.load_tokenizer, as before)
 
@@ -557,7 +557,7 @@ def _one_line(exc: BaseException) -> str:
 def _expected_error(exc: BaseException) -> str | None:
     """The one line for an error the user can act on, or None for a bug."""
     if isinstance(exc, LRPError):
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
     if isinstance(exc, UnicodeError):
         return f"not valid UTF-8 text ({exc.__class__.__name__}: {_one_line(exc)})"
     if isinstance(exc, OSError):

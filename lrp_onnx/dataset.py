@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LRPError
+from .errors import first_line, LRPError
 
 FORMAT = 1
 SHARD_ROWS = 1024
@@ -231,7 +231,7 @@ class RowExplainer:
             except Exception as exc:  # the decoding session's own refusal (onnxruntime): the row's error
                 if not type(exc).__module__.startswith("onnxruntime"):
                     raise
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                message = first_line(exc)
                 errors[i] = f"onnxruntime could not run the model: {message[:400]}"
                 continue
             generated = [int(t) for t in g.generated_ids]

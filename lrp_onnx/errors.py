@@ -1,6 +1,12 @@
 """Errors a user can act on. The CLI prints their message as one line and exits with code 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class LRPError(Exception):
     """Bad input: a missing or broken file, an unknown tensor name, an unsupported graph."""
 

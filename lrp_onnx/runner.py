@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import LRPError
+from .errors import first_line, LRPError
 from .session import open_session, text_inputs  # noqa: F401 (part of the runner's API)
 from .seed import POSITION_INPUT, SEED_INPUT, SELECTED_LOGIT, SELECTED_TARGET, TARGET_INPUT
 
@@ -94,7 +94,7 @@ class Explainer:
             values = self.session.run(None, feed)
         except Exception as exc:
             if type(exc).__module__.startswith("onnxruntime"):
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                message = first_line(exc)
                 raise LRPError(f"onnxruntime could not run the model: {message[:400]}") from None
             raise
         outputs = dict(zip(self.output_names, values))

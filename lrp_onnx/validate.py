@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import LRPError
+from .errors import first_line, LRPError
 from .graph import node_label
 
 
@@ -133,7 +133,7 @@ def _run_checker(model: onnx.ModelProto, label: str) -> None:
     try:
         onnx.checker.check_model(copy, full_check=False)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         # a tensor type without a shape is one of unknown rank (the IR spec allows it; onnxruntime runs it)
         if "Field 'shape' of 'type' is required but missing" not in first:
             raise LRPError(f"{label}: not a valid ONNX model (onnx checker: {first[:300]})") from None
@@ -166,7 +166,7 @@ def check_emitted(model: onnx.ModelProto, original_nodes: set) -> None:
             try:
                 onnx.checker.check_node(n, ctx)
             except onnx.checker.ValidationError as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 if "deprecated" in first:
                     continue
                 raise LRPError(f"the converted graph is not valid ONNX at {node_label(n)} (onnx checker: "
