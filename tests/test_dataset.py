@@ -30,24 +30,25 @@ from lrp_onnx.runner import Explainer
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model, workdir):
-    """The tiny llama converted with attnlrp (an LM: explained at the last token by default)."""
-    _, path = tiny_model("llama")
-    out = workdir / "dataset-llama.lrp.onnx"
+def _converted(tiny_model, workdir, family):
+    """The tiny `family` model converted with attnlrp, once per session."""
+    _, path = tiny_model(family)
+    out = workdir / f"dataset-{family}.lrp.onnx"
     if not out.exists():
         lrp_onnx.convert(path, out, rules="attnlrp")
     return out
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model, workdir):
+    """The tiny llama converted with attnlrp (an LM: explained at the last token by default)."""
+    return _converted(tiny_model, workdir, "llama")
 
 
 @pytest.fixture(scope="module")
 def classifier(tiny_model, workdir):
     """The tiny bert classifier (3 classes, 64 positions) converted with attnlrp."""
-    _, path = tiny_model("bert")
-    out = workdir / "dataset-bert.lrp.onnx"
-    if not out.exists():
-        lrp_onnx.convert(path, out, rules="attnlrp")
-    return out
+    return _converted(tiny_model, workdir, "bert")
 
 
 def texts(n, seed=0, longest=40):
