@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .control import has_subgraph
+from .ranks import fill_ranks
 
 
 # contrib ops whose first output has the shape and type of (input 0 op input 1): for shape inference
@@ -161,6 +162,8 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     if inferred is not None and any(has_subgraph(n) for n in model.graph.node):
         with _quiet():
             inferred = _reconcile_control_flow(model, inferred)
+    if inferred is not None:
+        fill_ranks(inferred)  # ranks the graph determines where the sizes are not known
     return inferred
 
 
