@@ -359,10 +359,11 @@ def _constant_value(node):
     return None
 
 
-def _propagate(graph: onnx.GraphProto, outer: _Scope | None, found: dict) -> list:
-    """Rank sets of the graph's outputs; `found` collects every tensor's rank set (this graph's only)."""
+def _propagate(graph: onnx.GraphProto, outer: _Scope | None, found: dict, known=()) -> list:
+    """Rank sets of the graph's outputs; `found` collects every tensor's rank set (this graph's only).
+    `known`: further value infos (shape inference's) of this graph's tensors."""
     scope = _Scope(outer)
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output) + list(known):
         scope.know_shape(vi.name, vi.type)
     for init in graph.initializer:
         scope.dims[init.name] = list(init.dims)
@@ -401,11 +402,14 @@ def _propagate(graph: onnx.GraphProto, outer: _Scope | None, found: dict) -> lis
     return [scope.rank(o.name) for o in graph.output]
 
 
-def fill_ranks(inferred: onnx.ModelProto) -> int:
-    """Give every top-level tensor that shape inference left without a shape, and whose rank the graph
-    determines, a shape of that rank with unknown sizes (in `inferred`, in place). Returns how many."""
+def fill_ranks(model: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
+    """Give every top-level tensor of `model` that shape inference (`inferred`) left without a shape, and
+    whose rank the graph determines, a shape of that rank with unknown sizes (in `inferred`, in place).
+    Returns how many. The nodes are `model`'s: onnxruntime's symbolic inference rewrites an If in its
+    copy (both branches become the one it judged taken, even on a condition known only at run time)."""
     found: dict = {}
-    _propagate(inferred.graph, None, found)
+    _propagate(model.graph, None, found,
+               list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output))
     entries = {vi.name: vi for vi in inferred.graph.value_info}
     entries.update({vi.name: vi for vi in inferred.graph.output})
     filled = 0

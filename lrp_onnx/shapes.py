@@ -163,7 +163,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         with _quiet():
             inferred = _reconcile_control_flow(model, inferred)
     if inferred is not None:
-        fill_ranks(inferred)  # ranks the graph determines where the sizes are not known
+        fill_ranks(model, inferred)  # ranks the graph determines where the sizes are not known
     return inferred
 
 

@@ -25,6 +25,8 @@ CASES = [
     ("bart", "torchscript", {"input_ids", "decoder_input_ids"}),  # encoder-decoder, shared table
     ("yoso", "torchscript", {"input_ids"}),           # normalize (ReduceL2, Clip), Acos, Pow; approximate backward
     ("convnext", "torchscript", {"pixel_values"}),    # vision: depthwise conv, channel LayerNorm, mean pool
+    ("deberta", "torchscript", {"input_ids"}),        # relative positions from an If of rank 3 or 4 (ranks.py)
+    ("deberta-v2", "torchscript", {"input_ids"}),     # the same with log-bucketed positions and shared keys
 ]
 
 
@@ -38,6 +40,23 @@ def test_gradient_equals_autograd(model_type, exporter, compared, tmp_path):
     errors = record["gradient_rel_l2"]
     assert set(errors) == compared
     assert max(errors.values()) <= sweep.GRADIENT_TOLERANCE
+
+
+def test_deberta_converts_with_attnlrp(tmp_path):
+    """DeBERTa-v2's disentangled attention (ranks known only through lrp_onnx/ranks.py) under attnlrp:
+    converts, and the relevance of the tiny model is finite with the explained logit PyTorch's."""
+    import lrp_onnx
+
+    task, model = sweep.build("deberta-v2")
+    path, names = sweep.export(model, task, tmp_path / "deberta-v2.onnx", "torchscript")
+    inputs = sweep.explain_setup(task, names)
+    out = tmp_path / "deberta-v2.attnlrp.onnx"
+    lrp_onnx.convert(path, out, rules="attnlrp")
+    target, _ = sweep.targets_for((2, sweep.NUM_LABELS), task)
+    result = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"]).run(target=target, **inputs)
+    relevance = result.relevance_of("input_ids")
+    assert relevance.shape == (2, 7, sweep.HIDDEN) and np.isfinite(relevance).all() and np.abs(relevance).sum() > 0
+    assert np.allclose(result.logit, result.outputs["logits"][[0, 1], target], atol=1e-6)
 
 
 def test_tiny_config_is_generic():

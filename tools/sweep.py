@@ -106,6 +106,12 @@ OVERRIDES = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   mamba_d_state=4, mamba_dt_rank=4, use_mamba_kernels=False),
     "zamba": dict(attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, use_mamba_kernels=False),
+    # the configs default to no relative attention, which no released DeBERTa checkpoint uses: sweep the
+    # disentangled attention (c2p, p2c; v2: log buckets, shared keys), whose relative positions come from
+    # an If whose branches differ in rank
+    "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=-1),
+    "deberta-v2": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=16, share_att_key=True,
+                       norm_rel_ebd="layer_norm", max_relative_positions=-1),
     "levit": dict(hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3], depths=[1, 1, 1], key_dim=[4, 4, 4],
                   down_ops=[["Subsample", 4, 1, 4, 2, 2], ["Subsample", 4, 2, 4, 2, 2]]),
 }
