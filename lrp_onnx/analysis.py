@@ -188,19 +188,45 @@ def _op_categories(view: GraphView, node, k: int, u: Unit, path: set[str]) -> li
 STATISTIC_ROUTING = {"Cast", "Identity", "Expand", "Unsqueeze", "Reshape", "Squeeze"}
 
 
+# reductions whose result, for a fixed p, is a p-norm-like statistic of the tensor: positively homogeneous
+REDUCE_STATISTICS = {"ReduceSum", "ReduceL1", "ReduceL2", "ReduceMean", "ReduceSumSquare", "ReduceMax"}
+
+
 def _is_sum_renormalization(view: GraphView, node) -> bool:
-    """a / sum(a) (+ a constant epsilon, or clamped by one): weights renormalised to sum to one, as
-    an MoE block renormalises its top-k routing weights."""
+    """a / s(a), s a sum or p-norm of the same tensor along some axes (+ a constant epsilon, or clamped
+    by one): weights renormalised to sum, or to have norm, one, as an MoE block renormalises its top-k
+    routing weights (Mixtral, Qwen3-MoE: a / sum(a); DBRX: a / ||a||_p, p = 1 by default, ReduceL1).
+    The statistic is written as a reduction, possibly with an elementwise power before it (|a|^p,
+    a * a) and a power or square root after it."""
     a, t = node.input[0], node.input[1]
-    for _ in range(8):
+    for _ in range(12):
         p = view.producer.get(t)
         if p is None:
             return False
         n = view.nodes[p]
-        if n.op_type == "ReduceSum":
-            return strip_casts(view, n.input[0]) == strip_casts(view, a)
-        if n.op_type in STATISTIC_ROUTING or n.op_type in ("Add", "Max", "Clip") and \
-                all(view.is_constant(i) for i in n.input[1:] if i):
+        if n.op_type in REDUCE_STATISTICS:
+            return _is_power_of(view, n.input[0], strip_casts(view, a))
+        if n.op_type in STATISTIC_ROUTING or n.op_type in ("Sqrt", "Abs") or n.op_type in ("Add", "Max", "Clip", "Pow") \
+                and all(view.is_constant(i) for i in n.input[1:] if i):
+            t = n.input[0]
+        else:
+            return False
+    return False
+
+
+def _is_power_of(view: GraphView, t: str, a: str) -> bool:
+    """t is a, |a|, a ** c, |a| ** c or a * a (through casts)."""
+    for _ in range(4):
+        t = strip_casts(view, t)
+        if t == a:
+            return True
+        p = view.producer.get(t)
+        if p is None:
+            return False
+        n = view.nodes[p]
+        if n.op_type == "Mul" and len(n.input) == 2 and strip_casts(view, n.input[0]) == strip_casts(view, n.input[1]):
+            t = n.input[0]
+        elif n.op_type == "Abs" or n.op_type == "Pow" and view.is_constant(n.input[1]):
             t = n.input[0]
         else:
             return False

@@ -21,8 +21,9 @@ Zennit composites map layer types to rules. Categories come from analysis.classi
                   a product with one relevance-carrying operand
   homogeneous     positively homogeneous of degree 1 (max, min, top-k, max-pooling, L1/L2 norms):
                   Gradient x Input conserves exactly
-  renormalization a / sum(a): weights renormalised to sum to one (an MoE block's top-k routing weights):
-                  plain gradient, as through the softmax before it
+  renormalization a / sum(a) or a / ||a||_p along an axis: weights renormalised to sum, or to have norm,
+                  one (an MoE block's top-k routing weights; DBRX: p-norm): plain gradient, as through
+                  the softmax before it
   unclassified    what the op computes in its relevance-carrying inputs is not known (a division or
                   power of two relevance-carrying tensors, an op outside the tables of analysis.py)
 Other categories not listed in a rule set get "gradient"; `unclassified` gets no rule unless the
