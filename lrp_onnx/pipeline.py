@@ -142,12 +142,44 @@ def _integer_input_origins(view: GraphView) -> dict[str, str]:
     origin = {i: i for i in view.graph_inputs if not view.is_float(i)}
     for n in view.nodes:
         if n.op_type not in INDEX_ROUTING_OPS or n.domain not in ("", "ai.onnx") or not n.input:
+            origin.update(_tokenized_ids(view, n, origin))
             continue
         routed = [t for t in n.input if t] if n.op_type == "Concat" else n.input[:1]
         feeding = next((origin[t] for t in routed if t in origin), None)
         if feeding is not None:
             origin.update((o, feeding) for o in n.output if o and not view.is_float(o))
     return origin
+
+
+def _tokenized_ids(view: GraphView, node, origin: dict) -> dict[str, str]:
+    """Ids made inside the graph from text: a node reading a string graph input (or a string made from
+    one) that outputs integers -- a tokenizer (onnxruntime-extensions' SentencepieceTokenizer,
+    BertTokenizer, ..., ai.onnx.ml's LabelEncoder). Its non-float outputs are ids of that string input
+    (which of them is the token ids, the embedding lookup they feed decides); string outputs (a
+    normalizer's) stay text of it. Untyped outputs (an op shape inference does not know) count as ids."""
+    text = next((origin[t] for t in node.input if t in origin and view.dtype(origin[t]) == TensorProto.STRING), None)
+    if text is None:
+        return {}
+    return {o: text for o in node.output if o and not view.is_float(o)}
+
+
+def token_id_outputs(view: GraphView, sources: list[str], names: list[str]):
+    """For each source looked up by ids a tokenizer made inside the graph, an extra output holding those
+    ids (`lrp_token_ids`, `lrp_token_ids_1`, ...: the lookup's indices, the leading shape of the
+    relevance), so that a consumer can map relevance to tokens; (nodes, value infos, {relevance output:
+    ids output})."""
+    nodes, infos, mapping = [], [], {}
+    by_out = {out: k for _, _, token_input, k, out in _embedding_lookups(view)
+              if view.dtype(token_input) == TensorProto.STRING}
+    for name, source in zip(names, sources):
+        if source not in by_out:
+            continue
+        ids = view.nodes[by_out[source]].input[1]
+        out = "lrp_token_ids" + name[len(RELEVANCE_OUTPUT):]
+        nodes.append(helper.make_node("Identity", [ids], [out], name=f"lrp/{out}"))
+        infos.append(helper.make_tensor_value_info(out, view.dtype(ids) or TensorProto.INT64, view.shape(ids)))
+        mapping[name] = out
+    return nodes, infos, mapping
 
 
 def _embedding_lookups(view: GraphView) -> list[tuple]:
@@ -569,6 +601,9 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         g.node.append(helper.make_node("Identity", [tensor], [vi.name], name=f"lrp/{vi.name}"))
         g.output.append(vi)
     g.output.extend(relevance_outputs)
+    id_nodes, id_outputs, token_ids = token_id_outputs(view, sources, names[:len(sources)])
+    g.node.extend(id_nodes)
+    g.output.extend(id_outputs)
     meta = {
         "version": __version__, "rules": plan.rules, "explained_output": output, "sources": sources,
         "latent": dict(zip(names[len(sources):], latent)), "relevance_outputs": names,
@@ -579,6 +614,8 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     }
     if conv.bound_inputs:
         meta["bound_inputs"] = conv.bound_inputs
+    if token_ids:  # ids tokenized inside the graph: {relevance output: its ids output}
+        meta["token_ids"] = token_ids
     if relevance_only:
         drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
     optional_defaults(model)

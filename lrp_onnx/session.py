@@ -29,11 +29,29 @@ def open_session(model, providers=None, threads: int | None = None, prepack: boo
     if external_folder:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
     try:
-        session = ort.InferenceSession(model, options, providers=providers)
+        try:
+            session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:
+            if not _register_extensions(options, exc):
+                raise
+            session = ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:
         raise LRPError(f"{label or model}: onnxruntime cannot open it ({str(exc).splitlines()[0][:300]})") from None
     names = [i.name for i in session.get_inputs()] + [i.name for i in session.get_overridable_initializers()]
     return session, names
+
+
+def _register_extensions(options, exc: Exception) -> bool:
+    """A graph with onnxruntime-extensions' ops (an in-graph tokenizer, domain ai.onnx.contrib): register
+    their library when the package is installed (it is not a dependency). True if registered."""
+    if "ai.onnx.contrib" not in str(exc):
+        return False
+    try:
+        import onnxruntime_extensions
+    except ImportError:
+        return False
+    options.register_custom_ops_library(onnxruntime_extensions.get_library_path())
+    return True
 
 
 def text_inputs(input_names, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:
