@@ -30,7 +30,8 @@ from .canonicalize import drop_outputs, select_position_before_head, squeeze_cla
 from .errors import LRPError, UnsupportedOpsError
 from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
 from .graph import GraphView, TensorInfo, node_label
-from .validate import check_emitted, check_graph, input_limits
+from .validate import check_declared_sizes, check_element_counts, check_emitted, check_graph, check_input_types, \
+    input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .rules import rule_misfit, warn_unmatched_overrides
@@ -65,6 +66,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         check_graph(copy, "<in-memory model>")
+        check_declared_sizes(copy, None, "<in-memory model>")
         return copy, None
     path = os.fspath(model)
     if not os.path.isfile(path):
@@ -77,6 +79,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     if not loaded.graph.node:
         raise LRPError(f"{path}: the file holds no ONNX graph (empty or not an ONNX model)")
     check_graph(loaded, path)
+    check_declared_sizes(loaded, os.path.dirname(os.path.abspath(path)), path)
     return loaded, os.path.dirname(os.path.abspath(path))
 
 
@@ -509,6 +512,9 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     cache = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
     unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
+    label = os.fspath(model_path) if model_path is not None else "<in-memory model>"
+    check_input_types(model, view.dtype, label, original_nodes)
+    check_element_counts(((t, info.shape) for t, info in view.info.items()), label, "tensor")
     if cache.bound:
         settle_cache(model, cache)
         view = GraphView.build(model, infer_shapes(model))

@@ -306,6 +306,57 @@ def test_a_hard_link_left_by_an_earlier_version_is_replaced_by_a_copy(tmp_path, 
     onnx.load(out / "m.lrp.onnx")
 
 
+def _float_indices(model):
+    """input_ids declared float: the word-embedding Gather's indices are then float (invalid ONNX)."""
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    return "node 'embed' (ai.onnx::Gather): input 'input_ids' (indices) is tensor(float)"
+
+
+def _huge_input(model):
+    for d, v in zip(model.graph.input[0].type.tensor_type.shape.dim, (10 ** 12, 10 ** 12)):
+        d.Clear()
+        d.dim_value = v
+    return "graph input 'input_ids' has shape [1000000000000, 1000000000000]"
+
+
+def _huge_value_info(model):
+    model.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [10 ** 12, 10 ** 12, H]))
+    return "value_info 'h' has shape [1000000000000, 1000000000000"
+
+
+def _initializer_without_data(model):
+    w = next(t for t in model.graph.initializer if t.name == "w1")
+    w.ClearField("raw_data")
+    del w.dims[:]
+    w.dims.extend([16, 10 ** 12])
+    return "initializer 'w1' declares shape [16, 1000000000000] (16000000000000 elements) but holds 0"
+
+
+def _external_data_too_short(model, folder):
+    w = next(t for t in model.graph.initializer if t.name == "w1")
+    data = w.raw_data
+    (folder / "w1.bin").write_bytes(data[: len(data) // 2])
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value="w1.bin")
+    return f"initializer 'w1' declares [{H}, {H}] ({len(data)} bytes from offset 0) but its file w1.bin holds"
+
+
+@pytest.mark.parametrize("damage", [_float_indices, _huge_input, _huge_value_info, _initializer_without_data,
+                                    _external_data_too_short])
+def test_models_onnxruntime_refuses_are_refused_with_the_reason(damage, tmp_path, capfd):
+    """onnxruntime refuses these at load time (a type its schema forbids, shapes whose element count
+    overflows int64 in the converted graph's shape computations, initializers without their data): refused
+    here too, one line naming the tensor, exit 2, nothing written."""
+    model = tiny_lm()
+    (tmp_path / "m").mkdir()
+    expected = damage(model, tmp_path / "m") if damage is _external_data_too_short else damage(model)
+    onnx.save(model, tmp_path / "m" / "model.onnx")
+    line = assert_fails(capfd, tmp_path, "convert", tmp_path / "m" / "model.onnx", "-o", tmp_path / "m" / "o.onnx")
+    assert expected in line, line
+    assert_fails(capfd, tmp_path, "inspect", tmp_path / "m" / "model.onnx", code=2, words=[expected])
+
+
 # -- 3: explain and Explainer.run -------------------------------------------------------------------
 @pytest.mark.parametrize("texts,words", [
     ([""], ["--text", "empty"]),
