@@ -514,15 +514,14 @@ def explain_dataset(model, tokenizer, input, out, *, text_column: str = "text", 
 
     # join the shards: one row group each
     errors = 0
-    from .files import _publish, _temporary
-    with _temporary(os.path.dirname(out), ".partial") as (fd, tmp):
-        os.close(fd)
-        with pq.ParquetWriter(tmp, schema) as writer:
+    from .files import _temporary
+    with _temporary(os.path.dirname(out), ".partial", named=True) as temporary:
+        with pq.ParquetWriter(temporary.path, schema) as writer:
             for path in paths:
                 part = pq.read_table(path, schema=schema)
                 errors += part.num_rows - part.column("error").null_count
                 writer.write_table(part, row_group_size=max(part.num_rows, 1))
-        _publish(tmp, out)
+        temporary.publish(out)
     shutil.rmtree(shard_dir, ignore_errors=True)
     return DatasetResult(out, rows, errors, computed, len(shards), resumed, compute_seconds)
 
@@ -561,22 +560,20 @@ def _difference(previous, current) -> str:
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-    from .files import _publish, _temporary
-    with _temporary(os.path.dirname(path), ".partial") as (fd, tmp):
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _publish(tmp, path)
+    from .files import _temporary
+    with _temporary(os.path.dirname(path), ".partial") as temporary:
+        temporary.write(data)
+        temporary.publish(path)
 
 
 def _write_parquet(table, path: str) -> None:
     """A shard, whole or not at all."""
     import pyarrow.parquet as pq
 
-    from .files import _publish, _temporary
-    with _temporary(os.path.dirname(path), ".partial") as (fd, tmp):
-        os.close(fd)
-        pq.write_table(table, tmp, row_group_size=max(table.num_rows, 1))
-        _publish(tmp, path)
+    from .files import _temporary
+    with _temporary(os.path.dirname(path), ".partial", named=True) as temporary:
+        pq.write_table(table, temporary.path, row_group_size=max(table.num_rows, 1))
+        temporary.publish(path)
 
 
 # -- progress ---------------------------------------------------------------------------------------

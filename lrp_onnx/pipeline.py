@@ -30,7 +30,8 @@ from .canonicalize import drop_outputs, select_position_before_head, squeeze_cla
 from .errors import LRPError, UnsupportedOpsError
 from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
 from .graph import GraphView, TensorInfo, node_label
-from .validate import check_emitted, check_graph, input_limits
+from .validate import check_declared_sizes, check_element_counts, check_emitted, check_graph, check_input_types, \
+    input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .rules import rule_misfit, warn_unmatched_overrides
@@ -65,6 +66,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         check_graph(copy, "<in-memory model>")
+        check_declared_sizes(copy, None, "<in-memory model>")
         return copy, None
     path = os.fspath(model)
     if not os.path.isfile(path):
@@ -77,6 +79,7 @@ def load_model(model) -> tuple[onnx.ModelProto, str | None]:
     if not loaded.graph.node:
         raise LRPError(f"{path}: the file holds no ONNX graph (empty or not an ONNX model)")
     check_graph(loaded, path)
+    check_declared_sizes(loaded, os.path.dirname(os.path.abspath(path)), path)
     return loaded, os.path.dirname(os.path.abspath(path))
 
 
@@ -123,10 +126,78 @@ def upgrade_opset(model: onnx.ModelProto) -> None:
 
 
 def source_inputs(view: GraphView, sources: list[str]) -> list[str | None]:
-    """The graph input behind each source: the token-id input of an embedding lookup, the source
-    itself if it is a graph input, else None."""
-    looked_up = {out: token_input for _, _, token_input, _, out in _embedding_lookups(view)}
-    return [looked_up.get(s, s if s in view.graph_inputs else None) for s in sources]
+    """The graph input behind each source: the token-id input of an embedding lookup (when its relevance
+    comes out in that input's layout, see id_layouts), the source itself if it is a graph input, else None."""
+    layouts = id_layouts(view, sources)
+    return [layouts[s].token_input if s in layouts and layouts[s].offender is None
+            else s if s in view.graph_inputs else None for s in sources]
+
+
+# ops that only retype, reshape (keeping the element order) or transpose token ids on their way to a
+# lookup: the relevance at the lookup ([indices..., hidden]) is brought back to the ids' layout through them
+ID_LAYOUT_OPS = ("Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+
+
+@dataclass
+class IdLayout:
+    """How an embedding lookup's indices come from its token-id input: `chain`, the layout ops from the
+    input to the indices in order (empty: the ids themselves), or `offender`, the first node on the way
+    that does something else (slices, repeats, gathers, concatenates ids): then the relevance cannot be
+    given in the input's layout."""
+    token_input: str
+    chain: list = field(default_factory=list)
+    offender: onnx.NodeProto | None = None
+
+
+def id_layouts(view: GraphView, sources: list[str]) -> dict[str, IdLayout]:
+    """{source: IdLayout} for each source that is an embedding lookup (or its dequantized output)."""
+    layouts = {}
+    for _, _, token_input, k, out in _embedding_lookups(view):
+        if out not in sources:
+            continue
+        layout, t = IdLayout(token_input), view.nodes[k].input[1]
+        while t != token_input:
+            node = view.nodes[view.producer[t]]
+            if node.op_type not in ID_LAYOUT_OPS or node.domain not in ("", "ai.onnx"):
+                layout.chain, layout.offender = [], node
+                break
+            layout.chain.insert(0, node)
+            t = node.input[0]
+        layouts[out] = layout
+    return layouts
+
+
+def check_id_layouts(view: GraphView, sources: list[str]) -> None:
+    """Default sources only: a lookup whose indices are not a reshape or transpose of the ids is refused,
+    rather than giving relevance whose positions silently differ from the ids' (named with --source, the
+    lookup's relevance is given in its own layout, mapped to no input)."""
+    for s, layout in id_layouts(view, sources).items():
+        if layout.offender is not None:
+            raise LRPError(f"the relevance at the embedding lookup '{s}' cannot be given in the layout of input "
+                           f"'{layout.token_input}': its indices are that input through "
+                           f"{node_label(layout.offender)}, which does not only reshape or transpose it; "
+                           f"name the lookup with --source {s} to explain it in the lookup's own layout")
+
+
+def restore_id_layout(b: Builder, relevance: str, layout: IdLayout) -> str:
+    """The relevance at a lookup, [indices..., hidden], in its token input's layout [ids..., hidden]: the
+    layout ops from the ids to the indices undone in reverse order (a Transpose by its inverse with the
+    hidden axis kept last, a reshape by a Reshape to the ids-side shape)."""
+    view = b.view
+    for node in reversed(layout.chain):
+        before = node.input[0]
+        if node.op_type == "Transpose":
+            rank = view.rank(before)
+            perm = [a.ints for a in node.attribute if a.name == "perm"]
+            perm = list(perm[0]) if perm else list(range(rank))[::-1]
+            inverse = [perm.index(a) for a in range(len(perm))]
+            relevance = b.op("Transpose", [relevance], perm=inverse + [len(perm)], dtype=view.dtype(relevance))
+        elif node.op_type != "Cast" and node.op_type != "Identity":
+            hidden = b.op("Shape", [relevance], start=-1, dtype=TensorProto.INT64, shape=[1]) if b.opset >= 15 else \
+                b.op("Slice", [b.shape_of(relevance), b.ints([-1]), b.ints([2 ** 62])], dtype=TensorProto.INT64)
+            shape = b.op("Concat", [b.shape_of(before), hidden], axis=0, dtype=TensorProto.INT64)
+            relevance = b.op("Reshape", [relevance, shape], dtype=view.dtype(relevance))
+    return relevance
 
 
 # -- analyze -------------------------------------------------------------------------------------
@@ -473,6 +544,9 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     cache = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
     unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
+    label = os.fspath(model_path) if model_path is not None else "<in-memory model>"
+    check_input_types(model, view.dtype, label, original_nodes)
+    check_element_counts(((t, info.shape) for t, info in view.info.items()), label, "tensor")
     if cache.bound:
         settle_cache(model, cache)
         view = GraphView.build(model, infer_shapes(model))
@@ -488,6 +562,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
             raise LRPError(f"tensor '{s}' is not in the graph (no node produces it and no input has that name)")
     if not sources:
         sources = default_sources(view, output)
+        check_id_layouts(view, sources)
     # canonicalize: a [batch, classes, 1, 1] output is explained as [batch, classes]; in relevance-only
     # mode, the head is computed at the explained position only
     if not seed_input:
@@ -557,17 +632,23 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     model, base_dir, view, plan, b, seed, grads = (conv.model, conv.base_dir, conv.view, conv.plan,
                                                    conv.builder, conv.seed, conv.grads)
     output, sources, latent, position_selected = conv.output, conv.sources, conv.latent, conv.position_selected
-    relevance_outputs = []
+    relevance_outputs, ranks = [], []
     names = [RELEVANCE_OUTPUT if k == 0 else f"{RELEVANCE_OUTPUT}_{k}" for k in range(len(sources))]
     names += [f"{RELEVANCE_OUTPUT}_{_sanitize(t)}" for t in latent]
+    layouts = {s: layout for s, layout in id_layouts(view, sources).items() if layout.chain}
     for name, t in zip(names, list(sources) + list(latent)):
         g = grads[t]
-        if g is None:
-            b.nodes.append(helper.make_node("Mul", [t, b.scalar_like(0.0, t)], [name], name=f"lrp/{name}"))
+        shape = view.shape(t)
+        factor = g if g is not None else b.scalar_like(0.0, t)
+        if t in layouts:  # ids reshaped or transposed before the lookup: relevance in the ids' layout
+            relevance = restore_id_layout(b, b.op("Mul", [t, factor], like=t), layouts[t])
+            ids = view.shape(layouts[t].token_input)
+            shape = None if ids is None or shape is None else list(ids) + list(shape[-1:])
+            b.nodes.append(helper.make_node("Identity", [relevance], [name], name=f"lrp/{name}"))
         else:
-            b.nodes.append(helper.make_node("Mul", [t, g], [name], name=f"lrp/{name}"))
-        relevance_outputs.append(helper.make_tensor_value_info(name, view.dtype(t) or TensorProto.FLOAT,
-                                                               view.shape(t)))
+            b.nodes.append(helper.make_node("Mul", [t, factor], [name], name=f"lrp/{name}"))
+        relevance_outputs.append(helper.make_tensor_value_info(name, view.dtype(t) or TensorProto.FLOAT, shape))
+        ranks.append(None if shape is None else len(shape))
     # the backward reads only forward tensors that onnxruntime's fused forward still computes as they are
     half = any(is_half(view, t) for t in [output] + list(sources))
     before = len(b.nodes)
@@ -582,12 +663,13 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
                 vi.type.tensor_type.elem_type = TensorProto.FLOAT
     if seed.loop is not None:  # several targets per row: the backward runs in a Loop over them
         try:
-            seed.outputs = close_loop(b, seed, [(vi.name, vi.type.tensor_type.elem_type, view.rank(t))
-                                                for vi, t in zip(relevance_outputs, list(sources) + list(latent))])
+            seed.outputs = close_loop(b, seed, [(vi.name, vi.type.tensor_type.elem_type, rank)
+                                                for vi, rank in zip(relevance_outputs, ranks)])
         except ValueError as exc:
             raise LRPError(str(exc)) from None
-        for k, t in enumerate(list(sources) + list(latent)):
-            shape = view.shape(t)
+        for k, vi in enumerate(list(relevance_outputs)):
+            shape = [d.dim_param or d.dim_value or None for d in vi.type.tensor_type.shape.dim] \
+                if vi.type.tensor_type.HasField("shape") else None
             relevance_outputs[k] = helper.make_tensor_value_info(
                 relevance_outputs[k].name, relevance_outputs[k].type.tensor_type.elem_type,
                 None if shape is None else [shape[0], "lrp_targets"] + list(shape[1:]))

@@ -3,6 +3,8 @@ dangling inputs, duplicate names, cycles), then onnx's checker with shape infere
 weight-free copy (external weights are never opened)."""
 from __future__ import annotations
 
+import os
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -45,6 +47,93 @@ def check_graph(model: onnx.ModelProto, label: str) -> None:
             raise LRPError(f"{label}: graph error: graph output '{o}' is not produced by any node")
     _check_acyclic(g, producer, label)
     _run_checker(model, label)
+
+
+# -- what onnxruntime refuses at load time: declared sizes that cannot exist, wrong input types ---------
+_INT64_MAX = 2 ** 63 - 1
+_PACKED_BITS = {getattr(TensorProto, n): 4 for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+
+
+def check_declared_sizes(model: onnx.ModelProto, base_dir: str | None, label: str) -> None:
+    """Declared shapes whose element count no index type holds (a product of dims beyond int64: every
+    shape computation on them overflows, so onnxruntime refuses the converted graph), and initializers
+    whose data does not match their declared shape (e.g. 16 x 1e12 elements and no data; external data
+    checked by its declared length and its file's size, never read)."""
+    g = model.graph
+    for kind, infos in (("graph input", g.input), ("graph output", g.output), ("value_info", g.value_info)):
+        check_element_counts(((vi.name, [d.dim_value if d.HasField("dim_value") else None
+                                         for d in vi.type.tensor_type.shape.dim]) for vi in infos), label, kind)
+    for t in g.initializer:
+        count = _elements(t)
+        if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            continue
+        bits = _PACKED_BITS.get(t.data_type)
+        size = (count * bits + 7) // 8 if bits else count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if t.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in t.external_data}
+            length = entries.get("length")
+            if length is not None and length.isdigit() and int(length) != size:
+                raise LRPError(f"{label}: initializer '{t.name}' declares {list(t.dims)} ({size} bytes) but its "
+                               f"external data has length {length}")
+            if base_dir is not None and entries.get("location"):
+                path = os.path.join(base_dir, entries["location"])
+                offset = int(entries["offset"]) if entries.get("offset", "").isdigit() else 0
+                if os.path.isfile(path) and os.path.getsize(path) < offset + size:
+                    raise LRPError(f"{label}: initializer '{t.name}' declares {list(t.dims)} ({size} bytes from "
+                                   f"offset {offset}) but its file {entries['location']} holds "
+                                   f"{os.path.getsize(path)} bytes")
+            continue
+        if t.HasField("raw_data"):
+            held, expected, unit = len(t.raw_data), size, "bytes"
+        else:  # typed fields: one value per element (two for complex; 4-bit types: two elements a value)
+            held, unit = len(getattr(t, helper.tensor_dtype_to_field(t.data_type))), "values"
+            expected = (count + 1) // 2 if bits else 2 * count if t.data_type in (
+                TensorProto.COMPLEX64, TensorProto.COMPLEX128) else count
+        if held != expected:
+            raise LRPError(f"{label}: initializer '{t.name}' declares shape {list(t.dims)} ({count} elements) but "
+                           f"holds {held} {unit} of data ({expected} expected); onnxruntime refuses it")
+
+
+def check_element_counts(shapes, label: str, kind: str = "tensor") -> None:
+    """(name, dims) pairs: refused where the known dims' product exceeds int64 (declared directly, or
+    inferred from declared sizes): every shape computation on such a tensor overflows."""
+    for name, dims in shapes:
+        count = 1
+        for d in dims or ():
+            count *= d if isinstance(d, int) and d > 0 else 1
+        if count > _INT64_MAX:
+            raise LRPError(f"{label}: {kind} '{name}' has shape {list(dims)}: {count:.3g} elements, more than int64 "
+                           f"can count; onnxruntime refuses the shape computations on it")
+
+
+def check_input_types(model: onnx.ModelProto, dtype, label: str, nodes: set | None = None) -> None:
+    """Every input of a standard op (of the main graph; those named in `nodes` if given) has a type its
+    schema allows, as onnxruntime checks at load time (e.g. a Gather whose indices are float).
+    `dtype(name)` -> element type or None (then unchecked)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    names = {v: f"tensor({TensorProto.DataType.Name(v).lower()})" for v in TensorProto.DataType.values()}
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type) or nodes is not None and n.name not in nodes:
+            continue
+        try:
+            schema = onnx.defs.get_schema(n.op_type, opset)
+        except onnx.defs.SchemaError:
+            continue
+        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        formals = list(schema.inputs)
+        for k, t in enumerate(n.input):
+            if not t or not formals:
+                continue
+            formal = formals[min(k, len(formals) - 1)]
+            if k >= len(formals) and formal.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+                continue
+            types = allowed.get(formal.type_str, {formal.type_str})
+            dt = dtype(t)
+            if dt and dt in names and names[dt] not in types and any(x.startswith("tensor(") for x in types):
+                raise LRPError(f"{label}: node {node_label(n)}: input '{t}' ({formal.name}) is {names[dt]}, which "
+                               f"{n.op_type}-{schema.since_version} does not accept (allowed: "
+                               f"{', '.join(sorted(x for x in types if x.startswith('tensor(')))}); "
+                               f"not a valid ONNX model")
 
 
 def _check_acyclic(g, producer: dict, label: str) -> None:

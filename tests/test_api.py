@@ -1,5 +1,6 @@
 """The Python API: rule overrides, latent relevance, seed inputs, external data, no torch at inference."""
 import json
+import filecmp
 import os
 import subprocess
 import sys
@@ -120,8 +121,13 @@ def test_external_data_is_referenced_not_loaded_or_copied(tiny_model, tmp_path):
     lrp_onnx.convert(src / "model.onnx", rules="attnlrp")
     os.rename(tmp_path / "hidden.bin", src / "weights.bin")
     lrp_onnx.convert(src / "model.onnx", out_dir / "model.lrp.onnx", rules="attnlrp")
-    assert sorted(os.listdir(out_dir)) == ["model.lrp.onnx", "weights.bin"]  # weights placed once, by link
-    assert os.path.samefile(out_dir / "weights.bin", src / "weights.bin")
+    assert sorted(os.listdir(out_dir)) == ["model.lrp.onnx", "weights.bin"]  # weights placed once, a copy
+    assert filecmp.cmp(out_dir / "weights.bin", src / "weights.bin", shallow=False)
+    # never a hard link: onnx.load refuses a weight file with several links, the user's original included
+    assert not os.path.samefile(out_dir / "weights.bin", src / "weights.bin")
+    assert os.stat(src / "weights.bin").st_nlink == os.stat(out_dir / "weights.bin").st_nlink == 1
+    onnx.load(src / "model.onnx")
+    onnx.load(out_dir / "model.lrp.onnx")
     converted = onnx.load(out_dir / "model.lrp.onnx", load_external_data=False)
     external = [t for t in converted.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) == len(model.graph.initializer)

@@ -3,6 +3,7 @@ no traceback, nothing written outside the output path, the input unchanged.
 
 A tiny hand-built text LM (vocabulary 12, position table 6 rows) and a word-level tokenizer are made
 once; the CLI runs in-process (cli.main), and in a subprocess where signals are involved."""
+import filecmp
 import hashlib
 import json
 import os
@@ -163,7 +164,8 @@ def test_symlinked_weights_leading_out_of_the_folder_are_refused(tmp_path, capfd
     os.symlink("real.bin", tmp_path / "m" / "weights.bin")
     rc, _, err = run(capfd, "convert", model, "-o", out / "m.lrp.onnx")
     assert rc == 0, err
-    assert not os.path.islink(out / "weights.bin") and os.path.samefile(out / "weights.bin", tmp_path / "m" / "real.bin")
+    assert not os.path.islink(out / "weights.bin") and filecmp.cmp(out / "weights.bin", tmp_path / "m" / "real.bin")
+    assert os.stat(tmp_path / "m" / "real.bin").st_nlink == 1  # a copy, never a hard link
 
 
 def test_weights_in_a_subfolder_are_placed_inside_the_output_folder(tmp_path, capfd):
@@ -210,10 +212,14 @@ def test_failed_write_leaves_no_linked_weights_and_no_temporary(tmp_path, capfd,
     out = tmp_path / "out"
     out.mkdir()
 
-    def refuse(tmp, path):
-        raise PermissionError(13, "Permission denied", path)
+    publish = files._Temporary.publish
 
-    monkeypatch.setattr(files, "_publish", refuse)
+    def refuse(self, path):  # the weights are placed, then the model's own write fails
+        if path.endswith(".onnx"):
+            raise PermissionError(13, "Permission denied", path)
+        publish(self, path)
+
+    monkeypatch.setattr(files._Temporary, "publish", refuse)
     assert_fails(capfd, tmp_path, "convert", model, "-o", out / "m.lrp.onnx", words=["m.lrp.onnx", "Permission"])
     assert os.listdir(out) == []
 
@@ -230,18 +236,21 @@ def test_outputs_honour_the_umask(lm, tmp_path, umask):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_sigterm_and_ctrl_c_remove_temporaries(lm, tmp_path):
-    """The process is signalled while the output's temporary exists: one line, no temporary left."""
+@pytest.mark.parametrize("named", [False, True])
+def test_sigterm_and_ctrl_c_remove_temporaries(lm, tmp_path, named):
+    """The process is signalled while the output's temporary exists: one line, no temporary left
+    (unnamed files where the file system has them; named ones, the fallback, are removed)."""
     code = f"""
 import os, signal, sys, time
 from lrp_onnx import cli, files
-def stop(tmp, path):
-    assert os.path.exists(tmp)
+files._UNNAMED_FILES = {named} is False and files._UNNAMED_FILES
+def stop(self, path):
+    assert (self.path is None) == (not {named}) and (self.path is None or os.path.exists(self.path))
     if sys.argv[1] == "TERM":
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     raise KeyboardInterrupt
-files._publish = stop
+files._Temporary.publish = stop
 sys.exit(cli.main(["convert", {str(lm / 'model.onnx')!r}, "-o", {str(tmp_path / 'm.lrp.onnx')!r}]))
 """
     for which, expected in (("TERM", 143), ("INT", 130)):
@@ -250,6 +259,102 @@ sys.exit(cli.main(["convert", {str(lm / 'model.onnx')!r}, "-o", {str(tmp_path / 
         assert done.returncode == expected, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
         assert os.listdir(tmp_path) == []
+
+
+def test_sigkill_leaves_no_temporary_or_the_next_run_sweeps_it(lm, tmp_path):
+    """SIGKILL runs no handler. An unnamed temporary (O_TMPFILE) vanishes with the process; a named one
+    (file systems without them) is removed by the next conversion into the same folder."""
+    code = f"""
+import os, signal, sys
+from lrp_onnx import cli, files
+files._UNNAMED_FILES = sys.argv[1] == "unnamed" and files._UNNAMED_FILES
+write = files._Temporary.write
+def killed(self, data):
+    write(self, data)
+    os.kill(os.getpid(), signal.SIGKILL)
+files._Temporary.write = killed
+cli.main(["convert", {str(lm / 'model.onnx')!r}, "-o", {str(tmp_path / 'm.lrp.onnx')!r}])
+"""
+    for kind in ("unnamed", "named"):
+        child = subprocess.Popen([sys.executable, "-c", code, kind], stderr=subprocess.PIPE, text=True,
+                                 cwd=os.path.dirname(os.path.dirname(__file__)))
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL, err
+        left = os.listdir(tmp_path)
+        if kind == "unnamed" and files._UNNAMED_FILES:
+            assert left == []
+        else:
+            assert len(left) == 1 and left[0].startswith(f".lrp-{child.pid}-") and left[0].endswith(".onnx"), left
+    assert cli.main(["convert", str(lm / "model.onnx"), "-o", str(tmp_path / "m.lrp.onnx")]) == 0
+    assert os.listdir(tmp_path) == ["m.lrp.onnx"]
+
+
+def test_a_hard_link_left_by_an_earlier_version_is_replaced_by_a_copy(tmp_path, capfd):
+    """Earlier versions hard-linked the weights beside the output; onnx.load refuses both files then. A
+    new conversion into that folder gives the output its own copy, which mends the original too."""
+    model = external_model(tmp_path / "m")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(tmp_path / "m" / "weights.bin", out / "weights.bin")
+    with pytest.raises(Exception, match="hard link"):
+        onnx.load(model)
+    rc, _, err = run(capfd, "convert", model, "-o", out / "m.lrp.onnx")
+    assert rc == 0, err
+    assert os.stat(out / "weights.bin").st_nlink == os.stat(tmp_path / "m" / "weights.bin").st_nlink == 1
+    assert filecmp.cmp(out / "weights.bin", tmp_path / "m" / "weights.bin", shallow=False)
+    onnx.load(model)
+    onnx.load(out / "m.lrp.onnx")
+
+
+def _float_indices(model):
+    """input_ids declared float: the word-embedding Gather's indices are then float (invalid ONNX)."""
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    return "node 'embed' (ai.onnx::Gather): input 'input_ids' (indices) is tensor(float)"
+
+
+def _huge_input(model):
+    for d, v in zip(model.graph.input[0].type.tensor_type.shape.dim, (10 ** 12, 10 ** 12)):
+        d.Clear()
+        d.dim_value = v
+    return "graph input 'input_ids' has shape [1000000000000, 1000000000000]"
+
+
+def _huge_value_info(model):
+    model.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [10 ** 12, 10 ** 12, H]))
+    return "value_info 'h' has shape [1000000000000, 1000000000000"
+
+
+def _initializer_without_data(model):
+    w = next(t for t in model.graph.initializer if t.name == "w1")
+    w.ClearField("raw_data")
+    del w.dims[:]
+    w.dims.extend([16, 10 ** 12])
+    return "initializer 'w1' declares shape [16, 1000000000000] (16000000000000 elements) but holds 0"
+
+
+def _external_data_too_short(model, folder):
+    w = next(t for t in model.graph.initializer if t.name == "w1")
+    data = w.raw_data
+    (folder / "w1.bin").write_bytes(data[: len(data) // 2])
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value="w1.bin")
+    return f"initializer 'w1' declares [{H}, {H}] ({len(data)} bytes from offset 0) but its file w1.bin holds"
+
+
+@pytest.mark.parametrize("damage", [_float_indices, _huge_input, _huge_value_info, _initializer_without_data,
+                                    _external_data_too_short])
+def test_models_onnxruntime_refuses_are_refused_with_the_reason(damage, tmp_path, capfd):
+    """onnxruntime refuses these at load time (a type its schema forbids, shapes whose element count
+    overflows int64 in the converted graph's shape computations, initializers without their data): refused
+    here too, one line naming the tensor, exit 2, nothing written."""
+    model = tiny_lm()
+    (tmp_path / "m").mkdir()
+    expected = damage(model, tmp_path / "m") if damage is _external_data_too_short else damage(model)
+    onnx.save(model, tmp_path / "m" / "model.onnx")
+    line = assert_fails(capfd, tmp_path, "convert", tmp_path / "m" / "model.onnx", "-o", tmp_path / "m" / "o.onnx")
+    assert expected in line, line
+    assert_fails(capfd, tmp_path, "inspect", tmp_path / "m" / "model.onnx", code=2, words=[expected])
 
 
 # -- 3: explain and Explainer.run -------------------------------------------------------------------
