@@ -147,6 +147,7 @@ class IdLayout:
     token_input: str
     chain: list = field(default_factory=list)
     offender: onnx.NodeProto | None = None
+    tokenized: str | None = None  # ids a tokenizer made inside the graph from the (string) token input
 
 
 def id_layouts(view: GraphView, sources: list[str]) -> dict[str, IdLayout]:
@@ -158,6 +159,9 @@ def id_layouts(view: GraphView, sources: list[str]) -> dict[str, IdLayout]:
         layout, t = IdLayout(token_input), view.nodes[k].input[1]
         while t != token_input:
             node = view.nodes[view.producer[t]]
+            if _tokenized_ids(view, node, {token_input: token_input}):  # the ids are made here, from text:
+                layout.tokenized = t                                      # relevance in the ids' layout
+                break
             if node.op_type not in ID_LAYOUT_OPS or node.domain not in ("", "ai.onnx"):
                 layout.chain, layout.offender = [], node
                 break
@@ -236,19 +240,19 @@ def _tokenized_ids(view: GraphView, node, origin: dict) -> dict[str, str]:
 
 def token_id_outputs(view: GraphView, sources: list[str], names: list[str]):
     """For each source looked up by ids a tokenizer made inside the graph, an extra output holding those
-    ids (`lrp_token_ids`, `lrp_token_ids_1`, ...: the lookup's indices, the leading shape of the
-    relevance), so that a consumer can map relevance to tokens; (nodes, value infos, {relevance output:
-    ids output})."""
+    ids as the tokenizer made them (`lrp_token_ids`, `lrp_token_ids_1`, ...: the leading shape of the
+    relevance, which comes out in their layout), so that a consumer can map relevance to tokens;
+    (nodes, value infos, {relevance output: ids output})."""
     nodes, infos, mapping = [], [], {}
-    by_out = {out: k for _, _, token_input, k, out in _embedding_lookups(view)
-              if view.dtype(token_input) == TensorProto.STRING}
+    layouts = id_layouts(view, sources)
     for name, source in zip(names, sources):
-        if source not in by_out:
+        if source not in layouts or layouts[source].tokenized is None:
             continue
-        ids = view.nodes[by_out[source]].input[1]
+        ids = layouts[source].tokenized
         out = "lrp_token_ids" + name[len(RELEVANCE_OUTPUT):]
-        nodes.append(helper.make_node("Identity", [ids], [out], name=f"lrp/{out}"))
-        infos.append(helper.make_tensor_value_info(out, view.dtype(ids) or TensorProto.INT64, view.shape(ids)))
+        # int64 whatever the tokenizer's type (which shape inference may not know for a custom op)
+        nodes.append(helper.make_node("Cast", [ids], [out], name=f"lrp/{out}", to=TensorProto.INT64))
+        infos.append(helper.make_tensor_value_info(out, TensorProto.INT64, view.shape(ids)))
         mapping[name] = out
     return nodes, infos, mapping
 
