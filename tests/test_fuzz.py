@@ -71,3 +71,27 @@ def test_fuzz_finds_a_wrong_rule(monkeypatch):
     results = [fuzz.run_one(0, i) for i in indices]
     assert all(r.status == "failed" and "attnlrp audit" in r.detail and "uniform" in r.detail for r in results), \
         [(r.status, r.detail) for r in results]
+
+
+def test_fuzz_finds_an_unknown_rank_refusal(monkeypatch):
+    """A graph whose ranks shape inference loses (an If of two ranks, named dims) but the graph determines:
+    converted now; without lrp_onnx/ranks.py's pass it is refused, which the fuzz counts as a failure."""
+    from lrp_onnx import shapes
+
+    plan = fuzz.Plan((2, 3, 4), [("if_rank", 8), ("mul", 3)], True, symbolic=True)
+    assert fuzz.run_one(0, 0, plan).status == "ok"
+    monkeypatch.setattr(shapes, "fill_ranks", lambda model, inferred: 0)
+    result = fuzz.run_one(0, 0, plan)
+    assert result.status == "failed" and result.kind == "unknown rank", result.detail
+
+
+def test_fuzz_finds_float_indices_accepted(monkeypatch):
+    """Each graph with a gather is also converted with its indices declared float: it must be refused;
+    with the type check disabled the conversion would accept it, and the fuzz says so."""
+    from lrp_onnx import pipeline
+
+    plan = fuzz.Plan((2, 3, 4), [("gather", 8), ("tanh", 3)], True)
+    assert fuzz.run_one(0, 0, plan).status == "ok"
+    monkeypatch.setattr(pipeline, "check_input_types", lambda *args, **kwargs: None)
+    result = fuzz.run_one(0, 0, plan)
+    assert result.status == "failed" and "float indices" in result.detail, result.detail

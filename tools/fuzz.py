@@ -302,6 +302,30 @@ def _gather(g, x, index_rank=1):
     return g.op("Gather", [x.name, idx], shape, axis=axis)
 
 
+def _if_rank(g, x):
+    """DeBERTa's form: indices from an If whose branches differ in rank (r and r + 1), squeezed and
+    expanded back to x's shape (rank r either way: shape inference gives up, lrp_onnx/ranks.py does
+    not), gathered from x and added to it."""
+    r, last = len(x.shape), x.shape[-1]
+    if r < 2:
+        return None
+    idx = g.rng.integers(0, last, size=(1,) + tuple(x.shape[1:]))
+
+    def branch(name, value):
+        out = f"{name}_{g.k}"
+        node = helper.make_node("Constant", [], [out], value=numpy_helper.from_array(value.astype(np.int64)))
+        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(out, TensorProto.INT64, list(value.shape))])
+
+    size = g.op("Shape", [x.name], (r,), start=0, end=1)
+    cond = g.op("Equal", [size.name, g.ints([x.shape[0]])], (1,))
+    flag = g.op("Squeeze", [cond.name, g.ints([0])], ())
+    picked = g.op("If", [flag.name], (), then_branch=branch("then", idx), else_branch=branch("else", idx[None]))
+    squeezed = g.op("Squeeze", [picked.name, g.ints([0])], ())
+    index = g.op("Expand", [squeezed.name, g.op("Shape", [x.name], (r,)).name], x.shape)
+    gathered = g.op("GatherElements", [x.name, index.name], x.shape, axis=r - 1)
+    return g.op("Add", [x.name, gathered.name], x.shape)
+
+
 def _concat(g, x):
     axis = int(g.rng.integers(len(x.shape)))
     other = g.partner(x)
@@ -469,6 +493,7 @@ VOCABULARY: dict[str, Step] = {
     "gather": Step(_gather),
     "gather_scalar": Step(lambda g, x: _gather(g, x, index_rank=0)),
     "gather_2d": Step(lambda g, x: _gather(g, x, index_rank=2)),
+    "if_rank": Step(_if_rank, weight=0.5),
     "concat": Step(_concat),
     "split": Step(_split),
     "reduce": Step(_reduce),
@@ -493,6 +518,8 @@ class Plan:
     input_shape: tuple
     steps: list                # (vocabulary name, seed)
     double: bool
+    symbolic: bool = False     # the engine's graph declares x and y with named dims only (sizes unknown
+                               # to shape inference, ranks kept) and the path's tensors without a shape
 
 
 @dataclass
@@ -527,9 +554,14 @@ def build(plan: Plan) -> Graph | None:
         inits = [numpy_helper.from_array(numpy_helper.to_array(t).astype(dt), t.name)
                  if t.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE) and t.name not in _float32_only(g) else t
                  for t in g.inits]
+        symbolic = plan.symbolic and dt is dtype and not models
+        in_shape = [f"x{a}" for a in range(len(plan.input_shape))] if symbolic else list(plan.input_shape)
+        out_shape = [f"y{a}" for a in range(len(x.shape))] if symbolic else list(x.shape)
         graph = helper.make_graph(list(g.nodes) + [helper.make_node("Identity", [x.name], ["y"], name="out")], "fuzz",
-                                  [helper.make_tensor_value_info("x", elem, list(plan.input_shape))],
-                                  [helper.make_tensor_value_info("y", elem, list(x.shape))], inits)
+                                  [helper.make_tensor_value_info("x", elem, in_shape)],
+                                  [helper.make_tensor_value_info("y", elem, out_shape)], inits)
+        if symbolic:  # the path's value infos typed without a shape, as some exporters write them
+            graph.value_info.extend(helper.make_tensor_value_info(t.name, elem, None) for t in g.path if t.name != "x")
         models.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8))
     return Graph(models[0], models[1], applied, g.ops, g.kinks, dtype)
 
@@ -548,7 +580,7 @@ def random_plan(rng: np.random.Generator, names: list[str], weights: np.ndarray)
     picks = rng.choice(len(names), size=n_steps, p=weights)
     steps = [(names[k], int(rng.integers(2 ** 31))) for k in picks]
     double = all(VOCABULARY[n].double for n, _ in steps)
-    return Plan(shape, steps, double)
+    return Plan(shape, steps, double, symbolic=bool(rng.random() < 0.3))
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -642,7 +674,7 @@ def check(graph: Graph, rng: np.random.Generator) -> tuple[str, str, float, list
     kink_names = sorted({t for pair in graph.kinks for t in pair if t and t != "x" and not t.startswith("c")})
     ref = Reference(graph, ["y"] + kink_names)
     consts = {t.name: numpy_helper.to_array(t) for t in graph.reference.graph.initializer}
-    shape = tuple(d.dim_value for d in graph.model.graph.input[0].type.tensor_type.shape.dim)
+    shape = tuple(d.dim_value for d in graph.reference.graph.input[0].type.tensor_type.shape.dim)
     for _ in range(10):  # a base point away from every kink
         x64 = rng.standard_normal(shape)
         values = dict(zip(ref.outputs, ref.run(x64)), x=x64)
@@ -659,9 +691,15 @@ def check(graph: Graph, rng: np.random.Generator) -> tuple[str, str, float, list
     try:
         converted = lrp_onnx.convert(graph.model, rules="gradient", seed_input=True)
     except lrp_onnx.UnsupportedOpsError as exc:  # a clean refusal that names the node: not a wrong result
+        ranks = [p for p in exc.problems if "rank" in p and "unknown" in p]
+        if ranks:  # every fuzz graph determines its ranks (shapes are static or named): refusing is a bug
+            return "failed", "unknown rank: " + _refusal(ranks[0]), 0.0, []
         return "refused", "; ".join(_refusal(p) for p in exc.problems), 0.0, []
     except lrp_onnx.LRPError as exc:
         return "failed", f"gradient convert: {exc}", 0.0, []
+    invalid = _invalid_index_accepted(graph.model)
+    if invalid:
+        return "failed", invalid, 0.0, []
     try:
         relevance = session(converted).run(["lrp_relevance"], {"x": x, "lrp_seed": seed.astype(dtype)})[0]
     except Exception as exc:
@@ -705,6 +743,36 @@ def check(graph: Graph, rng: np.random.Generator) -> tuple[str, str, float, list
         return "failed", "attnlrp audit: " + "; ".join(f"{u.unit} [{u.rule}]: {u.problem}" for u in wrong), error, \
             [u.op for u in known]
     return "ok", "", error, [u.op for u in known]
+
+
+INDEX_INPUTS = {"Gather": 1, "GatherElements": 1, "GatherND": 1, "ScatterElements": 1, "ScatterND": 1}
+
+
+def _invalid_index_accepted(model: onnx.ModelProto) -> str:
+    """The graph made invalid: the constant indices of its first gather/scatter declared float (ONNX's
+    schemas allow int32/int64 only; onnxruntime refuses such a model). The conversion must refuse it
+    with an LRPError, not convert it. Returns what went wrong, or ""."""
+    import lrp_onnx
+
+    node = next((n for n in model.graph.node if n.op_type in INDEX_INPUTS and n.domain in ("", "ai.onnx")), None)
+    if node is None:
+        return ""
+    name = node.input[INDEX_INPUTS[node.op_type]]
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    for k, t in enumerate(bad.graph.initializer):
+        if t.name == name:
+            bad.graph.initializer[k].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), name))
+            break
+    else:
+        return ""
+    try:
+        lrp_onnx.convert(bad, rules="gradient", seed_input=True)
+    except lrp_onnx.LRPError:
+        return ""
+    except Exception as exc:  # noqa: BLE001
+        return f"invalid graph: {node.op_type} with float indices crashed the conversion: {type(exc).__name__}: {exc}"[:300]
+    return f"invalid graph accepted: {node.op_type} with float indices converted without an error"
 
 
 def _refusal(problem: str) -> str:
@@ -771,7 +839,8 @@ def shrink(seed: int, index: int) -> Plan:
         changed = False
         for k in range(len(plan.steps)):
             steps = plan.steps[:k] + plan.steps[k + 1:]
-            trial = Plan(plan.input_shape, steps, all(VOCABULARY[n].double for n, _ in steps) and plan.double)
+            trial = Plan(plan.input_shape, steps, all(VOCABULARY[n].double for n, _ in steps) and plan.double,
+                         plan.symbolic)
             r = run_one(seed, index, trial)
             if r.status == "failed" and r.kind == first.kind:
                 plan, changed = trial, True
