@@ -27,6 +27,7 @@ CASES = [
     ("convnext", "torchscript", {"pixel_values"}),    # vision: depthwise conv, channel LayerNorm, mean pool
     ("deberta", "torchscript", {"input_ids"}),        # relative positions from an If of rank 3 or 4 (ranks.py)
     ("deberta-v2", "torchscript", {"input_ids"}),     # the same with log-bucketed positions and shared keys
+    ("xlnet", "torchscript", {"input_ids"}),          # looks up its ids transposed, [seq, batch]
 ]
 
 
@@ -40,6 +41,20 @@ def test_gradient_equals_autograd(model_type, exporter, compared, tmp_path):
     errors = record["gradient_rel_l2"]
     assert set(errors) == compared
     assert max(errors.values()) <= sweep.GRADIENT_TOLERANCE
+
+
+def test_sweep_flags_relevance_not_in_the_layout_of_the_ids(tmp_path, monkeypatch):
+    """Relevance at a lookup of transposed ids left in the lookup's layout (as before lrp_onnx restored
+    it) is flagged wrong: its shape is checked against the ids' and against the reference's, which is
+    brought into the ids' layout."""
+    from lrp_onnx import pipeline
+
+    monkeypatch.setattr(pipeline, "restore_id_layout", lambda b, relevance, layout: relevance)
+    records = []
+    sweep.run_architecture("xlnet", ["torchscript"], tmp_path, records.append)
+    (record,) = records
+    assert record["status"] == "wrong"
+    assert "input_ids: relevance (7, 2, 32) is not in the layout of the ids (2, 7)" in record["error"]
 
 
 def test_deberta_converts_with_attnlrp(tmp_path):

@@ -869,7 +869,9 @@ def tally(results: list[Result], elapsed: float | None = None) -> str:
         ops.update(r.graph.ops)
         steps.update(set(r.graph.steps))
     n64 = sum(1 for r in checked if r.graph.dtype == np.float64)
-    lines = [f"graphs: {len(results)} ({len(checked)} checked: {n64} float64, {len(checked) - n64} float32; "
+    named = sum(1 for r in checked if r.graph.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param)
+    lines = [f"graphs: {len(results)} ({len(checked)} checked: {n64} float64, {len(checked) - n64} float32, "
+             f"{named} with named dims and shapeless value infos; "
              f"{len(refused)} refused; {len(rejected)} rejected: overflow or always near a kink)"
              + (f" in {elapsed:.0f} s" if elapsed is not None else ""),
              f"passed: {len(ok)}   failed: {len(failed)}   refused cleanly (node named): {len(refused)}"]

@@ -498,14 +498,35 @@ def autograd_relevance(model, task, names, inputs, target, position):
         if leaf.grad is None:
             continue
         for name in names:
-            if ids is not None and name.endswith("input_ids") and ids.shape == feeds[name].shape \
-                    and torch.equal(ids, feeds[name]):
-                relevance = (leaf.detach().double() * leaf.grad.double()).numpy()
+            layout = _ids_layout(ids, feeds[name]) if ids is not None and name.endswith("input_ids") else None
+            if layout is not None:
+                # in the layout of the graph input (XLNet looks up its ids transposed, [seq, batch])
+                relevance = layout((leaf.detach().double() * leaf.grad.double()).numpy())
                 if name in result["relevance"]:
                     result["relevance"][name] = result["relevance"][name] + relevance
                 else:
                     result["relevance"][name] = relevance
     return result
+
+
+def _ids_layout(looked_up, fed):
+    """How the ids an embedding module looked up are laid out relative to the ids fed to the model: a
+    function taking relevance [looked-up ids..., hidden] to [fed ids..., hidden] -- the identity, the
+    inverse of a transpose, or a reshape -- or None if the module looked up other ids."""
+    import itertools
+
+    import torch
+
+    if looked_up.shape == fed.shape and torch.equal(looked_up, fed):
+        return lambda r: r
+    if looked_up.dim() == fed.dim():
+        for perm in itertools.permutations(range(fed.dim())):
+            if fed.permute(perm).shape == looked_up.shape and torch.equal(fed.permute(perm), looked_up):
+                inverse = [perm.index(a) for a in range(len(perm))] + [len(perm)]
+                return lambda r: r.transpose(inverse)
+    if looked_up.numel() == fed.numel() and torch.equal(looked_up.reshape(fed.shape), fed):
+        return lambda r: r.reshape(tuple(fed.shape) + r.shape[looked_up.dim():])
+    return None
 
 
 def _embedding_modules(model):
@@ -643,6 +664,11 @@ def run_architecture(model_type: str, exporters: list[str], workdir: Path, emit)
             emit(dict(record, status="no_reference", error="the embedding module got no gradient"))
             continue
         missing = []
+        for out, name in result.source_inputs.items():  # relevance in the layout of the ids it belongs to
+            ids = feeds.get(name)
+            got = result.relevances[out].shape
+            if ids is not None and not np.issubdtype(ids.dtype, np.floating) and got[:ids.ndim] != ids.shape:
+                problems.append(f"{name}: relevance {got} is not in the layout of the ids {ids.shape}")
         for name, expected in reference["relevance"].items():
             if name not in sources:
                 missing.append(f"no relevance output for the lookup of {name} (sources: {sorted(sources)})")
