@@ -407,6 +407,11 @@ def fill_ranks(model: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
     whose rank the graph determines, a shape of that rank with unknown sizes (in `inferred`, in place).
     Returns how many. The nodes are `model`'s: onnxruntime's symbolic inference rewrites an If in its
     copy (both branches become the one it judged taken, even on a condition known only at run time)."""
+    shaped = {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    shaped |= {i.name for i in inferred.graph.initializer}
+    if all(not o or o in shaped for n in model.graph.node for o in n.output):
+        return 0  # inference shaped everything (the common case): nothing to propagate
     found: dict = {}
     _propagate(model.graph, None, found,
                list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output))
