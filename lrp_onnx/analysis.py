@@ -206,8 +206,9 @@ def _is_sum_renormalization(view: GraphView, node) -> bool:
         n = view.nodes[p]
         if n.op_type in REDUCE_STATISTICS:
             return _is_power_of(view, n.input[0], strip_casts(view, a))
-        if n.op_type in STATISTIC_ROUTING or n.op_type in ("Sqrt", "Abs") or n.op_type in ("Add", "Max", "Clip", "Pow") \
-                and all(view.is_constant(i) for i in n.input[1:] if i):
+        with_constants = n.op_type in ("Add", "Max", "Clip", "Pow") and \
+            all(view.is_constant(i) for i in n.input[1:] if i)
+        if n.op_type in STATISTIC_ROUTING or n.op_type in ("Sqrt", "Abs") or with_constants:
             t = n.input[0]
         else:
             return False

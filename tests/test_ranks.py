@@ -53,7 +53,8 @@ def relative_position_model():
         helper.make_node("MatMul", ["probs", "v"], ["ctx"]),
         helper.make_node("MatMul", ["ctx", "wo"], ["logits"]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HID])],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HID])
+    graph = helper.make_graph(nodes, "g", [x],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])],
                               [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)

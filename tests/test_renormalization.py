@@ -5,7 +5,7 @@ the plain gradient). A division by a statistic of *another* tensor is not a reno
 refused under attnlrp."""
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 import lrp_onnx
 from lrp_onnx.errors import LRPError
@@ -26,7 +26,8 @@ def _norm_nodes(kind, a):
     if kind == "p3":  # torch.norm(p=3) written out: (sum |a|^3)^(1/3), clamped by an epsilon
         return [helper.make_node("Abs", [a], ["abs"]), helper.make_node("Pow", ["abs", "three"], ["cube"]),
                 helper.make_node("ReduceSum", ["cube", "last"], ["cubes"], keepdims=1),
-                helper.make_node("Pow", ["cubes", "third"], ["root"]), helper.make_node("Max", ["root", "eps"], ["stat"])]
+                helper.make_node("Pow", ["cubes", "third"], ["root"]),
+                helper.make_node("Max", ["root", "eps"], ["stat"])]
     if kind == "other":  # a / sum(b) of another tensor b: not a renormalisation
         return [helper.make_node("ReduceSum", ["logits_r", "last"], ["stat"], keepdims=1)]
     raise ValueError(kind)
@@ -48,7 +49,8 @@ def routed_model(kind):
               helper.make_node("Mul", ["per_expert", "g4"], ["weighted"]),
               helper.make_node("ReduceSum", ["weighted", "two"], ["mixed"], keepdims=0),
               helper.make_node("MatMul", ["mixed", "wo"], ["logits"])]
-    inits = [("wr", weights(1, HID, EXPERTS) * 3), ("w1", weights(2, HID, EXPERTS * HID)), ("wo", weights(3, HID, VOCAB)),
+    inits = [("wr", weights(1, HID, EXPERTS) * 3), ("w1", weights(2, HID, EXPERTS * HID)),
+             ("wo", weights(3, HID, VOCAB)),
              ("k", np.array([TOP], np.int64)), ("last", np.array([-1], np.int64)), ("two", np.array([2], np.int64)),
              ("split", np.array([0, 0, EXPERTS, HID], np.int64)), ("zeros", np.zeros((2, S, EXPERTS), np.float32)),
              ("three", np.array(3.0, np.float32)), ("third", np.array(1 / 3, np.float32)),

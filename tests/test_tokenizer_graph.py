@@ -57,7 +57,8 @@ def tokenizing_model(proto, w):
     graph = helper.make_graph(nodes, "tokenizing", [helper.make_tensor_value_info("text", TensorProto.STRING, [1])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, VOCAB_OUT])],
                               [onnx.numpy_helper.from_array(v, k) for k, v in consts.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def numpy_logit(emb, w):

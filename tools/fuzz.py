@@ -314,7 +314,8 @@ def _if_rank(g, x):
     def branch(name, value):
         out = f"{name}_{g.k}"
         node = helper.make_node("Constant", [], [out], value=numpy_helper.from_array(value.astype(np.int64)))
-        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(out, TensorProto.INT64, list(value.shape))])
+        info = helper.make_tensor_value_info(out, TensorProto.INT64, list(value.shape))
+        return helper.make_graph([node], name, [], [info])
 
     size = g.op("Shape", [x.name], (r,), start=0, end=1)
     cond = g.op("Equal", [size.name, g.ints([x.shape[0]])], (1,))
