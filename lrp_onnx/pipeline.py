@@ -13,6 +13,7 @@ import sys
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -140,55 +141,85 @@ ID_LAYOUT_OPS = ("Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze
 
 @dataclass
 class IdLayout:
-    """How an embedding lookup's indices come from its token-id input: `chain`, the layout ops from the
-    input to the indices in order (empty: the ids themselves), or `offender`, the first node on the way
-    that does something else (slices, repeats, gathers, concatenates ids): then the relevance cannot be
-    given in the input's layout."""
+    """How an embedding lookup's indices come from its token ids (a graph input, or the ids a tokenizer
+    made inside the graph: `tokenized`). `chain`: when only layout ops lie between them, those ops from
+    the ids to the indices in order (empty: the ids themselves). `routed`: otherwise the routing ops
+    between them (slices, concatenations, gathers, repeats of ids), in graph order; their positions are
+    routed the same way to bring relevance back. `offender`: a routing op where that cannot be emitted
+    (below opset 16, which has no scatter-add): then the relevance cannot be given in the ids' layout."""
     token_input: str
+    indices: str  # the lookup's indices
     chain: list = field(default_factory=list)
+    routed: list = field(default_factory=list)
     offender: onnx.NodeProto | None = None
     tokenized: str | None = None  # ids a tokenizer made inside the graph from the (string) token input
 
 
 def id_layouts(view: GraphView, sources: list[str]) -> dict[str, IdLayout]:
     """{source: IdLayout} for each source that is an embedding lookup (or its dequantized output)."""
+    origin = _integer_input_origins(view)
+    opset = _opset_of(view)
     layouts = {}
     for _, _, token_input, k, out in _embedding_lookups(view):
         if out not in sources:
             continue
-        layout, t = IdLayout(token_input), view.nodes[k].input[1]
-        while t != token_input:
+        layout, between, stack = IdLayout(token_input, view.nodes[k].input[1]), {}, [view.nodes[k].input[1]]
+        while stack:  # the nodes that make the indices from the ids, walking back over id-carrying operands
+            t = stack.pop()
+            if t == token_input or view.producer[t] in between:
+                continue
             node = view.nodes[view.producer[t]]
             if _tokenized_ids(view, node, {token_input: token_input}):  # the ids are made here, from text:
                 layout.tokenized = t                                      # relevance in the ids' layout
-                break
-            if node.op_type not in ID_LAYOUT_OPS or node.domain not in ("", "ai.onnx"):
-                layout.chain, layout.offender = [], node
-                break
-            layout.chain.insert(0, node)
-            t = node.input[0]
+                continue
+            between[view.producer[t]] = node
+            data = node.input if node.op_type == "Concat" else node.input[:1]
+            stack.extend(x for x in data if x and origin.get(x) == token_input)
+        nodes = [between[j] for j in sorted(between)]
+        if all(n.op_type in ID_LAYOUT_OPS for n in nodes):
+            layout.chain = nodes  # one operand each: a chain
+        elif opset >= 16:
+            layout.routed = nodes
+        else:
+            layout.offender = next(n for n in nodes if n.op_type not in ID_LAYOUT_OPS)
         layouts[out] = layout
     return layouts
 
 
 def check_id_layouts(view: GraphView, sources: list[str]) -> None:
-    """Default sources only: a lookup whose indices are not a reshape or transpose of the ids is refused,
+    """Default sources only: a lookup whose relevance cannot be brought to its ids' layout is refused,
     rather than giving relevance whose positions silently differ from the ids' (named with --source, the
     lookup's relevance is given in its own layout, mapped to no input)."""
     for s, layout in id_layouts(view, sources).items():
         if layout.offender is not None:
             raise LRPError(f"the relevance at the embedding lookup '{s}' cannot be given in the layout of input "
                            f"'{layout.token_input}': its indices are that input through "
-                           f"{node_label(layout.offender)}, which does not only reshape or transpose it; "
-                           f"name the lookup with --source {s} to explain it in the lookup's own layout")
+                           f"{node_label(layout.offender)}, whose relevance needs a scatter-add (opset >= 16; "
+                           f"the model has {_opset_of(view)}); re-export at opset >= 16, "
+                           f"or name the lookup with --source {s} to explain it in the lookup's own layout")
+
+
+def _opset_of(view: GraphView) -> int:
+    return next((o.version for o in view.model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def restore_id_layout(b: Builder, relevance: str, layout: IdLayout) -> str:
-    """The relevance at a lookup, [indices..., hidden], in its token input's layout [ids..., hidden]: the
-    layout ops from the ids to the indices undone in reverse order (a Transpose by its inverse with the
-    hidden axis kept last, a reshape by a Reshape to the ids-side shape)."""
+    """The relevance at a lookup, [indices..., hidden], in its ids' layout [ids..., hidden]."""
+    return _route_back(b, relevance, layout) if layout.routed else _undo_chain(b, relevance, layout.chain)
+
+
+def _hidden_size(b: Builder, relevance: str) -> str:
+    """[hidden], the last dimension of `relevance`, as a 1-D int64 tensor."""
+    if b.opset >= 15:
+        return b.op("Shape", [relevance], start=-1, dtype=TensorProto.INT64, shape=[1])
+    return b.op("Slice", [b.shape_of(relevance), b.ints([-1]), b.ints([2 ** 62])], dtype=TensorProto.INT64)
+
+
+def _undo_chain(b: Builder, relevance: str, chain: list) -> str:
+    """The layout ops from the ids to the indices undone in reverse order: a Transpose by its inverse
+    with the hidden axis kept last, a reshape by a Reshape to the ids-side shape."""
     view = b.view
-    for node in reversed(layout.chain):
+    for node in reversed(chain):
         before = node.input[0]
         if node.op_type == "Transpose":
             rank = view.rank(before)
@@ -197,11 +228,64 @@ def restore_id_layout(b: Builder, relevance: str, layout: IdLayout) -> str:
             inverse = [perm.index(a) for a in range(len(perm))]
             relevance = b.op("Transpose", [relevance], perm=inverse + [len(perm)], dtype=view.dtype(relevance))
         elif node.op_type != "Cast" and node.op_type != "Identity":
-            hidden = b.op("Shape", [relevance], start=-1, dtype=TensorProto.INT64, shape=[1]) if b.opset >= 15 else \
-                b.op("Slice", [b.shape_of(relevance), b.ints([-1]), b.ints([2 ** 62])], dtype=TensorProto.INT64)
-            shape = b.op("Concat", [b.shape_of(before), hidden], axis=0, dtype=TensorProto.INT64)
+            shape = b.op("Concat", [b.shape_of(before), _hidden_size(b, relevance)], axis=0, dtype=TensorProto.INT64)
             relevance = b.op("Reshape", [relevance, shape], dtype=view.dtype(relevance))
     return relevance
+
+
+def _route_back(b: Builder, relevance: str, layout: IdLayout) -> str:
+    """Ids sliced, concatenated, gathered or repeated before the lookup: the position of each id (0 ..
+    n-1 in the ids' layout) is routed through copies of the same ops (other operands of a Concat, and a
+    Pad's value, become -1: no id), so each looked-up row knows which id it came from; the relevance rows
+    are then scatter-added to their ids' positions (a repeated id sums its copies' relevance, a row of no
+    id is dropped: that token is not an input)."""
+    view = b.view
+    ids = layout.tokenized or layout.token_input
+    count = b.op("Size", [ids], dtype=TensorProto.INT64, shape=[])
+    flat = b.op("Range", [b.const(np.array(0, np.int64)), count, b.const(np.array(1, np.int64))],
+                dtype=TensorProto.INT64, shape=[None])
+    routed = {ids: b.op("Reshape", [flat, b.shape_of(ids)], dtype=TensorProto.INT64, shape=view.shape(ids))}
+
+    def no_id(t):
+        value = helper.make_tensor("value", TensorProto.INT64, [1], [-1])
+        return b.op("ConstantOfShape", [b.shape_of(t)], dtype=TensorProto.INT64, shape=view.shape(t), value=value)
+
+    for node in layout.routed:
+        if node.op_type in ("Cast", "Identity"):
+            routed[node.output[0]] = routed[node.input[0]]
+            continue
+        data = range(len(node.input)) if node.op_type == "Concat" else [0]
+        inputs = [routed[x] if x in routed else no_id(x) if k in data and x else x for k, x in enumerate(node.input)]
+        if node.op_type == "Pad" and len(inputs) > 2 and inputs[2]:
+            inputs[2] = b.const(np.array(-1, np.int64))
+        outs = [b.fresh(f"{node.op_type}_positions") if o else "" for o in node.output]
+        b.nodes.append(helper.make_node(node.op_type, inputs, outs, name=b.fresh(f"{node.op_type}_positions_node"),
+                                        domain=node.domain, **{a.name: helper.get_attribute_value(a)
+                                                               for a in node.attribute}))
+        for o, r in zip(node.output, outs):
+            if o:
+                routed[o] = r
+                view.info[r] = TensorInfo(TensorProto.INT64, view.shape(o))
+    positions = routed[layout.indices]
+    hidden = _hidden_size(b, relevance)
+    dtype = view.dtype(relevance) or TensorProto.FLOAT
+    rows = b.op("Reshape", [relevance, b.op("Concat", [b.ints([-1]), hidden], axis=0, dtype=TensorProto.INT64)],
+                dtype=dtype, shape=[None, None])
+    where = b.op("Reshape", [positions, b.ints([-1])], dtype=TensorProto.INT64, shape=[None])
+    where = b.op("Where", [b.op("Less", [where, b.const(np.array(0, np.int64))], dtype=TensorProto.BOOL), count, where],
+                 dtype=TensorProto.INT64, shape=[None])  # no id: an extra row, dropped below
+    where = b.op("Expand", [b.op("Unsqueeze", [where, b.ints([1])], dtype=TensorProto.INT64, shape=[None, 1]),
+                            b.shape_of(rows)], dtype=TensorProto.INT64, shape=[None, None])
+    extra = b.op("Add", [count, b.const(np.array(1, np.int64))], dtype=TensorProto.INT64, shape=[])
+    size = b.op("Concat", [b.op("Unsqueeze", [extra, b.ints([0])], dtype=TensorProto.INT64, shape=[1]), hidden],
+                axis=0, dtype=TensorProto.INT64)
+    zeros = b.op("ConstantOfShape", [size], dtype=dtype, shape=[None, None],
+                 value=helper.make_tensor("value", dtype, [1], [0]))
+    summed = b.op("ScatterElements", [zeros, where, rows], axis=0, reduction="add", dtype=dtype, shape=[None, None])
+    kept = b.op("Slice", [summed, b.ints([0]), b.op("Unsqueeze", [count, b.ints([0])], dtype=TensorProto.INT64,
+                                                              shape=[1])], dtype=dtype, shape=[None, None])
+    shape = b.op("Concat", [b.shape_of(ids), hidden], axis=0, dtype=TensorProto.INT64)
+    return b.op("Reshape", [kept, shape], dtype=dtype)
 
 
 # -- analyze -------------------------------------------------------------------------------------
@@ -639,14 +723,14 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     relevance_outputs, ranks = [], []
     names = [RELEVANCE_OUTPUT if k == 0 else f"{RELEVANCE_OUTPUT}_{k}" for k in range(len(sources))]
     names += [f"{RELEVANCE_OUTPUT}_{_sanitize(t)}" for t in latent]
-    layouts = {s: layout for s, layout in id_layouts(view, sources).items() if layout.chain}
+    layouts = {s: layout for s, layout in id_layouts(view, sources).items() if layout.chain or layout.routed}
     for name, t in zip(names, list(sources) + list(latent)):
         g = grads[t]
         shape = view.shape(t)
         factor = g if g is not None else b.scalar_like(0.0, t)
-        if t in layouts:  # ids reshaped or transposed before the lookup: relevance in the ids' layout
+        if t in layouts:  # ids reshaped, transposed, sliced... before the lookup: relevance in the ids' layout
             relevance = restore_id_layout(b, b.op("Mul", [t, factor], like=t), layouts[t])
-            ids = view.shape(layouts[t].token_input)
+            ids = view.shape(layouts[t].tokenized or layouts[t].token_input)
             shape = None if ids is None or shape is None else list(ids) + list(shape[-1:])
             b.nodes.append(helper.make_node("Identity", [relevance], [name], name=f"lrp/{name}"))
         else:

@@ -1,8 +1,9 @@
 """Token ids whose layout changes before the embedding lookup (XLNet transposes input_ids to
 [seq, batch]; GPT-2 flattens them): the relevance comes out in the layout of the ids it belongs to,
 [batch, seq, hidden], equal to PyTorch autograd's taken at the lookup and laid out like the ids. A lookup
-whose indices are not a reshape or transpose of the ids (here a slice) is refused by default, naming
-the node, and explained in its own layout when named with --source."""
+whose indices are sliced, concatenated or repeated ids gets each id's relevance summed over its copies
+(an id sliced away gets zero), and below opset 16 (no scatter-add) is refused by default, naming the
+node, and explained in its own layout when named with --source."""
 import io
 
 import numpy as np
@@ -35,6 +36,10 @@ class Model(torch.nn.Module):
         if self.layout == "transpose-flatten":  # [seq * batch]
             return self.embed(ids.transpose(0, 1).reshape(-1)), \
                 lambda e: e.reshape(-1, ids.shape[0], HIDDEN).transpose(0, 1)
+        if self.layout == "routed":  # XLNet-like, plus a slice, a concatenation and a repeat of ids
+            t = ids.transpose(0, 1)
+            routed = torch.cat([t[1:], t[:1], t[-2:]], dim=0)  # [seq + 2, batch]: rotated, last two repeated
+            return self.embed(routed), lambda e: e.transpose(0, 1)
         return self.embed(ids[:, 1:]), lambda e: e  # "slice": drops the first token
 
     def forward(self, ids, keep=None):
@@ -90,13 +95,38 @@ def test_relevance_comes_out_in_the_layout_of_the_ids(layout, tmp_path):
     assert explained.run(input_ids=IDS, target=TARGETS).relevance.shape == (BATCH, SEQ, HIDDEN)
 
 
-def test_a_lookup_of_sliced_ids_is_refused_by_default_and_explained_when_named(tmp_path):
+def test_routed_ids_get_the_relevance_of_their_copies(tmp_path):
+    """ids rotated and two repeated before the lookup: each id's relevance is the sum over the looked-up
+    rows it was copied to (autograd's relevance at the lookup, routed back by hand)."""
+    model = Model("routed")
+    path = export(model, tmp_path / "m.onnx")
+    assert {"Concat", "Slice"} <= {n.op_type for n in onnx.load(path).graph.node}
+    at_lookup = autograd_relevance(model, IDS, TARGETS)  # [seq + 2, batch, hidden]
+    reference = np.zeros((BATCH, SEQ, HIDDEN))
+    for row, position in enumerate(list(range(1, SEQ)) + [0, SEQ - 2, SEQ - 1]):
+        reference[:, position] += at_lookup[row]
+    for multi in (False, True):
+        converted = lrp_onnx.convert(path, rules="gradient", multi_target=multi)
+        result = lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"]).run(
+            input_ids=IDS, target=TARGETS[:, None] if multi else TARGETS)
+        relevance = result.relevance[:, 0] if multi else result.relevance
+        assert relevance.shape == (BATCH, SEQ, HIDDEN)
+        assert rel_l2(relevance, reference) < 1e-5
+        assert result.source_inputs == {"lrp_relevance": "input_ids"}
+
+
+def test_sliced_ids_below_opset_16_are_refused_by_default_and_explained_when_named(tmp_path):
     model = Model("slice")
     path = export(model, tmp_path / "m.onnx")
-    with pytest.raises(lrp_onnx.LRPError, match=r"layout of input 'input_ids'.*Slice.*--source"):
-        lrp_onnx.convert(path, rules="gradient")
-    lookup = next(n.output[0] for n in onnx.load(path).graph.node if n.op_type == "Gather")
-    converted = lrp_onnx.convert(path, rules="gradient", source=lookup)
+    sliced = onnx.load(path)
+    np.testing.assert_allclose(  # opset 16 and later: the sliced-away first token gets zero
+        lrp_onnx.Explainer.from_model(lrp_onnx.convert(sliced, rules="gradient"), providers=["CPUExecutionProvider"])
+        .run(input_ids=IDS, target=TARGETS).relevance[:, 0], 0)
+    sliced.opset_import[0].version = 15
+    with pytest.raises(lrp_onnx.LRPError, match=r"layout of input 'input_ids'.*Slice.*opset >= 16.*--source"):
+        lrp_onnx.convert(sliced, rules="gradient")
+    lookup = next(n.output[0] for n in sliced.graph.node if n.op_type == "Gather")
+    converted = lrp_onnx.convert(sliced, rules="gradient", source=lookup)
     result = lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"]).run(
         input_ids=IDS, target=TARGETS)
     assert result.source_inputs == {"lrp_relevance": None}  # not mapped to input_ids: another layout
