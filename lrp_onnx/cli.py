@@ -331,7 +331,7 @@ def _explain_generation(explainer, args) -> int:
         write_generation_png(g, args.png, words=args.words)
     words = g.word_relevance() if args.words else None
     if args.json:
-        extra = {"words": {"words": words.words, "spans": words.spans, "tokens": words.tokens,
+        extra = {"words": {"words": words.words, "spans": words.spans, "tokens": words.tokens, "special": words.special,
                            "relevance": [[float(v) for v in row] for row in words.relevance]}} if words else {}
         print(json.dumps({"prompt": args.text[0], **g.to_dict(), **extra}, indent=1))
         return 0
