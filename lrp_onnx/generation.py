@@ -375,15 +375,18 @@ def write_generation_png(g: GenerationExplanation, path: str, cell: int = 22, si
     rows = [drawable(font, s) for s in rows]
     left = int(max([probe.textlength(s, font=font) for s in rows] + [10])) + 12
     top = int(max([probe.textlength(s, font=font) for s in columns] + [10])) + 12
-    width, height = left + cell * len(columns) + 12, top + cell * len(rows) + 12
+    logits = [f"{v:.2f}" for v in g.logits]
+    logit_w = int(max([probe.textlength(s, font=font) for s in logits + ["logit"]])) + 12
+    width, height = left + cell * len(columns) + logit_w + 12, top + cell * len(rows) + 12
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    for j, label in enumerate(columns):  # column labels, rotated
+    for j, label in enumerate(columns + ["logit"]):  # column labels, rotated
         w = int(probe.textlength(label, font=font)) + 4
         text = Image.new("RGB", (w, cell), "white")
         ImageDraw.Draw(text).text((2, 3), label, fill="black", font=font)
         text = text.rotate(90, expand=True)
-        image.paste(text, (left + j * cell, top - w - 4))
+        shift = (logit_w - cell) // 2 if j == len(columns) else 0  # "logit": over the logit column's middle
+        image.paste(text, (left + j * cell + shift, top - w - 4))
     for i, label in enumerate(rows):
         values = matrix[i]
         peak = float(np.abs(values[:bounds[i]]).max()) if bounds[i] else 0.0
@@ -394,4 +397,6 @@ def write_generation_png(g: GenerationExplanation, path: str, cell: int = 22, si
             draw.rectangle([left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1], fill=color)
         x = left + bounds[i] * cell  # the diagonal boundary: the prediction's own position ends here
         draw.line([x, y, x, y + cell - 1], fill="black", width=2)
+        draw.text((left + len(columns) * cell + logit_w - 6 - probe.textlength(logits[i], font=font), y + 3),
+                  logits[i], fill="black", font=font)  # the logit column, right-aligned
     _save_png(image, path)
