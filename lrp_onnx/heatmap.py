@@ -61,7 +61,7 @@ def tokens_html(rows: list[dict]) -> str:
     """rows: {"pieces": [str], "relevance": [float], "title": str}. One self-contained HTML page."""
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrp-onnx relevance</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-             ".t{white-space:pre-wrap;border-radius:3px;padding:1px 0}.w{color:#777}"
+             ".t{white-space:pre-wrap;border-radius:3px;padding:1px 0}.t[data-whitespace]{color:#777}"
              "p.h{color:#555;font-size:90%;margin-bottom:.2em}p.x{font-size:120%;line-height:1.8;margin-top:0}"
              "</style></head><body>"]
     for row in rows:
@@ -70,8 +70,8 @@ def tokens_html(rows: list[dict]) -> str:
         for piece, value in zip(row["pieces"], row["relevance"]):
             r, g, b = relevance_color(value, peak)
             shown = shown_piece(piece)
-            kind = "t w" if shown != piece else "t"
-            parts.append(f"<span class='{kind}' style='background:rgb({r},{g},{b})' "
+            mark = " data-whitespace='1'" if shown != piece else ""
+            parts.append(f"<span class='t'{mark} style='background:rgb({r},{g},{b})' "
                          f"title='{value:+.4g}'>{html.escape(shown)}</span>")
         parts.append("</p>")
     parts.append("<p class='h'>red: positive relevance, blue: negative; normalized per text by its "
