@@ -281,7 +281,7 @@ def cmd_explain(args) -> int:
                  "tokens": [{"token": t, "text": x, "relevance": float(v)}
                             for t, x, v in zip(e.tokens[:n], texts, values)]}
         if args.words:
-            units.append(word_relevance(e, values, args.text[row]))
+            units.append(word_relevance(e, values, args.text[row], tokenizer=tok))
             entry["words"] = units[-1].to_list()
         report.append(entry)
     if args.html or args.png:

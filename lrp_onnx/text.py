@@ -165,9 +165,15 @@ class Words:
         return rows
 
 
-def _encoding_parts(encoding):
+def _encoding_parts(encoding, tokenizer=None):
+    """(offsets, special flags): the tokens the tokenizer added ([CLS]), and with `tokenizer` the special
+    tokens written in the text itself (a chat template's '<|im_start|>')."""
     offsets = [tuple(o) for o in encoding.offsets]
     special = [bool(s) for s in encoding.special_tokens_mask]
+    if tokenizer is not None:
+        special = [s or (tokenizer.decode([i], skip_special_tokens=True) == "" and
+                         tokenizer.decode([i], skip_special_tokens=False) != "")
+                   for s, i in zip(special, encoding.ids)]
     return offsets, special
 
 
@@ -180,7 +186,11 @@ def group_words(text: str, offsets, special, tokens=None, word_ids=None) -> tupl
     import bisect
     import re
 
-    bounds = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+    masked = list(text)
+    for k, (start, stop) in enumerate(offsets):
+        if special[k]:  # a special token written in the text is no part of a word
+            masked[start:stop] = " " * max(0, stop - start)
+    bounds = [(m.start(), m.end()) for m in re.finditer(r"\S+", "".join(masked))]
     starts = [b[0] for b in bounds]
     unit_of = [None] * len(offsets)  # ("w", first word, last word) | ("t", token index)
     for k, (start, stop) in enumerate(offsets):
@@ -224,8 +234,9 @@ def group_words(text: str, offsets, special, tokens=None, word_ids=None) -> tupl
     for key in order:
         ks = members[key]
         if key[0] == "t" and special[key[1]]:
-            words.append(tokens[key[1]] if tokens is not None else "")
-            spans.append(None)
+            start, stop = offsets[key[1]]
+            words.append(tokens[key[1]] if tokens is not None else text[start:stop])
+            spans.append((start, stop) if stop > start else None)
         elif key[0] == "w":
             last = max(w for w in range(len(bounds)) if group[w] == key[1])
             span = (bounds[key[1]][0], bounds[last][1])
@@ -254,15 +265,17 @@ def _sum_units(relevance, token_lists, n_tokens: int) -> np.ndarray:
         else np.zeros(relevance.shape[:-1] + (0,), relevance.dtype)
 
 
-def word_relevance(encoding, relevance, text: str, by: str = "whitespace") -> Words:
+def word_relevance(encoding, relevance, text: str, by: str = "whitespace", tokenizer=None) -> Words:
     """Relevance per word of `text`, tokenized as `encoding` (a tokenizers Encoding of that text):
     `relevance` [..., T] (a token relevance, or a generation matrix [N, T]; a padded row: its first
     len(encoding) columns) summed over each word's tokens -> Words with relevance [..., W].
     by="whitespace": words are whitespace-separated ("Paris." is one word); by="tokenizer": the
-    tokenizer's words (encoding.word_ids: its pre-tokenizer's split, "Paris" and "." apart)."""
+    tokenizer's words (encoding.word_ids: its pre-tokenizer's split, "Paris" and "." apart).
+    `tokenizer`: also set apart the special tokens written in the text (a chat template's markers),
+    which the encoding alone does not mark."""
     if by not in ("whitespace", "tokenizer"):
         raise LRPError(f"by={by!r}: 'whitespace' or 'tokenizer' expected")
-    offsets, special = _encoding_parts(encoding)
+    offsets, special = _encoding_parts(encoding, tokenizer)
     if offsets and max(stop for _, stop in offsets) > len(text):
         raise LRPError("the encoding's offsets reach past the text: give the text that was encoded")
     words, spans, token_lists, flags = group_words(text, offsets, special, encoding.tokens,
@@ -270,11 +283,12 @@ def word_relevance(encoding, relevance, text: str, by: str = "whitespace") -> Wo
     return Words(words, _sum_units(relevance, token_lists, len(offsets)), spans, token_lists, flags)
 
 
-def span_relevance(encoding, relevance, spans) -> np.ndarray:
+def span_relevance(encoding, relevance, spans, tokenizer=None) -> np.ndarray:
     """Relevance summed over the tokens whose characters overlap each character span [start, end) of
     the encoded text (an in-context example, a sentence...): [..., len(spans)]. A token that straddles
-    a span's edge counts whole; special tokens (no characters) count in none."""
-    offsets, special = _encoding_parts(encoding)
+    a span's edge counts whole; special tokens count in none (with `tokenizer`: also those written in
+    the text)."""
+    offsets, special = _encoding_parts(encoding, tokenizer)
     relevance = np.asarray(relevance)[..., :len(offsets)]
     columns = []
     for start, end in spans:
@@ -290,7 +304,7 @@ def unit_pieces(text: str, words: Words) -> list[str]:
     joined give the text (special tokens: their token, set apart by a space)."""
     pieces, end = [], 0
     for word, span in zip(words.words, words.spans):
-        if span is None:
+        if span is None:  # a special token the tokenizer added
             pieces.append(f"{word} " if not pieces else f" {word}")
             continue
         start, stop = span
