@@ -147,9 +147,6 @@ class Words:
     tokens: list
     special: list
 
-    def __len__(self) -> int:
-        return len(self.words)
-
     def __iter__(self):  # words, relevance = word_relevance(...)
         return iter((self.words, self.relevance))
 
@@ -215,14 +212,17 @@ def group_words(text: str, offsets, special, tokens=None, word_ids=None) -> tupl
             unit_of[k] = ("w", w, w) if w < len(bounds) else ("t", k)
         else:  # whitespace only
             unit_of[k] = ("t", k)
-    # words that one token spans are one unit
-    group = list(range(len(bounds)))
+    # words that one token spans are one unit: link each word to the next where a token crosses
+    linked = [False] * len(bounds)
     for u in unit_of:
         if u[0] == "w":
-            for w in range(u[1] + 1, u[2] + 1):
-                group[w] = group[u[1]]
-    for w in range(len(group)):
-        group[w] = group[group[w]]
+            for w in range(u[1], u[2]):
+                linked[w] = True
+    group, last_of = list(range(len(bounds))), {}
+    for w in range(len(bounds)):
+        if w and linked[w - 1]:
+            group[w] = group[w - 1]
+        last_of[group[w]] = w
     order, members = [], {}
     for k, u in enumerate(unit_of):
         key = ("w", group[u[1]]) if u[0] == "w" else u
@@ -238,8 +238,7 @@ def group_words(text: str, offsets, special, tokens=None, word_ids=None) -> tupl
             words.append(tokens[key[1]] if tokens is not None else text[start:stop])
             spans.append((start, stop) if stop > start else None)
         elif key[0] == "w":
-            last = max(w for w in range(len(bounds)) if group[w] == key[1])
-            span = (bounds[key[1]][0], bounds[last][1])
+            span = (bounds[key[1]][0], bounds[last_of[key[1]]][1])
             words.append(text[span[0]:span[1]])
             spans.append(span)
         else:  # whitespace, or the tokenizer's word: its characters, without the whitespace around them
