@@ -257,8 +257,12 @@ def cmd_explain(args) -> int:
     target = None
     if args.target_token is not None:
         target = [tok.token_to_id(args.target_token)]
+        if target[0] is None:  # the text a person reads, ' Paris', where it is one token
+            ids_of_text = tok.encode(args.target_token, add_special_tokens=False).ids
+            target = [ids_of_text[0] if len(ids_of_text) == 1 else None]
         if target[0] is None:
-            raise LRPError(f"--target-token '{args.target_token}' is not in the tokenizer's vocabulary")
+            raise LRPError(f"--target-token {args.target_token!r} is neither a token of the tokenizer's vocabulary "
+                           f"nor a text that it encodes as one token")
     elif args.target is not None:
         target = [args.target]
     result = explainer.run(target=target, position=position, **feed)
@@ -485,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="write a token heatmap as HTML (red +, blue -)")
     p.add_argument("--png", metavar="FILE", help="write the heatmap as PNG (tokens, or an image overlay)")
     p.add_argument("--target", type=int, help="class / vocabulary index to explain (default: the argmax)")
-    p.add_argument("--target-token", help="vocabulary token to explain, as the vocabulary writes it, e.g. "
-                   "'ĠParis' (byte-level BPE) or '▁Paris' (SentencePiece)")
+    p.add_argument("--target-token", help="token to explain: as the vocabulary writes it ('ĠParis', '▁Paris') "
+                   "or as it reads (' Paris'), where that is one token")
     p.add_argument("--generate", type=int, metavar="N",
                    help="generate N tokens greedily from the --text prompt (stopping at an end token) and "
                         "explain each; --html/--png draw the matrix (rows: generated tokens). One run of a "

@@ -172,10 +172,12 @@ def test_explain_prints_readable_tokens_and_words(smollm2_converted, smollm2_tok
     page = (tmp_path / "w.html").read_text()
     assert page.count("<span class='t") == len(text.split())
     assert html.escape(f"explained: {report['target_text']!r}") in page
-    table = lrp_cli("explain", model, "--tokenizer", tokenizer, "--text", text)
+    paris = tok.token_to_id("ĠParis")  # --target-token as it reads (' Paris'), not as the vocabulary writes it
+    table = lrp_cli("explain", model, "--tokenizer", tokenizer, "--text", text, "--target-token", " Paris")
     assert table.returncode == 0 and "Ġ" not in table.stdout, table.stdout
-    assert f"explained: target {report['target']} ({report['target_text']!r})" in table.stdout
-    assert "' capital'" in table.stdout
+    assert f"explained: target {paris} (' Paris')" in table.stdout and "' capital'" in table.stdout
+    done = lrp_cli("explain", model, "--tokenizer", tokenizer, "--text", text, "--target-token", " Paris France")
+    assert done.returncode == 2 and "nor a text that it encodes as one token" in done.stderr
 
 
 def test_explain_generate_words(smollm2_converted, smollm2_tokenizer, tmp_path):
