@@ -223,6 +223,7 @@ def _is_vocabulary(explainer, result, tok) -> bool:
 def cmd_explain(args) -> int:
     from .files import check_output_file
     from .runner import Explainer, text_inputs
+    from .text import token_texts, unit_pieces, word_relevance
 
     if (args.image is None) == (args.text is None):
         raise LRPError("explain needs either --text (with --tokenizer) or --image")
@@ -231,6 +232,8 @@ def cmd_explain(args) -> int:
     for path in (args.html, args.png):
         if path:
             check_output_file(path, inputs=[args.model, args.tokenizer])
+    if args.words and args.text is None:
+        raise LRPError("--words sums relevance over the words of a --text")
     if args.generate is not None and (args.image is not None or len(args.text) != 1):
         raise LRPError("--generate explains one prompt: give one --text")
     if args.decoder is not None and args.generate is None:
@@ -254,8 +257,12 @@ def cmd_explain(args) -> int:
     target = None
     if args.target_token is not None:
         target = [tok.token_to_id(args.target_token)]
+        if target[0] is None:  # the text a person reads, ' Paris', where it is one token
+            ids_of_text = tok.encode(args.target_token, add_special_tokens=False).ids
+            target = [ids_of_text[0] if len(ids_of_text) == 1 else None]
         if target[0] is None:
-            raise LRPError(f"--target-token '{args.target_token}' is not in the tokenizer's vocabulary")
+            raise LRPError(f"--target-token {args.target_token!r} is neither a token of the tokenizer's vocabulary "
+                           f"nor a text that it encodes as one token")
     elif args.target is not None:
         target = [args.target]
     result = explainer.run(target=target, position=position, **feed)
@@ -264,26 +271,33 @@ def cmd_explain(args) -> int:
         raise LRPError(f"--target-token: the explained output '{explainer.meta.get('explained_output')}' is "
                        f"not a vocabulary; give --target N")
     per_token = result.token_relevance()
-    report = []
+    report, units = [], []
     for row, e in enumerate(encodings):
         n = int(mask[row].sum())
-        tokens = e.tokens[:n]
         target_id = int(result.target[row]) if result.target is not None else None
-        label = tok.id_to_token(target_id) if vocabulary and target_id is not None else target_id
         values = per_token[row, :n]
-        report.append({"text": args.text[row], "target": target_id, "target_label": label,
-                       "logit": float(result.logit[row]) if result.logit is not None else None,
-                       "relevance_sum": float(values.sum()),
-                       "tokens": [{"token": t, "relevance": float(v)} for t, v in zip(tokens, values)]})
+        texts = token_texts(tok, e.ids[:n])
+        entry = {"text": args.text[row], "target": target_id,
+                 "target_label": tok.id_to_token(target_id) if vocabulary and target_id is not None else target_id,
+                 "target_text": token_texts(tok, [target_id])[0] if vocabulary and target_id is not None else None,
+                 "logit": float(result.logit[row]) if result.logit is not None else None,
+                 "relevance_sum": float(values.sum()),
+                 "tokens": [{"token": t, "text": x, "relevance": float(v)}
+                            for t, x, v in zip(e.tokens[:n], texts, values)]}
+        if args.words:
+            units.append(word_relevance(e, values, args.text[row], tokenizer=tok))
+            entry["words"] = units[-1].to_list()
+        report.append(entry)
     if args.html or args.png:
         from .heatmap import token_pieces, write_tokens_html, write_tokens_png
 
-        def label(r):  # a vocabulary token as text (byte-level BPE's 'Ġ' is a space), else the class index
-            return repr(tok.decode([r["target"]])) if vocabulary and r["target"] is not None else r["target"]
+        def label(r):  # a vocabulary token as a person reads it (' Paris'), else the class index
+            return repr(r["target_text"]) if r["target_text"] is not None else r["target"]
 
-        rows = [{"pieces": token_pieces(text, e.offsets, e.tokens), "relevance": per_token[k, :len(e.tokens)],
+        rows = [{"pieces": unit_pieces(text, units[k]) if args.words else token_pieces(text, e.offsets, e.tokens),
+                 "relevance": units[k].relevance if args.words else per_token[k, :len(e.tokens)],
                  "title": f"explained: {label(r)} (logit {r['logit']:.3f}), "
-                          f"sum of relevance {r['relevance_sum']:.3f}"}
+                          f"sum of relevance {r['relevance_sum']:.3f}" + (", per word" if args.words else "")}
                 for k, (text, e, r) in enumerate(zip(args.text, encodings, report))]
         if args.html:
             write_tokens_html(rows, args.html)
@@ -295,12 +309,14 @@ def cmd_explain(args) -> int:
     for r in report:
         print(f"text: {r['text']!r}")
         logit = f"{r['logit']:.4f}" if r["logit"] is not None else "n/a"
-        print(f"explained: target {r['target']} ({r['target_label']!r}), logit {logit}, "
-              f"sum of relevance {r['relevance_sum']:.4f}")
-        peak = max(abs(t["relevance"]) for t in r["tokens"]) or 1.0
-        for t in r["tokens"]:
-            bar = ("+" if t["relevance"] >= 0 else "-") * int(round(20 * abs(t["relevance"]) / peak))
-            print(f"  {t['token']!r:>20} {t['relevance']:+.4f} {bar}")
+        shown = f"{r['target']} ({r['target_text']!r})" if r["target_text"] is not None else f"{r['target']}"
+        print(f"explained: target {shown}, logit {logit}, sum of relevance {r['relevance_sum']:.4f}")
+        items = [(w["word"], w["relevance"]) for w in r["words"]] if args.words else \
+            [(t["text"], t["relevance"]) for t in r["tokens"]]
+        peak = max(abs(v) for _, v in items) or 1.0
+        for text, value in items:
+            bar = ("+" if value >= 0 else "-") * int(round(20 * abs(value) / peak))
+            print(f"  {text!r:>20} {value:+.4f} {bar}")
     return 0
 
 
@@ -314,19 +330,26 @@ def _explain_generation(explainer, args) -> int:
     g = explainer.explain_generation(ids[0], max_new_tokens=args.generate, tokenizer=tok, decoder=args.decoder)
     title = f"prompt: {args.text[0]!r}; generated: {g.text!r}"
     if args.html:
-        write_generation_html(g, args.html, title)
+        write_generation_html(g, args.html, title, words=args.words)
     if args.png:
-        write_generation_png(g, args.png)
+        write_generation_png(g, args.png, words=args.words)
+    words = g.word_relevance() if args.words else None
     if args.json:
-        print(json.dumps({"prompt": args.text[0], **g.to_dict()}, indent=1))
+        extra = {"words": {"words": words.words, "spans": words.spans, "tokens": words.tokens, "special": words.special,
+                           "relevance": [[float(v) for v in row] for row in words.relevance]}} if words else {}
+        print(json.dumps({"prompt": args.text[0], **g.to_dict(), **extra}, indent=1))
         return 0
     print(f"prompt: {args.text[0]!r}")
     print(f"generated: {g.text!r}" + (" (stopped at an end token)" if g.stopped else ""))
     p = len(g.prompt_ids)
     for i, token in enumerate(g.generated_ids):
-        row = g.relevance[i, :p + i]
+        if words:  # the words before this token (a word it ends sums the tokens generated so far)
+            count = sum(1 for ks in words.tokens if ks[0] < p + i)
+            labels, row = words.words[:count], words.relevance[i, :count]
+        else:
+            labels, row = g.tokens[:p + i], g.relevance[i, :p + i]
         top = np.argsort(-np.abs(row))[:3]
-        best = ", ".join(f"{g.tokens[j]!r} {row[j]:+.3f}" for j in top)
+        best = ", ".join(f"{labels[j]!r} {row[j]:+.3f}" for j in top)
         print(f"  {g.tokens[p + i]!r:>16} logit {g.logits[i]:8.3f}  sum {row.sum():+.3f}  top: {best}")
     return 0
 
@@ -466,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="write a token heatmap as HTML (red +, blue -)")
     p.add_argument("--png", metavar="FILE", help="write the heatmap as PNG (tokens, or an image overlay)")
     p.add_argument("--target", type=int, help="class / vocabulary index to explain (default: the argmax)")
-    p.add_argument("--target-token", help="vocabulary token to explain, e.g. 'ĠParis'")
+    p.add_argument("--target-token", help="token to explain: as the vocabulary writes it ('ĠParis', '▁Paris') "
+                   "or as it reads (' Paris'), where that is one token")
     p.add_argument("--generate", type=int, metavar="N",
                    help="generate N tokens greedily from the --text prompt (stopping at an end token) and "
                         "explain each; --html/--png draw the matrix (rows: generated tokens). One run of a "
@@ -474,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", metavar="MODEL",
                    help="with --generate: decode with this ONNX model (the original export; a KV-cache export "
                         "decodes with its cache, one token a step) instead of the converted model's forward")
+    p.add_argument("--words", action="store_true",
+                   help="relevance per word (whitespace-separated, summed over its tokens) in the table, "
+                        "--html/--png and --json (which keeps the tokens too); with --generate the columns")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("evaluate", help="faithfulness: MoRF/LeRF perturbation curves and ABPC per method")

@@ -37,17 +37,37 @@ class GenerationExplanation:
     logits: np.ndarray          # [N]: the logit of each generated token where it was predicted
     positions: np.ndarray       # [N]: the position of each prediction, P - 1 + i
     stopped: bool = False       # decoding ended at a stop token (the last generated one)
-    tokens: list | None = None  # the text of each of the P + N tokens (with a tokenizer)
+    tokens: list | None = None  # what each of the P + N tokens reads as, ' Paris' (with a tokenizer)
     text: str | None = None     # the generated text (with a tokenizer)
     hidden: np.ndarray | None = field(default=None, repr=False)  # [N, T, hidden]: before summing
+    raw_tokens: list | None = None  # the vocabulary's token strings, 'ĠParis' (with a tokenizer)
+    pieces: list | None = field(default=None, repr=False)    # the text each token adds (text.decoded_pieces)
+    special: list | None = field(default=None, repr=False)   # whether each token is a special token
 
     @property
     def targets(self) -> np.ndarray:
         return self.generated_ids
 
+    def word_relevance(self):
+        """The matrix with its columns summed by word: text.Words with relevance [N, W], the words of
+        the prompt and the generated text before the last token (whitespace-separated; a token of
+        whitespace only, or a special token, is a unit of its own). Needs the tokenizer's texts."""
+        from .text import Words, _sum_units, group_words
+
+        if self.pieces is None or self.special is None:
+            raise LRPError("word relevance needs the token texts: pass tokenizer= to explain_generation")
+        t = self.relevance.shape[1]
+        text, offsets = "", []
+        for piece, special in zip(self.pieces[:t], self.special[:t]):
+            piece = " " if special else piece  # a special token's text is no part of a word
+            offsets.append((len(text), len(text) + (0 if special else len(piece))))
+            text += piece
+        words, spans, tokens, flags = group_words(text, offsets, self.special[:t], self.tokens[:t])
+        return Words(words, _sum_units(self.relevance, tokens, t), spans, tokens, flags)
+
     def to_dict(self) -> dict:
         return {"prompt_ids": self.prompt_ids.tolist(), "generated_ids": self.generated_ids.tolist(),
-                "tokens": self.tokens, "text": self.text, "stopped": self.stopped,
+                "tokens": self.tokens, "raw_tokens": self.raw_tokens, "text": self.text, "stopped": self.stopped,
                 "positions": self.positions.tolist(), "logits": [float(v) for v in self.logits],
                 "relevance": [[float(v) for v in row] for row in self.relevance]}
 
@@ -114,13 +134,23 @@ def explain_generation(explainer, input_ids, max_new_tokens: int = 16, *, tokeni
     if not np.array_equal(chosen, generated):  # the model's own check that it explained what was asked
         raise LRPError(f"explained targets {chosen.tolist()} differ from the generated tokens {generated.tolist()}")
     relevance = hidden.sum(axis=-1) if hidden.ndim == 3 else hidden
-    texts = text = None
+    texts = text = raw = pieces = special = None
     if tok is not None:
-        all_ids = [int(i) for i in np.concatenate([prompt, generated])]
-        texts = [tok.decode([i], skip_special_tokens=False) for i in all_ids]
+        texts, raw, pieces, special = token_info(tok, np.concatenate([prompt, generated]))
         text = tok.decode([int(i) for i in generated], skip_special_tokens=False)
     return GenerationExplanation(prompt, generated, relevance, logits, positions, stopped, texts, text,
-                                 hidden if hidden.ndim == 3 else None)
+                                 hidden if hidden.ndim == 3 else None, raw, pieces, special)
+
+
+def token_info(tok, ids) -> tuple[list, list, list, list]:
+    """(what each token reads as, its vocabulary string, the text it adds to the decoded sequence,
+    whether it is a special token) of a tokenizers.Tokenizer's ids; see text.token_texts."""
+    from .text import decoded_pieces, token_texts
+
+    ids = [int(i) for i in ids]
+    decoded = decoded_pieces(tok, ids)
+    special = [tok.decode([i], skip_special_tokens=True) == "" and piece != "" for i, piece in zip(ids, decoded[0])]
+    return token_texts(tok, ids, pieces=decoded), [tok.id_to_token(i) for i in ids], decoded[0], special
 
 
 def _tokenizer(tokenizer):
@@ -271,25 +301,34 @@ def _forward_only(explainer):
 
 
 # -- heatmaps ------------------------------------------------------------------------------------
-def _labels(g: GenerationExplanation) -> tuple[list, list]:
-    """(column labels: the T input tokens, row labels: the N generated tokens)."""
+def _matrix(g: GenerationExplanation, words: bool = False):
+    """(column labels, row labels, values [N, C], boundary of each row: its first column not yet
+    generated). Columns: the T tokens before the last generated one, or with words=True their words;
+    rows: the N generated tokens. Labels show whitespace (⏎ · →)."""
+    from .text import visible
+
     ids = [int(i) for i in np.concatenate([g.prompt_ids, g.generated_ids])]
     texts = g.tokens if g.tokens is not None else [str(i) for i in ids]
-    t = g.relevance.shape[1]
-    return texts[:t], texts[len(g.prompt_ids):]
+    p, (n, t) = len(g.prompt_ids), g.relevance.shape
+    rows = [visible(s) for s in texts[p:p + n]]
+    if not words:
+        return [visible(s) for s in texts[:t]], rows, g.relevance, [p + i for i in range(n)]
+    w = g.word_relevance()
+    bounds = [sum(1 for ks in w.tokens if ks[0] < p + i) for i in range(n)]  # units in token order
+    return [visible(s) for s in w.words], rows, w.relevance, bounds
 
 
-def generation_html(g: GenerationExplanation, title: str = "") -> str:
-    """Rows: generated tokens; columns: the tokens before them (prompt, then generated); cells after
-    the diagonal boundary (not yet generated) are grey. Each row is normalized by its largest |relevance|."""
+def generation_html(g: GenerationExplanation, title: str = "", words: bool = False) -> str:
+    """Rows: generated tokens; columns: the tokens before them (prompt, then generated), or their words
+    (words=True); cells from the diagonal boundary on (not yet generated) are grey, the boundary drawn
+    as a line; the last column is each row's logit. Each row is normalized by its largest |relevance|."""
     from .heatmap import relevance_color
 
-    columns, rows = _labels(g)
-    p = len(g.prompt_ids)
+    columns, rows, matrix, bounds = _matrix(g, words)
     css = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:85%}"
            "td,th{padding:2px 4px;white-space:pre;text-align:center}th{font-weight:normal;color:#333}"
            "th.c{writing-mode:vertical-rl;transform:rotate(180deg);max-height:10em}td.f{background:#e8e8e8}"
-           "td.b{border-left:2px solid #000}th.r{text-align:right}p.h{color:#555;font-size:90%}")
+           "td.b{border-left:2px solid #000}th.r{text-align:right}td.l{text-align:right}p.h{color:#555;font-size:90%}")
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrp-onnx generation</title>",
              f"<style>{css}</style></head><body>"]
     if title:
@@ -297,63 +336,67 @@ def generation_html(g: GenerationExplanation, title: str = "") -> str:
     parts.append("<table><tr><th></th>" + "".join(
         f"<th class='c'>{html.escape(c)}</th>" for c in columns) + "<th class='c'>logit</th></tr>")
     for i, label in enumerate(rows):
-        values = g.relevance[i]
-        peak = float(np.abs(values).max()) if values.size else 0.0
+        values = matrix[i]
+        peak = float(np.abs(values[:bounds[i]]).max()) if bounds[i] else 0.0
         cells = []
         for j, value in enumerate(values):
-            boundary = " b" if j == p + i else ""
-            if j >= p + i:
-                cells.append(f"<td class='f{boundary}'></td>")
+            if j >= bounds[i]:
+                cells.append(f"<td class='f{' b' if j == bounds[i] else ''}'></td>")
             else:
                 r, gr, b = relevance_color(value, peak)
                 cells.append(f"<td style='background:rgb({r},{gr},{b})' title='{value:+.4g}'>&nbsp;&nbsp;</td>")
-        if len(values) <= p + i:
-            cells.append("<td class='b'></td>")
+        logit_class = "l b" if bounds[i] >= len(values) else "l"  # the boundary is the logit column's edge
         parts.append(f"<tr><th class='r'>{html.escape(label)}</th>{''.join(cells)}"
-                     f"<td>{g.logits[i]:.2f}</td></tr>")
-    parts.append("</table><p class='h'>rows: generated tokens; columns: the tokens before them (grey: not yet "
-                 "generated). Red: positive relevance, blue: negative; each row normalized by its largest "
-                 "|relevance|.</p></body></html>\n")
+                     f"<td class='{logit_class}'>{g.logits[i]:.2f}</td></tr>")
+    what = "words" if words else "tokens"
+    parts.append(f"</table><p class='h'>rows: generated tokens; columns: the {what} before them (grey: not yet "
+                 "generated); last column: the generated token's logit. Red: positive relevance, blue: negative; "
+                 "each row normalized by its largest |relevance|. ⏎ newline, · space, → tab.</p></body></html>\n")
     return "".join(parts)
 
 
-def write_generation_html(g: GenerationExplanation, path: str, title: str = "") -> None:
-    write_atomically(path, generation_html(g, title).encode("utf-8"))
+def write_generation_html(g: GenerationExplanation, path: str, title: str = "", words: bool = False) -> None:
+    write_atomically(path, generation_html(g, title, words).encode("utf-8"))
 
 
-def write_generation_png(g: GenerationExplanation, path: str, cell: int = 22, size: int = 14) -> None:
+def write_generation_png(g: GenerationExplanation, path: str, cell: int = 22, size: int = 14,
+                         words: bool = False) -> None:
     """The same matrix as generation_html, as a PNG."""
     try:
         from PIL import Image, ImageDraw
     except ImportError:
         raise LRPError("PNG heatmaps need Pillow: pip install pillow") from None
-    from .heatmap import _font, _save_png, relevance_color
+    from .heatmap import _font, _save_png, drawable, relevance_color
 
-    columns, rows = _labels(g)
-    p = len(g.prompt_ids)
+    columns, rows, matrix, bounds = _matrix(g, words)
     font = _font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    clean = [s.replace("\n", "\\n") for s in columns]
-    row_labels = [s.replace("\n", "\\n") for s in rows]
-    left = int(max([probe.textlength(s, font=font) for s in row_labels] + [10])) + 12
-    top = int(max([probe.textlength(s, font=font) for s in clean] + [10])) + 12
-    width, height = left + cell * len(columns) + 12, top + cell * len(rows) + 12
+    columns = [drawable(font, s) for s in columns]
+    rows = [drawable(font, s) for s in rows]
+    left = int(max([probe.textlength(s, font=font) for s in rows] + [10])) + 12
+    top = int(max([probe.textlength(s, font=font) for s in columns] + [10])) + 12
+    logits = [f"{v:.2f}" for v in g.logits]
+    logit_w = int(max([probe.textlength(s, font=font) for s in logits + ["logit"]])) + 12
+    width, height = left + cell * len(columns) + logit_w + 12, top + cell * len(rows) + 12
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    for j, label in enumerate(clean):  # column labels, rotated
+    for j, label in enumerate(columns + ["logit"]):  # column labels, rotated
         w = int(probe.textlength(label, font=font)) + 4
         text = Image.new("RGB", (w, cell), "white")
         ImageDraw.Draw(text).text((2, 3), label, fill="black", font=font)
         text = text.rotate(90, expand=True)
-        image.paste(text, (left + j * cell, top - w - 4))
-    for i, label in enumerate(row_labels):
-        values = g.relevance[i]
-        peak = float(np.abs(values).max()) if values.size else 0.0
+        shift = (logit_w - cell) // 2 if j == len(columns) else 0  # "logit": over the logit column's middle
+        image.paste(text, (left + j * cell + shift, top - w - 4))
+    for i, label in enumerate(rows):
+        values = matrix[i]
+        peak = float(np.abs(values[:bounds[i]]).max()) if bounds[i] else 0.0
         y = top + i * cell
         draw.text((left - 6 - probe.textlength(label, font=font), y + 3), label, fill="black", font=font)
         for j, value in enumerate(values):
-            color = (232, 232, 232) if j >= p + i else relevance_color(value, peak)
+            color = (232, 232, 232) if j >= bounds[i] else relevance_color(value, peak)
             draw.rectangle([left + j * cell, y, left + (j + 1) * cell - 1, y + cell - 1], fill=color)
-        x = left + (p + i) * cell  # the diagonal boundary: the prediction's own position ends here
+        x = left + bounds[i] * cell  # the diagonal boundary: the prediction's own position ends here
         draw.line([x, y, x, y + cell - 1], fill="black", width=2)
+        draw.text((left + len(columns) * cell + logit_w - 6 - probe.textlength(logits[i], font=font), y + 3),
+                  logits[i], fill="black", font=font)  # the logit column, right-aligned
     _save_png(image, path)

@@ -1,8 +1,8 @@
 """Heatmaps of relevance: tokens as colored HTML or PNG, images as an overlay PNG.
 
 Colors: red = positive relevance, blue = negative, white = none; each heatmap is normalized by its
-largest |relevance| (so the colors compare tokens within one text, not across texts).
-Files are written whole or not at all.
+largest |relevance| (so the colors compare tokens within one text, not across texts). A token of
+whitespace only is drawn visibly: ⏎ newline, · space, → tab. Files are written whole or not at all.
 """
 from __future__ import annotations
 
@@ -28,23 +28,40 @@ def _peak(values) -> float:
 
 def token_pieces(text: str, offsets, tokens) -> list[str]:
     """The text of each token, with the whitespace before it, from the tokenizer's character offsets
-    (special tokens, which have empty offsets, show as their token string set apart by a space)."""
+    (special tokens, which have empty offsets, show as their token string set apart by a space; a token
+    whose characters an earlier token shows already, a byte of a multi-byte character, shows its bytes,
+    '<0xA5>')."""
+    from .text import _bytes_label
+
     pieces, end = [], 0
     for (start, stop), token in zip(offsets, tokens):
         if stop <= start:  # a special token: set apart by a space
             pieces.append(f"{token} " if not pieces else f" {token}")
             continue
-        gap = text[end:start] if start >= end else ""
-        pieces.append(gap + text[start:stop])
-        end = max(end, stop)
+        if stop <= end:  # its characters are shown already
+            pieces.append(_bytes_label(token))
+            continue
+        start = max(start, end)
+        pieces.append(text[end:start] + text[start:stop])
+        end = stop
     return pieces
+
+
+def shown_piece(piece: str) -> str:
+    """A piece of flowing text as a heatmap shows it: a piece of whitespace only is made visible
+    (⏎ before each newline, which still breaks the line; · a space, → a tab)."""
+    if not piece or not piece.isspace():
+        return piece
+    from .text import visible
+
+    return "".join("⏎\n" if c == "\n" else visible(c) for c in piece)
 
 
 def tokens_html(rows: list[dict]) -> str:
     """rows: {"pieces": [str], "relevance": [float], "title": str}. One self-contained HTML page."""
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>lrp-onnx relevance</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-             ".t{white-space:pre-wrap;border-radius:3px;padding:1px 0}"
+             ".t{white-space:pre-wrap;border-radius:3px;padding:1px 0}.t[data-whitespace]{color:#777}"
              "p.h{color:#555;font-size:90%;margin-bottom:.2em}p.x{font-size:120%;line-height:1.8;margin-top:0}"
              "</style></head><body>"]
     for row in rows:
@@ -52,11 +69,13 @@ def tokens_html(rows: list[dict]) -> str:
         parts.append(f"<p class='h'>{html.escape(row.get('title', ''))}</p><p class='x'>")
         for piece, value in zip(row["pieces"], row["relevance"]):
             r, g, b = relevance_color(value, peak)
-            parts.append(f"<span class='t' style='background:rgb({r},{g},{b})' "
-                         f"title='{value:+.4g}'>{html.escape(piece)}</span>")
+            shown = shown_piece(piece)
+            mark = " data-whitespace='1'" if shown != piece else ""
+            parts.append(f"<span class='t'{mark} style='background:rgb({r},{g},{b})' "
+                         f"title='{value:+.4g}'>{html.escape(shown)}</span>")
         parts.append("</p>")
     parts.append("<p class='h'>red: positive relevance, blue: negative; normalized per text by its "
-                 "largest |relevance|</p></body></html>\n")
+                 "largest |relevance|; ⏎ newline, · space, → tab</p></body></html>\n")
     return "".join(parts)
 
 
@@ -65,16 +84,38 @@ def write_tokens_html(rows: list[dict], path: str) -> None:
 
 
 def _font(size: int):
+    """DejaVu Sans where it is installed (it has ⏎ and →), else Pillow's own font."""
     from PIL import ImageFont
 
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         return ImageFont.load_default()
 
 
+def _glyph(font, char: str):
+    try:
+        mask = font.getmask(char)
+        return mask.size, bytes(mask)
+    except Exception:  # noqa: BLE001 (a font that cannot say: draw as it comes)
+        return None
+
+
+def drawable(font, label: str) -> str:
+    """`label` with the marks the font has no glyph for written in ASCII (⏎ as \\n, → as \\t, ↵ as \\r)."""
+    missing = _glyph(font, "\ue000")  # a private-use character: no font draws it
+    for mark, ascii_ in (("⏎", "\\n"), ("→", "\\t"), ("↵", "\\r"), ("∅", "{}")):
+        if mark in label and missing is not None and _glyph(font, mark) == missing:
+            label = label.replace(mark, ascii_)
+    return label
+
+
 def write_tokens_png(rows: list[dict], path: str, width: int = 900, size: int = 18) -> None:
-    """The same heatmap as tokens_html, as a PNG (tokens wrapped into lines)."""
+    """The same heatmap as tokens_html, as a PNG (tokens wrapped into lines, newlines kept)."""
     try:
         from PIL import Image, ImageDraw
     except ImportError:
@@ -89,14 +130,18 @@ def write_tokens_png(rows: list[dict], path: str, width: int = 900, size: int = 
         x = margin
         peak = _peak(row["relevance"])
         for piece, value in zip(row["pieces"], row["relevance"]):
-            piece = piece.replace("\n", " ")
-            w = probe.textlength(piece, font=font)
-            if x + w > width - margin and x > margin:
-                x, y = margin, y + line_h
-                piece = piece.lstrip()
-                w = probe.textlength(piece, font=font)
-            layout.append(("token", x, y, piece, relevance_color(value, peak), w))
-            x += w
+            for n, part in enumerate(drawable(font, shown_piece(piece)).split("\n")):
+                if n:  # a newline of the text
+                    x, y = margin, y + line_h
+                    if not part:
+                        continue
+                w = probe.textlength(part, font=font)
+                if x + w > width - margin and x > margin:
+                    x, y = margin, y + line_h
+                    part = part.lstrip()
+                    w = probe.textlength(part, font=font)
+                layout.append(("token", x, y, part, relevance_color(value, peak), w))
+                x += w
         y += line_h + int(size * 0.6)
     image = Image.new("RGB", (width, y + margin), "white")
     draw = ImageDraw.Draw(image)

@@ -37,6 +37,21 @@ class Explanation:
         relevance = self.relevance if input_name is None else self.relevance_of(input_name)
         return relevance.sum(axis=-1) if relevance.ndim >= 3 else relevance
 
+    def word_relevance(self, encoding, text: str, row: int = 0, input_name: str | None = None,
+                       by: str = "whitespace", tokenizer=None):
+        """Relevance per word of row `row`: `text` tokenized as `encoding` (a tokenizers Encoding, e.g.
+        tokenizer.encode(text)); its len(encoding) first tokens (right padding) summed by word ->
+        lrp_onnx.text.Words (words, relevance [W], spans, tokens). by="tokenizer": the tokenizer's own
+        words (encoding.word_ids) instead of whitespace-separated ones; `tokenizer`: also set apart the
+        special tokens written in the text. See also text.span_relevance."""
+        from .text import word_relevance
+
+        per_token = self.token_relevance(input_name)
+        if per_token.ndim != 2:
+            raise LRPError(f"word relevance takes a token relevance [batch, tokens]; this one has shape "
+                           f"{list(per_token.shape)} (a multi-target run: use text.word_relevance per target)")
+        return word_relevance(encoding, per_token[row], text, by=by, tokenizer=tokenizer)
+
 
 class Explainer:
     """Holds an onnxruntime session of a converted model."""

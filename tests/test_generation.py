@@ -212,6 +212,7 @@ def test_cli_generate_json_html_png(pair, workdir):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tokenizer = workdir / "generation" / "word-tokenizer.json"
+    tokenizer.parent.mkdir(exist_ok=True)  # also when this test runs alone
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 100)}}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tokenizer))
@@ -226,7 +227,8 @@ def test_cli_generate_json_html_png(pair, workdir):
     api = multi.explain_generation(np.array([5, 17, 3, 44, 9, 12]), max_new_tokens=4)
     assert report["generated_ids"] == api.generated_ids.tolist()
     np.testing.assert_allclose(report["relevance"], api.relevance, rtol=1e-5, atol=1e-7)
-    assert report["tokens"][:6] == ["w5", "w17", "w3", "w44", "w9", "w12"]
+    assert report["tokens"][:6] == ["w5", " w17", " w3", " w44", " w9", " w12"]  # as the decoded text reads
+    assert report["raw_tokens"][:6] == ["w5", "w17", "w3", "w44", "w9", "w12"]
     page = html.read_text()
     assert page.count("<tr>") == 5 and page.count("class='f") == 0 + 1 + 2 + 3  # cells after the boundary
     image = Image.open(png)
