@@ -69,12 +69,14 @@ async function load() {
     runtimes[backend] ??= await loadRuntime(backend);
     const ort = runtimes[backend];
     const size = bytes.length;
+    const fetched = performance.now();
     const model = await openModel(ort, bytes, { backend, externalData });
     state = { ort, model, tokenizer };
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     setState('ready', `${name} (${(size / 2 ** 20).toFixed(0)} MiB${model.externalData.length ? ' + external data' : ''}, ` +
       `rules ${model.meta.rules}${model.meta.relevance_only ? ', relevance only' : ''}) on ${backend}, ` +
-      `loaded in ${seconds} s; inputs: ${model.session.inputNames.join(', ')}`);
+      `loaded in ${seconds} s (session ${((performance.now() - fetched) / 1000).toFixed(1)} s); ` +
+      `inputs: ${model.session.inputNames.join(', ')}`);
     $('ask').disabled = false;
   } catch (error) {
     state = null;

@@ -98,11 +98,21 @@ export async function openModel(ort, bytes, { backend = 'wasm', externalData = [
   const given = new Set(externalData.map((e) => e.path));
   const missing = info.externalData.filter((location) => !given.has(location));
   if (missing.length) throw new Error(`the model keeps its weights in ${missing.join(', ')}: give that file too`);
-  const session = await ort.InferenceSession.create(bytes, {
-    executionProviders: [backend],
-    externalData: externalData.filter((e) => info.externalData.includes(e.path)),
-    logSeverityLevel: 3,
-  });
+  let session;
+  try {
+    session = await ort.InferenceSession.create(bytes, {
+      executionProviders: [backend],
+      externalData: externalData.filter((e) => info.externalData.includes(e.path)),
+      logSeverityLevel: 3,
+    });
+  } catch (error) {
+    const message = String(error.message ?? error);
+    if (/optional\(tensor/.test(message)) {  // onnxruntime-web 1.30's WebGPU build has no Optional types
+      throw new Error(`this build of onnxruntime-web (${backend}) does not take optional inputs (lrp_target / ` +
+        `lrp_position): use WASM, or a model whose lrp_target / lrp_position are plain int64 inputs (${message})`);
+    }
+    throw error;
+  }
   return { session, meta, backend, externalData: info.externalData };
 }
 
