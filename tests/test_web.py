@@ -197,7 +197,7 @@ def test_page_on_minilm(minilm_files, workdir, tmp_path):
 
 def test_page_on_smollm2_relevance_only(smollm2_2layers, workdir, tmp_path):
     """SmolLM2's real weights (first 2 of 30 layers) converted --relevance-only: the predicted next token
-    and a chosen one (' Paris'); a target of several tokens is refused. Screenshot docs/web_smollm2.png."""
+    and a chosen one (' Paris'); a target of several tokens is refused. Screenshot docs/web_smollm2_2layers.png."""
     models = workdir / "web"
     model = convert_into(models / "smollm2", smollm2_2layers["onnx"], smollm2_2layers["tokenizer"],
                          relevance_only=True)
@@ -219,8 +219,8 @@ def test_page_on_smollm2_relevance_only(smollm2_2layers, workdir, tmp_path):
     paris = tok.token_to_id("ĠParis")
     check_run(out["runs"][1], reference(explainer, tok, text, target=paris), label)
     assert out["runs"][1]["target"] == paris
-    assert "is 3 tokens, not one" in out["runs"][2]["error"]
-    shutil.copy(shot, DOCS / "web_smollm2.png")
+    assert "is 2 tokens, not one" in out["runs"][2]["error"]
+    shutil.copy(shot, DOCS / "web_smollm2_2layers.png")
 
 
 def plain_target_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -245,11 +245,13 @@ def plain_target_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def test_page_on_webgpu(tiny_model, word_tokenizer, workdir, tmp_path):
-    """The WebGPU backend (Chromium's SwiftShader adapter: WebGPU on the CPU) on a tiny LLaMA: relevance
-    equal to Explainer's. The optional-input form is refused by name on WebGPU."""
-    _, path = tiny_model("llama")
+    """The WebGPU backend (Chromium's SwiftShader adapter: WebGPU on the CPU) on a tiny GPT-2: relevance
+    equal to Explainer's. The optional-input form is refused by name on WebGPU. (A tiny LLaMA differs by
+    1.0-1.3e-4, its logits already by up to 6.6e-5: WGSL's sin/cos, which its rotary embedding computes
+    in the graph, need only be accurate to 2^-11 absolute; docs/web.md.)"""
+    _, path = tiny_model("gpt2")
     models = workdir / "web"
-    folder = models / "llama-webgpu"
+    folder = models / "gpt2-webgpu"
     model = convert_into(folder, path, word_tokenizer)
     reference_explainer = lrp_onnx.Explainer(model, providers=CPU)
     optional = any(i.type.HasField("optional_type") for i in onnx.load(model).graph.input)
@@ -258,19 +260,20 @@ def test_page_on_webgpu(tiny_model, word_tokenizer, workdir, tmp_path):
     swiftshader = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
                    "--use-webgpu-adapter=swiftshader", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
     with serve(models) as base:
-        out = drive({"url": page_url(base, "llama-webgpu", backend="webgpu"), "chromiumArgs": swiftshader,
-                     "runs": [{"text": text, "target": "argmax"}, {"text": text, "target": "index", "value": "42"}]},
+        out = drive({"url": page_url(base, "gpt2-webgpu", backend="webgpu"), "chromiumArgs": swiftshader,
+                     "runs": [{"text": text, "target": "argmax"}, {"text": text, "target": "index", "value": "7"}]},
                     tmp_path)
     assert "on webgpu" in out["load"], out["load"]
     tok = load_tokenizer(word_tokenizer)
     label = lambda i: repr(tok.decode([i]))  # noqa: E731
     check_run(out["runs"][0], reference(reference_explainer, tok, text), label)
-    check_run(out["runs"][1], reference(reference_explainer, tok, text, target=42), label)
+    check_run(out["runs"][1], reference(reference_explainer, tok, text, target=7), label)
+    assert out["runs"][0]["target"] != 7 and out["runs"][1]["target"] == 7
     if optional:  # today's default form: refused with a message that says what to do
-        optional_folder = models / "llama-optional"
+        optional_folder = models / "gpt2-optional"
         convert_into(optional_folder, path, word_tokenizer)
         with serve(models) as base:
-            spec = {"url": page_url(base, "llama-optional", backend="webgpu"), "chromiumArgs": swiftshader}
+            spec = {"url": page_url(base, "gpt2-optional", backend="webgpu"), "chromiumArgs": swiftshader}
             path_ = tmp_path / "spec.json"
             path_.write_text(json.dumps({"chromium": _require_browser(), "timeoutMs": 60000, **spec}))
             done = subprocess.run(["node", str(WEB / "test" / "drive.mjs"), str(path_)], capture_output=True,

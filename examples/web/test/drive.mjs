@@ -25,7 +25,7 @@ async function main() {
     page.setDefaultTimeout(timeout);
     page.on('console', (m) => log.push(`${m.type()}: ${m.text()}`));
     page.on('pageerror', (e) => log.push(`pageerror: ${e.message}`));
-    await page.setViewport({ width: 1000, height: 700 });
+    await page.setViewport({ width: 1000, height: 500 });  // fullPage grows it to the content
     await page.goto(spec.url, { waitUntil: 'load' });
     const settled = (states) => page.waitForFunction(
       (s) => s.includes(document.body.dataset.state), { timeout, polling: 100 }, states);
