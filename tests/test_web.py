@@ -55,6 +55,12 @@ def _require_browser():
     return chromium
 
 
+@pytest.fixture(scope="session", autouse=True)
+def browser():
+    """Fails first, before any model is exported, where the browser or the npm packages are missing."""
+    return _require_browser()
+
+
 class _StaticFiles(http.server.SimpleHTTPRequestHandler):
     """GET only, from a few roots: URL prefix -> folder. Nothing outside them is served."""
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
