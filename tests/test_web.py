@@ -185,7 +185,8 @@ def test_page_on_minilm(minilm_files, workdir, tmp_path):
     with serve(models) as base:
         out = drive({"url": page_url(base, "minilm"), "tokenize": TRICKY, "screenshot": str(shot),
                      "runs": [{"text": text, "target": "argmax"}, {"text": text, "target": "index", "value": "7"},
-                              {"text": text, "target": "token", "value": "man"}]}, tmp_path)
+                              {"text": text, "target": "token", "value": "man"},
+                              {"text": text, "target": "index", "value": "384"}]}, tmp_path)
     assert "on wasm" in out["load"] and "lrp_target" in out["load"], out["load"]
     tok = load_tokenizer(minilm_files[1])
     for text_, got in zip(TRICKY, out["tokenized"], strict=True):
@@ -197,6 +198,7 @@ def test_page_on_minilm(minilm_files, workdir, tmp_path):
     assert out["runs"][1]["target"] == 7
     # a token as the target of an embedding: refused, as `explain --target-token` refuses it
     assert "not a vocabulary" in out["runs"][2]["error"]
+    assert "target 384 is out of range: the explained output has 384 values" in out["runs"][3]["error"]
     DOCS.mkdir(exist_ok=True)
     shutil.copy(shot, DOCS / "web_minilm.png")
 

@@ -91,10 +91,7 @@ async function run() {
   setState('running', 'explaining ...');
   try {
     const target = resolveTarget(tokenizer, $('target-kind').value, $('target-value').value);
-    const result = await explain(ort, model, tokenizer, text, { target });
-    if ($('target-kind').value === 'token' && !result.vocabulary) {
-      throw new Error(`the explained output '${model.meta.explained_output}' is not a vocabulary: choose an index`);
-    }
+    const result = await explain(ort, model, tokenizer, text, { target, tokenTarget: $('target-kind').value === 'token' });
     const label = (id) => (result.vocabulary ? pyRepr(tokenizer.decodeToken(id) ?? String(id)) : String(id));
     const sum = result.relevance.reduce((a, b) => a + b, 0);
     const pieces = tokenPieces(text, result.offsets, result.tokens);

@@ -151,7 +151,8 @@ function tokenFeeds(ort, inputNames, ids) {
 // target: a token/class id or null (the argmax). The explained position is the last token.
 // -> {ids, tokens, offsets, relevance (per token), relevanceFull (Float32Array), shape, target, logit,
 //     vocabulary (whether the explained output is a vocabulary), top: [[id, score]] (5 best), milliseconds}
-export async function explain(ort, model, tokenizer, text, { target = null } = {}) {
+// tokenTarget: the target was given as a token, which only a vocabulary output can take.
+export async function explain(ort, model, tokenizer, text, { target = null, tokenTarget = false } = {}) {
   const encoding = tokenizer.encode(text);
   if (encoding.ids.length === 0) throw new Error('the text has no tokens');
   const { session, meta } = model;
@@ -199,6 +200,15 @@ export async function explain(ort, model, tokenizer, text, { target = null } = {
     top = [...row.keys()].sort((a, b) => row[b] - row[a]).slice(0, 5).map((i) => [i, row[i]]);
   }
   for (const tensor of Object.values(outputs)) tensor.dispose?.();
+  if (tokenTarget && !vocabulary) {  // as `lrp-onnx explain --target-token` refuses it
+    throw new Error(`the explained output '${meta.explained_output}' is not a vocabulary: choose an index`);
+  }
+  if (selected !== null && selected < 0) {  // the graph flags a target (or position) out of range with -1
+    const size = scoresTensor?.dims.at(-1);
+    throw new Error(`target ${target} is out of range` + (size ? `: the explained output has ${size} values ` +
+      `(0..${size - 1})` : ''));
+  }
+  if (logit !== null && !Number.isFinite(logit)) throw new Error(`the explained logit is ${logit}`);
   return {
     ids: encoding.ids, tokens: encoding.tokens, offsets: encoding.offsets,
     relevance: perToken, relevanceFull: Float32Array.from(data), shape: dims,
