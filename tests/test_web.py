@@ -165,6 +165,13 @@ def convert_into(folder: Path, onnx_path, tokenizer_path, **convert_kwargs) -> P
     return out
 
 
+def with_external_data(model: onnx.ModelProto, path: Path) -> Path:
+    """Save `model` at `path` with its weights in path + '.data' (the page must fetch or be given it)."""
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=1024)
+    return path
+
+
 @pytest.fixture(scope="module")
 def minilm_files(workdir):
     from models import minilm
@@ -176,10 +183,12 @@ def minilm_files(workdir):
 
 
 def test_page_on_minilm(minilm_files, workdir, tmp_path):
-    """Real MiniLM (6 layers): the sentence embedding's argmax dimension and a chosen one; the tokenizer
-    on TRICKY texts; screenshot docs/web_minilm.png."""
+    """Real MiniLM (6 layers), its weights in an external data file that the page fetches: the sentence
+    embedding's argmax dimension and a chosen one; the tokenizer on TRICKY texts; screenshot
+    docs/web_minilm.png."""
     models = workdir / "web"
     model = convert_into(models / "minilm", *minilm_files)
+    with_external_data(onnx.load(model), model)
     text = "A man is eating a piece of bread."
     shot = tmp_path / "web_minilm.png"
     with serve(models) as base:
@@ -187,7 +196,7 @@ def test_page_on_minilm(minilm_files, workdir, tmp_path):
                      "runs": [{"text": text, "target": "argmax"}, {"text": text, "target": "index", "value": "7"},
                               {"text": text, "target": "token", "value": "man"},
                               {"text": text, "target": "index", "value": "384"}]}, tmp_path)
-    assert "on wasm" in out["load"] and "lrp_target" in out["load"], out["load"]
+    assert "on wasm" in out["load"] and "+ external data" in out["load"] and "lrp_target" in out["load"], out["load"]
     tok = load_tokenizer(minilm_files[1])
     for text_, got in zip(TRICKY, out["tokenized"], strict=True):
         e = tok.encode(text_)
@@ -253,7 +262,8 @@ def plain_target_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def test_page_on_webgpu(tiny_model, word_tokenizer, workdir, tmp_path):
-    """The WebGPU backend (Chromium's SwiftShader adapter: WebGPU on the CPU) on a tiny GPT-2: relevance
+    """The WebGPU backend (Chromium's SwiftShader adapter: WebGPU on the CPU) on a tiny GPT-2 given as
+    local files (model, its external data, tokenizer.json) through the page's file input: relevance
     equal to Explainer's. The optional-input form is refused by name on WebGPU. (A tiny LLaMA differs by
     1.0-1.3e-4, its logits already by up to 6.6e-5: WGSL's sin/cos, which its rotary embedding computes
     in the graph, need only be accurate to 2^-11 absolute; docs/web.md.)"""
@@ -263,15 +273,16 @@ def test_page_on_webgpu(tiny_model, word_tokenizer, workdir, tmp_path):
     model = convert_into(folder, path, word_tokenizer)
     reference_explainer = lrp_onnx.Explainer(model, providers=CPU)
     optional = any(i.type.HasField("optional_type") for i in onnx.load(model).graph.input)
-    onnx.save(plain_target_inputs(onnx.load(model)), folder / "model.lrp.onnx")
+    with_external_data(plain_target_inputs(onnx.load(model)), model)
+    files = [str(model), str(model) + ".data", str(folder / "tokenizer.json")]
     text = "w5 w17 w3 w42 w8 w61"
     swiftshader = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
                    "--use-webgpu-adapter=swiftshader", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
     with serve(models) as base:
-        out = drive({"url": page_url(base, "gpt2-webgpu", backend="webgpu"), "chromiumArgs": swiftshader,
+        out = drive({"url": f"{base}/index.html?backend=webgpu", "files": files, "chromiumArgs": swiftshader,
                      "runs": [{"text": text, "target": "argmax"}, {"text": text, "target": "index", "value": "7"}]},
                     tmp_path)
-    assert "on webgpu" in out["load"], out["load"]
+    assert "on webgpu" in out["load"] and "+ external data" in out["load"], out["load"]
     tok = load_tokenizer(word_tokenizer)
     label = lambda i: repr(tok.decode([i]))  # noqa: E731
     check_run(out["runs"][0], reference(reference_explainer, tok, text), label)

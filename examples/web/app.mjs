@@ -142,6 +142,7 @@ async function main() {
   // for scripts (tests): tokenization alone
   window.lrpTokenize = (text) => state?.tokenizer.encode(text);
   if (params.has('model') && params.has('tokenizer')) await load();
+  else document.body.dataset.state = 'waiting';  // for a model and tokenizer given by hand
 }
 
 main();

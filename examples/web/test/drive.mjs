@@ -4,7 +4,8 @@
 //
 //   node test/drive.mjs SPEC.json   (SPEC: {"url": "http://127.0.0.1:PORT/index.html?model=...&tokenizer=...",
 //       "runs": [{"text": "...", "target": "argmax|token|index", "value": "..."}], "tokenize": ["..."],
-//       "screenshot": "out.png", "screenshotRun": 0, "chromium": "/usr/bin/chromium", "timeoutMs": 90000})
+//       "screenshot": "out.png", "screenshotRun": 0, "chromium": "/usr/bin/chromium", "timeoutMs": 90000,
+//       "files": [local files for the page's file input, instead of ?model=&tokenizer=]})
 //   -> {"load": status line, "runs": [page results], "tokenized": [{ids, tokens, offsets}], "console": [...]}
 // Errors: one line on stderr, exit code 2.
 import fs from 'node:fs';
@@ -29,6 +30,11 @@ async function main() {
     await page.goto(spec.url, { waitUntil: 'load' });
     const settled = (states) => page.waitForFunction(
       (s) => s.includes(document.body.dataset.state), { timeout, polling: 100 }, states);
+    if (spec.files) {  // local files through the file input, then Load
+      await settled(['waiting']);
+      await (await page.$('#files')).uploadFile(...spec.files);
+      await page.click('#load');
+    }
     await settled(['ready', 'error']);
     const load = await page.$eval('#status', (e) => e.textContent);
     if (await page.$eval('body', (b) => b.dataset.state) === 'error') throw new Error(`page: ${load}`);
