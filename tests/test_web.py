@@ -2,7 +2,7 @@
 (examples/web/test/drive.mjs) against a static server on 127.0.0.1 that this module starts and stops.
 The page tokenizes in JavaScript and runs onnxruntime-web; its relevance must equal
 lrp_onnx.Explainer's (onnxruntime, CPU) for the same text and target, its tokens the `tokenizers`
-package's, its colours lrp_onnx.heatmap's. Screenshots go to docs/web_*.png.
+package's, its colours lrp_onnx.heatmap's. Screenshots go to docs/web_*.png with LRP_UPDATE_DOCS=1.
 
 Needs `bash tools/install_browser.sh` (chromium via apt-get, `npm ci` in examples/web); without it
 the tests fail, saying so."""
@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import re
+import os
 import shutil
 import subprocess
 import threading
@@ -28,6 +29,13 @@ from tests.conftest import CPU, REPO, rel_l2
 
 WEB = REPO / "examples" / "web"
 DOCS = REPO / "docs"
+
+
+def keep_screenshot(shot, name):
+    """Screenshots refresh docs/ only when asked (LRP_UPDATE_DOCS=1): a test run leaves the checkout as it was."""
+    assert shot.stat().st_size > 10_000  # a rendered page, not an empty canvas
+    if os.environ.get("LRP_UPDATE_DOCS") == "1":
+        shutil.copy(shot, DOCS / name)
 TOLERANCE = 1e-4  # relative L2 between the page's relevance and Explainer's (seen: <= 1.5e-6)
 
 # texts that exercise the tokenizers: accents, CJK, digits, emoji, contractions, control and
@@ -208,8 +216,7 @@ def test_page_on_minilm(minilm_files, workdir, tmp_path):
     # a token as the target of an embedding: refused, as `explain --target-token` refuses it
     assert "not a vocabulary" in out["runs"][2]["error"]
     assert "target 384 is out of range: the explained output has 384 values" in out["runs"][3]["error"]
-    DOCS.mkdir(exist_ok=True)
-    shutil.copy(shot, DOCS / "web_minilm.png")
+    keep_screenshot(shot, "web_minilm.png")
 
 
 def test_page_on_smollm2_relevance_only(smollm2_2layers, workdir, tmp_path):
@@ -237,7 +244,7 @@ def test_page_on_smollm2_relevance_only(smollm2_2layers, workdir, tmp_path):
     check_run(out["runs"][1], reference(explainer, tok, text, target=paris), label)
     assert out["runs"][1]["target"] == paris
     assert "is 2 tokens, not one" in out["runs"][2]["error"]
-    shutil.copy(shot, DOCS / "web_smollm2_2layers.png")
+    keep_screenshot(shot, "web_smollm2_2layers.png")
 
 
 def plain_target_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
