@@ -10,8 +10,8 @@ import contextlib
 import functools
 import http.server
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import threading
