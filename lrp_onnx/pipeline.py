@@ -29,6 +29,7 @@ from .control import branch_model, free_names as outer_references_of_graph, has_
 from .canonicalize import drop_outputs, select_position_before_head, squeeze_class_output
 from .errors import LRPError, UnsupportedOpsError
 from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
+from .qoperator import qoperator_to_qdq
 from .graph import GraphView, TensorInfo, constant_table_lookup, node_label
 from .validate import check_emitted, check_graph, input_limits
 from .patterns import find_regions
@@ -453,6 +454,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     check_convert_paths(model, model_path, base_dir, output_path)
     upgrade_opset(model)
     cache = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
+    qoperator_to_qdq(model)  # QLinearMatMul, QLinearAdd, ...: the QDQ form they stand for
     unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
     if cache.bound:
