@@ -118,8 +118,11 @@ def test_tiny_builder_int4_relevance_close_to_fp32(workdir, accuracy_level):
         runs[name] = lrp_onnx.Explainer(str(converted), providers=CPU).run(target=[7], **feed)
     assert "MatMulNBits" in {n.op_type for n in onnx.load(str(int4_path), load_external_data=False).graph.node}
     a, b = runs["fp32"].token_relevance()[0], runs["int4"].token_relevance()[0]
-    assert cosine(a, b) >= TINY_MIN_COSINE
-    assert set(np.argsort(-np.abs(a))[:3]) == set(np.argsort(-np.abs(b))[:3])
+    assert cosine(a, b) >= TINY_MIN_TOKEN_COSINE
+    assert cosine(runs["fp32"].relevance, runs["int4"].relevance) >= TINY_MIN_COSINE
+    assert set(np.argsort(-a)[:3]) == set(np.argsort(-b)[:3])
 
 
-TINY_MIN_COSINE = 0.9
+# tiny random LLaMA, int4 vs fp32 (attnlrp, both accuracy levels): seen token cosine 0.983, per-dimension
+# cosine 0.920, the same top-3 tokens; a relevance unrelated to the fp32 one stays far below
+TINY_MIN_TOKEN_COSINE, TINY_MIN_COSINE = 0.95, 0.85
