@@ -4,7 +4,9 @@ converts (lrp_onnx/qoperator.py rewrites it to the QDQ form it stands for):
 * its original outputs equal a default onnxruntime session of the quantized model;
 * with MatMul/Gemm quantized, its relevance is close to the float model's (cosine, top-3 tokens);
 * with every op quantized, the int8 word-embedding lookup (Gather -> DequantizeLinear) is the default
-  source and the relevance keeps a cosine bound to the float model's.
+  source and the relevance keeps a cosine bound to the float model's;
+* a QDQ model with its embedding table quantized (DequantizeLinear -> Gather) has that lookup as its
+  default source, with the token-id input and its limit recorded.
 """
 import numpy as np
 import onnx
@@ -22,7 +24,7 @@ MIN_COSINE_MATMUL = 0.99
 MIN_COSINE_ALL = {"gradient": 0.55, "attnlrp": 0.8, "cp-lrp": 0.75}
 
 
-def _quantize(src, dst, **kwargs):
+def _quantize(src, dst, quant_format="QOperator", **kwargs):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from models import tiny
@@ -35,7 +37,7 @@ def _quantize(src, dst, **kwargs):
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(src), str(dst), Calibration(), quant_format=QuantFormat.QOperator, **kwargs)
+    quantize_static(str(src), str(dst), Calibration(), quant_format=getattr(QuantFormat, quant_format), **kwargs)
     return dst
 
 
@@ -87,3 +89,18 @@ def test_all_ops_quantized_converts_from_the_int8_embedding(models, relevances, 
     assert relevances[("all", rules)].source_inputs == {"lrp_relevance": "input_ids"}
     assert lookup.input[0] in {t.name for t in model.graph.initializer}  # an int8 table
     assert cosine(relevances[("float", rules)].relevance, relevances[("all", rules)].relevance) >= MIN_COSINE_ALL[rules]
+
+
+def test_dequantized_table_lookup_is_the_default_source(tiny_model, workdir):
+    from onnxruntime.quantization import QuantType
+
+    path = _quantize(tiny_model("bert")[1], workdir / "bert-qdq-gather.onnx", "QDQ", activation_type=QuantType.QInt8,
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["Gather", "MatMul"])
+    model = onnx.load(str(path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    lookup = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    assert producers[lookup.input[0]].op_type == "DequantizeLinear"
+    meta = lrp_onnx.Explainer.from_model(lrp_onnx.convert(str(path)), providers=CPU).meta
+    assert meta["sources"] == [lookup.output[0]]
+    assert meta["source_inputs"] == {"lrp_relevance": "input_ids"}
+    assert meta["input_limits"]["inputs"]["input_ids"] == 100
