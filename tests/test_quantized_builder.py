@@ -1,0 +1,128 @@
+"""onnxruntime-genai's model builder in int4 (issue 21): MatMulNBits weights (accuracy levels 1 and 4)
+and a GatherBlockQuantized embedding, on SmolLM2-135M's real weights (first 2 layers) and on the tiny
+random LLaMA of models/genai.py.
+
+* The builder's file converts without --source: the GatherBlockQuantized lookup is the default source,
+  its token-id input and id limit are recorded.
+* Its relevance agrees with the fp32 export's (models.smollm2, the same weights dequantized): cosine
+  and top-k tokens.
+* Quantized weights stay quantized under onnxruntime's default session options: the optimized model
+  (every graph optimization, constant folding included) holds less float initializer data than the
+  4-bit weights themselves (a constant-folded dequantization would hold 8x their size), and each
+  MatMulNBits' backward DequantizeLinear is still there.
+"""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import lrp_onnx
+from models import genai
+from tests.conftest import CPU, cosine
+
+TEXT = "The capital of France is Paris, and the capital of Germany is"
+# SmolLM2 (2 layers, 13 tokens), int4 vs fp32 export: seen token cosine 0.9998, per-dimension cosine 0.984,
+# the same top-5 tokens; the bounds leave room for kernel differences across CPUs
+MIN_TOKEN_COSINE, MIN_COSINE = 0.99, 0.95
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4(smollm2_2layers, workdir):
+    """The builder's int4 CPU model of the 2-layer SmolLM2 and its conversion (a file beside it)."""
+    path = genai.run_builder(smollm2_2layers["hf_dir"], workdir / "smollm2-2layers-int4", "int4")
+    converted = path.with_name("model.lrp.onnx")
+    lrp_onnx.convert(str(path), str(converted))
+    return path, converted
+
+
+@pytest.fixture(scope="module")
+def feed(smollm2_2layers):
+    from tokenizers import Tokenizer
+
+    ids = np.array([Tokenizer.from_file(str(smollm2_2layers["tokenizer"])).encode(TEXT).ids], np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def test_builder_int4_has_quantized_weights_and_embedding(smollm2_int4):
+    ops = {n.op_type for n in onnx.load(str(smollm2_int4[0]), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
+
+
+def test_gather_block_quantized_is_the_default_source(smollm2_int4):
+    meta = lrp_onnx.Explainer(str(smollm2_int4[1]), providers=CPU).meta
+    model = onnx.load(str(smollm2_int4[0]), load_external_data=False)
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert meta["sources"] == [lookup.output[0]]
+    assert meta["source_inputs"] == {"lrp_relevance": "input_ids"}
+    assert meta["input_limits"]["inputs"] == {"input_ids": 49152}
+
+
+def test_out_of_range_ids_are_refused(smollm2_int4, feed):
+    explainer = lrp_onnx.Explainer(str(smollm2_int4[1]), providers=CPU)
+    bad = dict(feed, input_ids=np.where(np.arange(feed["input_ids"].shape[1]) == 2, 49152, feed["input_ids"]))
+    with pytest.raises(lrp_onnx.LRPError, match="input 'input_ids': id 49152"):
+        explainer.run(**bad)
+
+
+def test_int4_relevance_agrees_with_the_fp32_export(smollm2_2layers, smollm2_int4, feed):
+    fp32 = lrp_onnx.Explainer.from_model(lrp_onnx.convert(str(smollm2_2layers["onnx"])), providers=CPU).run(**feed)
+    int4 = lrp_onnx.Explainer(str(smollm2_int4[1]), providers=CPU).run(target=fp32.target, **feed)
+    assert int4.outputs["logits"][0, -1].argmax() == fp32.target[0]  # the int4 model predicts the same token
+    a, b = fp32.token_relevance()[0], int4.token_relevance()[0]
+    assert cosine(a, b) >= MIN_TOKEN_COSINE
+    assert cosine(fp32.relevance, int4.relevance) >= MIN_COSINE
+    assert set(np.argsort(-a)[:5]) == set(np.argsort(-b)[:5])
+    assert np.argmax(a) == np.argmax(b)
+
+
+def _optimized(path, out):
+    """The model onnxruntime runs under default session options (all optimizations), written to `out`."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=CPU)
+    return onnx.load(str(out), load_external_data=False)
+
+
+def _bytes(tensor) -> int:
+    bits = {onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4}.get(
+        tensor.data_type, 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * bits // 8
+
+
+def test_weights_stay_4_bit_under_default_session_options(smollm2_int4, tmp_path):
+    source = onnx.load(str(smollm2_int4[0]), load_external_data=False)
+    by_name = {t.name: t for t in source.graph.initializer}
+    packed = sum(_bytes(by_name[n.input[1]]) for n in source.graph.node if n.op_type == "MatMulNBits")
+    optimized = _optimized(smollm2_int4[1], tmp_path / "optimized.onnx")
+    floats = sum(_bytes(t) for t in optimized.graph.initializer
+                 if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+    assert floats < packed  # folded dequantized weights: >= 8 * packed
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops.count("DequantizeLinear") == ops.count("MatMulNBits") > 0
+
+
+@pytest.mark.parametrize("accuracy_level", [1, 4])
+def test_tiny_builder_int4_relevance_close_to_fp32(workdir, accuracy_level):
+    """The tiny random LLaMA in the builder's int4 form, against the builder's fp32 form of the same weights."""
+    out = workdir / "genai-llama"
+    fp32_path = genai.export_genai(out)
+    int4_path = genai.run_builder(genai.hf_dir(out), out / f"genai-int4-acc{accuracy_level}", "int4",
+                                  {"int4_accuracy_level": accuracy_level})
+    ids = np.array([[5, 17, 42, 8, 99, 23, 61, 3, 77, 12]], np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    runs = {}
+    for name, path in (("fp32", fp32_path), ("int4", int4_path)):
+        converted = path.with_name("model.lrp.onnx")
+        lrp_onnx.convert(str(path), str(converted))
+        runs[name] = lrp_onnx.Explainer(str(converted), providers=CPU).run(target=[7], **feed)
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(int4_path), load_external_data=False).graph.node}
+    a, b = runs["fp32"].token_relevance()[0], runs["int4"].token_relevance()[0]
+    assert cosine(a, b) >= TINY_MIN_TOKEN_COSINE
+    assert cosine(runs["fp32"].relevance, runs["int4"].relevance) >= TINY_MIN_COSINE
+    assert set(np.argsort(-a)[:3]) == set(np.argsort(-b)[:3])
+
+
+# tiny random LLaMA, int4 vs fp32 (attnlrp, both accuracy levels): seen token cosine 0.983, per-dimension
+# cosine 0.920, the same top-3 tokens; a relevance unrelated to the fp32 one stays far below
+TINY_MIN_TOKEN_COSINE, TINY_MIN_COSINE = 0.95, 0.85
