@@ -1,9 +1,11 @@
-"""Seed targets: which logit is explained, as graph inputs with defaults.
+"""Seed targets: which logit is explained, as graph inputs.
 
-Inputs added to the converted model (a public contract):
-  lrp_target   int64 [batch] (default [-1]): class/vocab index per row; negative = the argmax
-  lrp_position int64 [batch] (default [-1]): sequence position per row when the explained output
-               has a sequence axis; Python-style negative indices count from the end
+Inputs added to the converted model (a public contract, docs/contract.md):
+  lrp_target   int64 [batch] (feed [-1] for the default): class/vocab index per row; negative = the argmax
+  lrp_position int64 [batch] (feed [-1] for the default): sequence position per row when the explained
+               output has a sequence axis; Python-style negative indices count from the end
+  Plain required inputs by default; `inputs="optional"` makes them optional(tensor(int64)) that
+  onnxruntime's core may omit (finish_target_inputs).
   lrp_seed     float, the explained output's shape: replaces both (option seed_input)
 Outputs: lrp_selected_target (int64 [batch]) and lrp_selected_logit ([batch]) say what was explained.
 
@@ -139,7 +141,40 @@ def rename_output(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
                 n.output[k] = new
 
 
-def optional_defaults(model: onnx.ModelProto, names=(TARGET_INPUT, POSITION_INPUT)) -> None:
+INPUT_FORMS = ("plain", "optional")
+DEFAULTED_INPUTS = (TARGET_INPUT, POSITION_INPUT)
+
+
+def default_value(name: str, rank: int) -> np.ndarray:
+    """What to feed to `name` (lrp_target / lrp_position) for its default: -1 (the argmax, the last
+    position) in an int64 array of `rank` dimensions of size 1 (rank 1, or 2 with multi_target)."""
+    return np.full([1] * max(rank, 1), -1, dtype=np.int64)
+
+
+def finish_target_inputs(model: onnx.ModelProto, form: str = "plain") -> dict:
+    """Give the inputs lrp_target / lrp_position, declared during conversion as inputs backed by an
+    initializer of the same name, their final form; returns {name: default value as a list}.
+
+    plain (default): ordinary required int64 inputs; the caller feeds -1 for the default. Every runtime
+      runs this form and lets the caller choose: onnxruntime (Python, C/C++, Node.js, WASM), OpenVINO,
+      TensorRT. (OpenVINO and onnxruntime-node treat an input backed by an initializer as the constant.)
+    optional: inputs of type optional(tensor(int64)) resolved in the graph by
+      If(OptionalHasElement(x), OptionalGetElement(x), default): onnxruntime's core (Python, C/C++) may
+      omit them. Needs opset >= 15 (older graphs keep the initializer form); OpenVINO cannot read it."""
+    if form not in INPUT_FORMS:
+        raise ValueError(f"inputs '{form}': choose one of {', '.join(INPUT_FORMS)}")
+    g = model.graph
+    inputs = {vi.name for vi in g.input if vi.name in DEFAULTED_INPUTS}
+    defaults = {t.name: numpy_helper.to_array(t).tolist() for t in g.initializer if t.name in inputs}
+    if form == "optional":
+        optional_defaults(model)
+    else:
+        for k in reversed([k for k, t in enumerate(g.initializer) if t.name in defaults]):
+            del g.initializer[k]  # in place: rebuilding the list would copy every weight
+    return defaults
+
+
+def optional_defaults(model: onnx.ModelProto, names=DEFAULTED_INPUTS) -> None:
     """Turn the initializer-backed inputs `names` into inputs of type optional(tensor(int64)) resolved
     in the graph: If(OptionalHasElement(x), OptionalGetElement(x), default). Feeding nothing still
     gives the default, and onnxruntime no longer warns "Initializer ... appears in graph inputs".

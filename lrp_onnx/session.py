@@ -36,6 +36,24 @@ def open_session(model, providers=None, threads: int | None = None, prepack: boo
     return session, names
 
 
+def input_defaults(session) -> dict:
+    """{name: value} for the plain lrp_target / lrp_position inputs of a converted model's session: the
+    value that asks for the default (-1: the argmax, the last position), fed when the caller gives none."""
+    from .seed import DEFAULTED_INPUTS, default_value
+
+    return {i.name: default_value(i.name, len(i.shape)) for i in session.get_inputs()
+            if i.name in DEFAULTED_INPUTS and i.type == "tensor(int64)"}
+
+
+def unfed_inputs(session, feed) -> list:
+    """Inputs of `session` that `feed` lacks and that have no default (neither optional nor lrp_target /
+    lrp_position, which input_defaults fills)."""
+    from .seed import DEFAULTED_INPUTS
+
+    return [i.name for i in session.get_inputs()
+            if i.name not in feed and i.name not in DEFAULTED_INPUTS and not i.type.startswith("optional")]
+
+
 def text_inputs(input_names, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:
     """The inputs of a text model among `input_names` from token ids [batch, sequence] and a mask
     (default: no padding): input_ids, attention_mask, token_type_ids (zeros), position_ids."""

@@ -38,6 +38,8 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from lrp_onnx.session import input_defaults  # noqa: E402 (after the path set-up)
+
 FP32_MAX_REL = 1e-4
 FP16_MIN_COSINE = 0.999
 FP16_MAX_REL_L2 = 1e-2
@@ -126,7 +128,7 @@ def providers_used(path: Path, feed: dict) -> dict:
         options.profile_file_prefix = str(Path(tmp) / "prof")
         session = ort.InferenceSession(str(path), options, providers=providers("cuda"))
         names = {i.name for i in session.get_inputs()}
-        session.run(None, {k: v for k, v in feed.items() if k in names})
+        session.run(None, {**input_defaults(session), **{k: v for k, v in feed.items() if k in names}})
         events = json.loads(Path(session.end_profiling()).read_text())
     used: dict = {}
     for e in events:
@@ -182,7 +184,7 @@ def ort_cuda_runner(path: Path, feed: dict):
     session = ort.InferenceSession(str(path), options, providers=providers("cuda"))
     names = {i.name for i in session.get_inputs()}
     binding = session.io_binding()
-    for name, value in feed.items():
+    for name, value in {**input_defaults(session), **feed}.items():
         if name in names:
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value),
                                                                             DEVICE["ort"], 0))
