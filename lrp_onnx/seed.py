@@ -77,7 +77,6 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
         seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
     scores = output
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-    one_hot_values = b.const(np.array([0, 1], dtype=np_dtype))
     zero = b.ints([0])
     valid = None  # bool [batch]: the row's position and target are in range (see the module docstring)
     if rank == 3:
@@ -98,15 +97,14 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
         index = b.op("Expand", [b.op("Reshape", [position, b.ints([-1, 1, 1])]),
                                 b.op("Concat", [batch, b.ints([1]), vocab], axis=0)])
         scores = b.op("Squeeze", [b.op("GatherElements", [output, index], axis=1), b.ints([1])])
-        position_mask = b.op("Unsqueeze", [b.op("OneHot", [position, length, one_hot_values], axis=-1),
-                                           b.ints([2])])
+        position_mask = b.op("Unsqueeze", [_one_hot(b, position, length, dtype), b.ints([2])])
     classes = b.op("Slice", [b.shape_of(scores), b.ints([1]), b.ints([2])])
     target_ok = b.op("Less", [target, classes])  # negative: the argmax
     valid = target_ok if valid is None else b.op("And", [valid, target_ok])
     argmax = b.op("ArgMax", [scores], axis=-1, keepdims=0)
     chosen = b.op("Where", [b.op("Less", [target, zero]), argmax, target])
     chosen = b.op("Where", [valid, chosen, zero])
-    target_mask = b.op("OneHot", [chosen, classes, one_hot_values], axis=-1)
+    target_mask = _one_hot(b, chosen, classes, dtype)
     if rank == 3:
         gradient = b.op("Mul", [position_mask, b.op("Unsqueeze", [target_mask, b.ints([1])])])
     else:
@@ -123,6 +121,15 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
         SELECTED_TARGET, TensorProto.INT64, [shape[0]]))
     seed.outputs[SELECTED_LOGIT] = (logit, helper.make_tensor_value_info(SELECTED_LOGIT, dtype, [shape[0]]))
     return seed
+
+
+def _one_hot(b: Builder, index: str, depth: str, dtype: int) -> str:
+    """OneHot(index, depth) along a new last axis in `dtype`, written Cast(Equal(index[..., None],
+    Range(0, depth))): `depth` is a shape (the classes, the sequence length), and TensorRT's ONNX parser
+    takes OneHot only with a build-time constant depth."""
+    columns = b.op("Range", [b.const(np.array(0, np.int64)), b.op("Squeeze", [depth, b.ints([0])]),
+                             b.const(np.array(1, np.int64))])
+    return b.op("Cast", [b.op("Equal", [b.op("Unsqueeze", [index, b.ints([-1])]), columns])], to=dtype)
 
 
 def _position_in_range(b: Builder, position: str, length: str) -> tuple[str, str]:
