@@ -16,7 +16,7 @@ import pytest
 
 import lrp_onnx
 from lrp_onnx.runner import text_inputs
-from tests.conftest import explain_inputs
+from tests.conftest import explain_inputs, lrp_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CPP = REPO / "examples" / "cpp"
@@ -179,6 +179,10 @@ def test_bad_arguments_one_line_exit_2(consumer, converted, workdir, tiny_model)
         assert len(done.stderr.strip().splitlines()) == 1 and words in done.stderr, done.stderr
 
 
+def _meta(model):
+    return json.loads(next(p.value for p in model.metadata_props if p.key == "lrp_onnx"))
+
+
 def test_plain_inputs_defaults_are_minus_one(converted, workdir, capfd):
     """The default form: lrp_target / lrp_position are plain required int64 inputs (no initializer, no
     Optional ops), onnxruntime prints nothing at its default log level, and feeding -1 explains the
@@ -189,7 +193,7 @@ def test_plain_inputs_defaults_are_minus_one(converted, workdir, capfd):
     model = onnx.load(path, load_external_data=False)
     assert not {"lrp_target", "lrp_position"} & {t.name for t in model.graph.initializer}
     assert not {n.op_type for n in model.graph.node} & {"OptionalHasElement", "OptionalGetElement"}
-    assert json.loads(model.metadata_props[0].value)["input_defaults"] == {"lrp_target": [-1], "lrp_position": [-1]}
+    assert _meta(model)["input_defaults"] == {"lrp_target": [-1], "lrp_position": [-1]}
     capfd.readouterr()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = explain_inputs("llama")
@@ -209,10 +213,12 @@ def test_plain_inputs_defaults_are_minus_one(converted, workdir, capfd):
 
 @pytest.fixture(scope="module")
 def decoder_optional_inputs(tiny_model, workdir):
-    """The tiny LLaMA converted with inputs="optional" (convert --inputs optional)."""
+    """The tiny LLaMA converted by `lrp-onnx convert --inputs optional`."""
     _, path = tiny_model("llama")
     out = workdir / "llama-torchscript" / "model.consumers-optional.onnx"
-    lrp_onnx.convert(path, out, inputs="optional")
+    done = lrp_cli("convert", path, "-o", out, "--inputs", "optional")
+    assert done.returncode == 0, done.stderr
+    assert _meta(onnx.load(out))["inputs"] == "optional"
     return out
 
 
