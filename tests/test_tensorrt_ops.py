@@ -3,8 +3,10 @@ tools/tensorrt_ops.py against tools/data/tensorrt_ops.json, onnx-tensorrt's oper
 10.0/10.1, opset 9..20).
 
 What the parser does not take, by conversion form (asserted exactly below):
-* default (plain lrp_target / lrp_position inputs, one target per row): nothing, on every family and
+* default (plain lrp_target / lrp_position inputs, one target per row): nothing, on every dense family and
   rule set here (the seed's one-hots are Equal(Range) rather than OneHot with a shape-computed depth);
+* a sparse mixture of experts (Mixtral): its export's own bool NonZero, plus the backward's runtime
+  un-broadcast (ReduceSum over computed axes);
 * multi_target: the one Loop over the targets, whose scan outputs (one relevance per target) have the
   trip count's length, dynamic; onnxruntime's TensorRT provider runs that Loop on its next provider;
 * inputs="optional": the OptionalHasElement / OptionalGetElement pair of each input (marked N).
@@ -64,13 +66,21 @@ def test_checker_flags_what_the_parser_lacks():
     ("llama", "dynamo", "gradient", False),
     ("gpt2", "torchscript", "cp-lrp", True),
     ("t5", "torchscript", "attnlrp", False),
-    ("mixtral", "torchscript", "attnlrp", False),
     ("vit", "torchscript", "vit-gamma", False),
 ])
 def test_converted_graphs_parse(family, exporter, rules, relevance_only, tiny_model):
     _, path = tiny_model(family, exporter)
     assert flagged(onnx.load(str(path))) == []
     assert flagged(lrp_onnx.convert(path, rules=rules, relevance_only=relevance_only)) == []
+
+
+def test_mixture_of_experts(tiny_model):
+    """Mixtral: the export itself routes tokens with NonZero on a bool mask (the parser takes NonZero on
+    float only); the conversion adds the backward's runtime un-broadcast of the routing weights
+    (ReduceSum over axes computed from the shapes, via another bool NonZero)."""
+    _, path = tiny_model("mixtral")
+    assert flagged(onnx.load(str(path))) == [("ai.onnx::NonZero", "T = bool")]
+    assert flagged(lrp_onnx.convert(path)) == [("ai.onnx::NonZero", "T = bool"), ("ai.onnx::ReduceSum", "`axes`")]
 
 
 def test_multi_target_and_optional_forms(tiny_model):
