@@ -9,7 +9,8 @@ from .errors import LRPError
 def open_session(model, providers=None, threads: int | None = None, prepack: bool = False, label: str | None = None,
                  external_folder: str | None = None):
     """An onnxruntime session (CUDA when present, else CPU) and the names it can be fed: its inputs
-    and the inputs backed by initializers (lrp_target, lrp_position, ... have defaults).
+    and the inputs backed by initializers (lrp_target / lrp_position of a model converted with
+    inputs="optional" below opset 15; plain inputs get their -1 from input_defaults).
 
     prepack: let onnxruntime pre-pack weights. Off by default: a converted graph reads most weights
     twice (forward MatMul, backward Gemm) and pre-packing keeps a copy for each, about one model size
@@ -21,7 +22,7 @@ def open_session(model, providers=None, threads: int | None = None, prepack: boo
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # the lrp_target/lrp_position defaults are meant to be overridable
+    options.log_severity_level = 3  # initializer-backed lrp_target/lrp_position (opset < 15) are meant to be overridable
     if threads:
         options.intra_op_num_threads = threads
     if not prepack:
