@@ -17,7 +17,7 @@ from .analysis import Unit
 from .builder import Builder
 from .graph import attr, node_label
 from .patterns import linear_parts
-from .vjp import conv_input_gradient
+from .vjp import conv_input_gradient, weight_input_gradient
 
 
 @dataclass
@@ -43,8 +43,8 @@ def affine_layer(b: Builder, unit: Unit) -> AffineLayer:
             out = b.op("MatMul", [x_, w_], like=y)
             return b.add(out, bias_, like=y) if bias_ else out
 
-        def transpose_linear(g, w_):
-            return b.op("MatMul", [g, b.transpose_last2(w_)], like=x)
+        def transpose_linear(g, w_):  # w_: the weight or one computed from it (constant, 2-D)
+            return weight_input_gradient(b, g, w_, x)
 
         return AffineLayer(x, w, bias, y, apply_linear, transpose_linear)
     node = view.nodes[unit.nodes[0]]
@@ -67,7 +67,7 @@ def affine_layer(b: Builder, unit: Unit) -> AffineLayer:
             return b.op("Gemm", [x_, w_] + ([bias_] if bias_ else []), like=y, **attrs)
 
         def transpose_gemm(g, w_):
-            return b.op("Gemm", [g, w_], transB=1 - trans_b, alpha=alpha, like=x)
+            return weight_input_gradient(b, g, w_, x, trans_w=trans_b, alpha=alpha)
 
         return AffineLayer(x, w, bias, y, apply_gemm, transpose_gemm)
     raise NotImplementedError(f"{node_label(node)} is not a Conv or linear layer")

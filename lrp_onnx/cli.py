@@ -121,7 +121,8 @@ def cmd_convert(args) -> int:
     check_output_file(args.o, inputs=[args.model])  # before any work (the weight files: in convert)
     convert(args.model, args.o, rules=args.rules, source=args.source, output=args.output,
             latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args),
-            relevance_only=args.relevance_only, multi_target=args.multi_target, memory=args.memory)
+            relevance_only=args.relevance_only, multi_target=args.multi_target, memory=args.memory,
+            inputs=args.inputs)
     print(f"wrote {args.o}")
     return 0
 
@@ -224,6 +225,7 @@ def cmd_explain(args) -> int:
     from .files import check_output_file
     from .runner import Explainer, text_inputs
     from .text import token_texts, unit_pieces, word_relevance
+    from .session import unfed_inputs
 
     if (args.image is None) == (args.text is None):
         raise LRPError("explain needs either --text (with --tokenizer) or --image")
@@ -249,7 +251,7 @@ def cmd_explain(args) -> int:
         return _explain_generation(explainer, args)
     tok, encodings, ids, mask = _tokenize(args.tokenizer, args.text)
     feed = text_inputs(explainer.input_names, ids, mask)
-    missing = [i.name for i in explainer.session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
+    missing = unfed_inputs(explainer.session, feed)
     if missing:
         raise LRPError(f"{args.model}: cannot feed input(s) {', '.join(missing)} from text")
     has_position = "lrp_position" in explainer.input_names
@@ -459,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=["fast", "lean"], default="fast",
                    help="lean: the backward recomputes each attention's scores and probabilities from Q and K "
                         "instead of keeping every layer's [heads, L, L] tensors (less memory at long inputs)")
+    p.add_argument("--inputs", choices=["plain", "optional"], default="plain",
+                   help="lrp_target/lrp_position as plain int64 inputs, fed -1 for the default (default; every "
+                        "runtime: onnxruntime, OpenVINO, TensorRT), or optional(tensor(int64)) inputs that "
+                        "onnxruntime's core may omit (not OpenVINO)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path; exits non-zero "
                        "exactly when `convert` with the same options would refuse")

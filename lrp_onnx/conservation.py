@@ -400,6 +400,9 @@ def audit(model, rules: str | dict = "attnlrp", feeds: dict | None = None, *, ov
             next(helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
                  for o in converted.graph.output if o.name == out_name))
     run_feeds = {k: v for k, v in run_feeds.items() if k in input_names}
+    from .session import input_defaults
+
+    run_feeds = {**input_defaults(session), **run_feeds}  # the argmax at the last position
     names = [o.name for o in session.get_outputs()]
     try:
         values = dict(zip(names, session.run(None, run_feeds)))

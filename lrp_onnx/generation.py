@@ -197,7 +197,10 @@ def _decoder(explainer, decoder, inputs):
 def _run_step(session, feed: dict, fetch: list, output: str) -> dict:
     """One decoding step: `fetch` -> values, after checking that `feed` holds every input the decoder
     needs and that `output` has the shape of next-token logits, [1, sequence, vocab]."""
-    missing = [i.name for i in session.get_inputs() if i.name not in feed and not i.type.startswith("optional")]
+    from .session import input_defaults, unfed_inputs
+
+    missing = unfed_inputs(session, feed)
+    feed = {**input_defaults(session), **feed}
     if missing:
         raise LRPError(f"the decoder needs input(s) {', '.join(missing)}, which cannot be made from token ids; "
                        f"pass decoder= (an ONNX model or a callable) or generated_ids=")

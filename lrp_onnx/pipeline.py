@@ -37,7 +37,7 @@ from .validate import check_declared_sizes, check_element_counts, check_emitted,
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .rules import rule_misfit, warn_unmatched_overrides
-from .seed import build_seed, optional_defaults
+from .seed import INPUT_FORMS, build_seed, finish_target_inputs
 from .multitarget import build_multi_seed, close_loop
 from .vjp import NORM_VJPS, lookup
 
@@ -715,7 +715,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
             relevance_only: bool = False, multi_target: bool = False, memory: str = "fast",
-            _probe=None) -> onnx.ModelProto:
+            inputs: str = "plain", _probe=None) -> onnx.ModelProto:
     """Convert an ONNX model into one that also outputs relevance. See docs/contract.md for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
@@ -723,9 +723,14 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     multi_target: lrp_target/lrp_position take [batch, K] (K targets per row, one forward pass) and the
     relevance outputs get a target axis, [batch, K, ...] (see multitarget.py).
     memory: "fast" (default) or "lean": the backward recomputes each attention's scores and
-    probabilities from Q and K instead of keeping them from the forward (lrp_onnx/lean.py)."""
+    probabilities from Q and K instead of keeping them from the forward (lrp_onnx/lean.py).
+    inputs: the form of lrp_target / lrp_position: "plain" (default) int64 inputs, fed -1 for the
+    default, which every runtime runs (onnxruntime, OpenVINO, TensorRT); or "optional"
+    (optional(tensor(int64)), omissible in onnxruntime's core, not readable by OpenVINO). See seed.py."""
     if memory not in ("fast", "lean"):
         raise LRPError(f"memory '{memory}': choose 'fast' or 'lean'")
+    if inputs not in INPUT_FORMS:
+        raise LRPError(f"inputs '{inputs}': choose {' or '.join(repr(f) for f in INPUT_FORMS)}")
     if multi_target and _probe is not None:
         raise LRPError("the conservation audit explains one target per row; convert without multi_target")
     conv = plan_conversion(model, rules=rules, source=source, output=output, latent=latent,
@@ -806,7 +811,11 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         meta["token_ids"] = token_ids
     if relevance_only:
         drop_outputs(model, keep={o.name for o in g.output if o.name.startswith("lrp_")})
-    optional_defaults(model)
+    defaults = finish_target_inputs(model, inputs)
+    if defaults:
+        optional = any(vi.type.HasField("optional_type") for vi in g.input if vi.name in defaults)
+        meta["inputs"] = "optional" if optional else "plain" if inputs == "plain" else "initializer"
+        meta["input_defaults"] = defaults
     if memory == "lean":
         from .lean import recompute_attention
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import first_line, LRPError
-from .session import open_session, text_inputs  # noqa: F401 (part of the runner's API)
+from .session import input_defaults, open_session, text_inputs  # noqa: F401 (part of the runner's API)
 from .seed import POSITION_INPUT, SEED_INPUT, SELECTED_LOGIT, SELECTED_TARGET, TARGET_INPUT
 
 
@@ -71,6 +71,7 @@ class Explainer:
         self.meta = json.loads(meta)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.multi_target = bool(self.meta.get("multi_target"))  # lrp_target/lrp_position [batch, K]
+        self.defaults = input_defaults(self.session)  # -1 for the plain lrp_target / lrp_position inputs
 
     @classmethod
     def from_model(cls, model, providers=None, threads: int | None = None, prepack: bool = False) -> "Explainer":
@@ -105,6 +106,8 @@ class Explainer:
             if SEED_INPUT not in self.input_names:
                 raise LRPError("this model was converted without --seed-input")
             feed[SEED_INPUT] = np.asarray(seed)
+        for name, value in self.defaults.items():
+            feed.setdefault(name, value)
         try:
             values = self.session.run(None, feed)
         except Exception as exc:

@@ -1,9 +1,11 @@
-"""Seed targets: which logit is explained, as graph inputs with defaults.
+"""Seed targets: which logit is explained, as graph inputs.
 
-Inputs added to the converted model (a public contract):
-  lrp_target   int64 [batch] (default [-1]): class/vocab index per row; negative = the argmax
-  lrp_position int64 [batch] (default [-1]): sequence position per row when the explained output
-               has a sequence axis; Python-style negative indices count from the end
+Inputs added to the converted model (a public contract, docs/contract.md):
+  lrp_target   int64 [batch] (feed [-1] for the default): class/vocab index per row; negative = the argmax
+  lrp_position int64 [batch] (feed [-1] for the default): sequence position per row when the explained
+               output has a sequence axis; Python-style negative indices count from the end
+  Plain required inputs by default; `inputs="optional"` makes them optional(tensor(int64)) that
+  onnxruntime's core may omit (finish_target_inputs).
   lrp_seed     float, the explained output's shape: replaces both (option seed_input)
 Outputs: lrp_selected_target (int64 [batch]) and lrp_selected_logit ([batch]) say what was explained.
 
@@ -75,7 +77,6 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
         seed.defaults.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), TARGET_INPUT))
     scores = output
     np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
-    one_hot_values = b.const(np.array([0, 1], dtype=np_dtype))
     zero = b.ints([0])
     valid = None  # bool [batch]: the row's position and target are in range (see the module docstring)
     if rank == 3:
@@ -96,15 +97,14 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
         index = b.op("Expand", [b.op("Reshape", [position, b.ints([-1, 1, 1])]),
                                 b.op("Concat", [batch, b.ints([1]), vocab], axis=0)])
         scores = b.op("Squeeze", [b.op("GatherElements", [output, index], axis=1), b.ints([1])])
-        position_mask = b.op("Unsqueeze", [b.op("OneHot", [position, length, one_hot_values], axis=-1),
-                                           b.ints([2])])
+        position_mask = b.op("Unsqueeze", [_one_hot(b, position, length, dtype), b.ints([2])])
     classes = b.op("Slice", [b.shape_of(scores), b.ints([1]), b.ints([2])])
     target_ok = b.op("Less", [target, classes])  # negative: the argmax
     valid = target_ok if valid is None else b.op("And", [valid, target_ok])
     argmax = b.op("ArgMax", [scores], axis=-1, keepdims=0)
     chosen = b.op("Where", [b.op("Less", [target, zero]), argmax, target])
     chosen = b.op("Where", [valid, chosen, zero])
-    target_mask = b.op("OneHot", [chosen, classes, one_hot_values], axis=-1)
+    target_mask = _one_hot(b, chosen, classes, dtype)
     if rank == 3:
         gradient = b.op("Mul", [position_mask, b.op("Unsqueeze", [target_mask, b.ints([1])])])
     else:
@@ -123,6 +123,15 @@ def build_seed(b: Builder, output: str, seed_input: bool, position_selected: boo
     return seed
 
 
+def _one_hot(b: Builder, index: str, depth: str, dtype: int) -> str:
+    """OneHot(index, depth) along a new last axis in `dtype`, written Cast(Equal(index[..., None],
+    Range(0, depth))): `depth` is a shape (the classes, the sequence length), and TensorRT's ONNX parser
+    takes OneHot only with a build-time constant depth."""
+    columns = b.op("Range", [b.const(np.array(0, np.int64)), b.op("Squeeze", [depth, b.ints([0])]),
+                             b.const(np.array(1, np.int64))])
+    return b.op("Cast", [b.op("Equal", [b.op("Unsqueeze", [index, b.ints([-1])]), columns])], to=dtype)
+
+
 def _position_in_range(b: Builder, position: str, length: str) -> tuple[str, str]:
     """(position counted from the start, whether it lies in [0, length)): a negative position counts
     from the end once (Python's rule), so only [-length, length - 1] is valid."""
@@ -139,7 +148,40 @@ def rename_output(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
                 n.output[k] = new
 
 
-def optional_defaults(model: onnx.ModelProto, names=(TARGET_INPUT, POSITION_INPUT)) -> None:
+INPUT_FORMS = ("plain", "optional")
+DEFAULTED_INPUTS = (TARGET_INPUT, POSITION_INPUT)
+
+
+def default_value(name: str, rank: int) -> np.ndarray:
+    """What to feed to `name` (lrp_target / lrp_position) for its default: -1 (the argmax, the last
+    position) in an int64 array of `rank` dimensions of size 1 (rank 1, or 2 with multi_target)."""
+    return np.full([1] * max(rank, 1), -1, dtype=np.int64)
+
+
+def finish_target_inputs(model: onnx.ModelProto, form: str = "plain") -> dict:
+    """Give the inputs lrp_target / lrp_position, declared during conversion as inputs backed by an
+    initializer of the same name, their final form; returns {name: default value as a list}.
+
+    plain (default): ordinary required int64 inputs; the caller feeds -1 for the default. Every runtime
+      runs this form and lets the caller choose: onnxruntime (Python, C/C++, Node.js, WASM), OpenVINO,
+      TensorRT. (OpenVINO and onnxruntime-node treat an input backed by an initializer as the constant.)
+    optional: inputs of type optional(tensor(int64)) resolved in the graph by
+      If(OptionalHasElement(x), OptionalGetElement(x), default): onnxruntime's core (Python, C/C++) may
+      omit them. Needs opset >= 15 (older graphs keep the initializer form); OpenVINO cannot read it."""
+    if form not in INPUT_FORMS:
+        raise ValueError(f"inputs '{form}': choose one of {', '.join(INPUT_FORMS)}")
+    g = model.graph
+    inputs = {vi.name for vi in g.input if vi.name in DEFAULTED_INPUTS}
+    defaults = {t.name: numpy_helper.to_array(t).tolist() for t in g.initializer if t.name in inputs}
+    if form == "optional":
+        optional_defaults(model)
+    else:
+        for k in reversed([k for k, t in enumerate(g.initializer) if t.name in defaults]):
+            del g.initializer[k]  # in place: rebuilding the list would copy every weight
+    return defaults
+
+
+def optional_defaults(model: onnx.ModelProto, names=DEFAULTED_INPUTS) -> None:
     """Turn the initializer-backed inputs `names` into inputs of type optional(tensor(int64)) resolved
     in the graph: If(OptionalHasElement(x), OptionalGetElement(x), default). Feeding nothing still
     gives the default, and onnxruntime no longer warns "Initializer ... appears in graph inputs".

@@ -9,7 +9,8 @@ from .errors import LRPError
 def open_session(model, providers=None, threads: int | None = None, prepack: bool = False, label: str | None = None,
                  external_folder: str | None = None):
     """An onnxruntime session (CUDA when present, else CPU) and the names it can be fed: its inputs
-    and the inputs backed by initializers (lrp_target, lrp_position, ... have defaults).
+    and the inputs backed by initializers (lrp_target / lrp_position of a model converted with
+    inputs="optional" below opset 15; plain inputs get their -1 from input_defaults).
 
     prepack: let onnxruntime pre-pack weights. Off by default: a converted graph reads most weights
     twice (forward MatMul, backward Gemm) and pre-packing keeps a copy for each, about one model size
@@ -21,7 +22,7 @@ def open_session(model, providers=None, threads: int | None = None, prepack: boo
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # the lrp_target/lrp_position defaults are meant to be overridable
+    options.log_severity_level = 3  # initializer-backed lrp_target/lrp_position (opset < 15) are meant to be overridable
     if threads:
         options.intra_op_num_threads = threads
     if not prepack:
@@ -52,6 +53,24 @@ def _register_extensions(options, exc: Exception) -> bool:
         return False
     options.register_custom_ops_library(onnxruntime_extensions.get_library_path())
     return True
+
+
+def input_defaults(session) -> dict:
+    """{name: value} for the plain lrp_target / lrp_position inputs of a converted model's session: the
+    value that asks for the default (-1: the argmax, the last position), fed when the caller gives none."""
+    from .seed import DEFAULTED_INPUTS, default_value
+
+    return {i.name: default_value(i.name, len(i.shape)) for i in session.get_inputs()
+            if i.name in DEFAULTED_INPUTS and i.type == "tensor(int64)"}
+
+
+def unfed_inputs(session, feed) -> list:
+    """Inputs of `session` that `feed` lacks and that have no default (neither optional nor lrp_target /
+    lrp_position, which input_defaults fills)."""
+    from .seed import DEFAULTED_INPUTS
+
+    return [i.name for i in session.get_inputs()
+            if i.name not in feed and i.name not in DEFAULTED_INPUTS and not i.type.startswith("optional")]
 
 
 def text_inputs(input_names, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:

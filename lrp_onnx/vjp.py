@@ -506,6 +506,31 @@ def _weight_2d(b, t) -> bool:
     return b.view.rank(t) == 2 and b.view.is_constant(t)
 
 
+def weight_input_gradient(b, g, w, like, trans_w: int = 0, alpha: float = 1.0) -> str:
+    """g @ op(W)^T shaped like `like`, for a constant 2-D weight W read by a forward product x @ op(W)
+    (op(W) = W^T when trans_w), as Transpose(Gemm(W, g2, transA=trans_w, transB=1)) = (op(W) g2^T)^T,
+    g2 being g flattened to [rows, out features]. W is the original tensor (no transposed copy), and it is
+    the product's first operand: OpenVINO's CPU plugin (2026.4) computes g @ W^T wrongly when the same
+    square constant W also feeds a product as its second operand (the forward), whether written
+    MatMul(g, Transpose(W)) or Gemm(g, W, transB=1); the product with W first is computed correctly. In
+    onnxruntime this reads the weight in place as the other orders do (tools/bench.py: no slower)."""
+    dt = b.view.dtype(g)
+    if b.view.rank(w) != 2:
+        raise ValueError(f"weight_input_gradient: {w} is not a 2-D weight")
+    n = b.view.shape(w)[0 if trans_w else 1]
+    if b.view.rank(g) != 2:
+        if isinstance(n, int):
+            g = b.op("Reshape", [g, b.ints([-1, n])], dtype=dt, shape=[None, n])
+        else:
+            g = b.op("Reshape", [g, b.op("Concat", [b.ints([-1]), b.op(
+                "Gather", [b.shape_of(w), b.ints([0 if trans_w else 1])], axis=0)], axis=0)], dtype=dt, shape=[None, None])
+    k = b.view.shape(w)[1 if trans_w else 0]
+    extra = {"alpha": float(alpha)} if alpha != 1.0 else {}
+    prod = b.op("Gemm", [w, g], transA=trans_w, transB=1, dtype=dt, shape=[k, None], **extra)
+    out = b.op("Transpose", [prod], perm=[1, 0], dtype=dt, shape=[None, k])
+    return out if b.view.rank(like) == 2 else b.reshape_like(out, like)
+
+
 @register("MatMul")
 def _matmul(b, node, gy, wants):
     a, w = node.input
@@ -516,14 +541,7 @@ def _matmul(b, node, gy, wants):
     ga = gw = None
     if wants[0]:
         if _weight_2d(b, w) and ra >= 2:
-            # g @ W^T without a transposed copy of W: Gemm reads the original initializer.
-            n = b.view.shape(w)[1]
-            g2 = b.op("Reshape", [g, b.ints([-1, n if isinstance(n, int) else 0])])
-            if not isinstance(n, int):
-                g2 = b.op("Reshape", [g, b.op("Concat", [b.ints([-1]), b.op(
-                    "Gather", [b.shape_of(w), b.ints([1])], axis=0)], axis=0)])
-            prod = b.op("Gemm", [g2, w], transB=1, dtype=b.view.dtype(g))
-            ga = b.reshape_like(prod, a)
+            ga = weight_input_gradient(b, g, w, a)
         else:
             ga = b.unbroadcast(b.op("MatMul", [g, b.transpose_last2(w)], dtype=b.view.dtype(g),
                                     shape=_matmul_shape(b, g, w, trans_b=True)), a)
@@ -559,6 +577,8 @@ def _gemm(b, node, gy, wants):
     if wants[0]:
         if ta:
             out[0] = b.op("Gemm", [w, g], transA=tb, transB=1, alpha=alpha, like=a)
+        elif _weight_2d(b, w):
+            out[0] = weight_input_gradient(b, g, w, a, trans_w=tb, alpha=alpha)
         else:
             out[0] = b.op("Gemm", [g, w], transB=1 - tb, alpha=alpha, like=a)
     if wants[1]:

@@ -16,7 +16,7 @@ import pytest
 
 import lrp_onnx
 from lrp_onnx.runner import text_inputs
-from tests.conftest import explain_inputs
+from tests.conftest import explain_inputs, lrp_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CPP = REPO / "examples" / "cpp"
@@ -179,16 +179,55 @@ def test_bad_arguments_one_line_exit_2(consumer, converted, workdir, tiny_model)
         assert len(done.stderr.strip().splitlines()) == 1 and words in done.stderr, done.stderr
 
 
-def test_session_prints_nothing_and_defaults_need_no_feed(converted, workdir, capfd):
-    """onnxruntime at its default log level prints nothing for a converted model (no "Initializer
-    lrp_target appears in graph inputs" warning), and feeding nothing equals feeding the defaults -1."""
+def _meta(model):
+    return json.loads(next(p.value for p in model.metadata_props if p.key == "lrp_onnx"))
+
+
+def test_plain_inputs_defaults_are_minus_one(converted, workdir, capfd):
+    """The default form: lrp_target / lrp_position are plain required int64 inputs (no initializer, no
+    Optional ops), onnxruntime prints nothing at its default log level, and feeding -1 explains the
+    argmax at the last position."""
     import onnxruntime as ort
 
     path = _path(converted, workdir, "llama")
     model = onnx.load(path, load_external_data=False)
     assert not {"lrp_target", "lrp_position"} & {t.name for t in model.graph.initializer}
+    assert not {n.op_type for n in model.graph.node} & {"OptionalHasElement", "OptionalGetElement"}
+    assert _meta(model)["input_defaults"] == {"lrp_target": [-1], "lrp_position": [-1]}
     capfd.readouterr()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = explain_inputs("llama")
+    feed = {"input_ids": inputs["input_ids"][:1], "attention_mask": inputs["attention_mask"][:1]}
+    types = {i.name: i.type for i in session.get_inputs()}
+    assert types["lrp_target"] == types["lrp_position"] == "tensor(int64)"
+    with pytest.raises(Exception, match="lrp_target"):
+        session.run(["lrp_selected_target"], feed)  # required: the caller feeds -1 for the default
+    logits, chosen = session.run(["logits", "lrp_selected_target"],
+                                 feed | {"lrp_target": np.array([-1]), "lrp_position": np.array([-1])})
+    assert capfd.readouterr().err == ""
+    assert int(chosen[0]) == int(logits[0, -1].argmax())
+    other = session.run(["lrp_selected_target"], feed | {"lrp_target": np.array([(int(chosen[0]) + 1) % 50]),
+                                                         "lrp_position": np.array([-1])})
+    assert int(other[0][0]) == (int(chosen[0]) + 1) % 50
+
+
+@pytest.fixture(scope="module")
+def decoder_optional_inputs(tiny_model, workdir):
+    """The tiny LLaMA converted by `lrp-onnx convert --inputs optional`."""
+    _, path = tiny_model("llama")
+    out = workdir / "llama-torchscript" / "model.consumers-optional.onnx"
+    done = lrp_cli("convert", path, "-o", out, "--inputs", "optional")
+    assert done.returncode == 0, done.stderr
+    assert _meta(onnx.load(out))["inputs"] == "optional"
+    return out
+
+
+def test_optional_inputs_may_be_omitted(decoder_optional_inputs, capfd):
+    """convert --inputs optional: optional(tensor(int64)) inputs; feeding nothing equals feeding -1."""
+    import onnxruntime as ort
+
+    capfd.readouterr()
+    session = ort.InferenceSession(str(decoder_optional_inputs), providers=["CPUExecutionProvider"])
     inputs = explain_inputs("llama")
     feed = {"input_ids": inputs["input_ids"][:1], "attention_mask": inputs["attention_mask"][:1]}
     plain = session.run(["lrp_relevance", "lrp_selected_target"], feed)
@@ -199,6 +238,10 @@ def test_session_prints_nothing_and_defaults_need_no_feed(converted, workdir, ca
                            feed | {"lrp_target": np.array([-1]), "lrp_position": np.array([-1])})
     np.testing.assert_array_equal(plain[0], defaults[0])
     np.testing.assert_array_equal(plain[1], defaults[1])
-    chosen = int(plain[1][0])
-    other = session.run(["lrp_selected_target"], feed | {"lrp_target": np.array([(chosen + 1) % 50])})
-    assert int(other[0][0]) == (chosen + 1) % 50
+
+
+def test_consumers_run_optional_inputs(consumer, decoder_optional_inputs):
+    """The examples still run models converted with --inputs optional (and earlier versions' default)."""
+    ids = explain_inputs("llama")["input_ids"][0].tolist()
+    _compare(consumer, decoder_optional_inputs, ids=ids)
+    _compare(consumer, decoder_optional_inputs, ids=ids, target=42, position=-2)

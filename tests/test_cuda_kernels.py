@@ -14,10 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 
-def fallbacks_of(model):
+def fallbacks_of(model, allow_optional=False):
+    """Nodes without a CUDA kernel. The default conversion has plain lrp_target / lrp_position inputs
+    and no Optional op; `allow_optional`: graphs converted with inputs="optional" (or by earlier versions)
+    keep their two Optional ops on the CPU."""
     fallbacks, checked = check_model(model)
     assert checked > 50
-    return [str(f) for f in fallbacks if f.op not in EXPECTED_ON_CPU]
+    return [str(f) for f in fallbacks if not (allow_optional and f.op in EXPECTED_ON_CPU)]
 
 
 def _graph(nodes, inputs, outputs, opset=17):
@@ -68,6 +71,14 @@ def test_converted_graph_has_cuda_kernels(family, exporter, rules, relevance_onl
     assert fallbacks_of(converted) == []
 
 
+def test_optional_inputs_keep_their_optional_ops_on_cpu(tiny_model, workdir):
+    _, path = tiny_model("llama", "torchscript")
+    converted = lrp_onnx.convert(path, rules="attnlrp", inputs="optional")
+    optional = [f for f in check_model(converted)[0] if f.op in EXPECTED_ON_CPU]
+    assert len(optional) == 4  # OptionalHasElement and OptionalGetElement (in an If branch), per input
+    assert fallbacks_of(converted, allow_optional=True) == []
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_fp16_converted_graph_has_cuda_kernels(family, workdir):
     from models import tiny
@@ -84,7 +95,7 @@ def test_benchmark_graphs_have_cuda_kernels():
     """SmolLM2 / MiniLM, when `python -m tools.bench` has exported and converted them (build/bench)."""
     found = sorted((REPO / "build" / "bench").glob("*/model.lrp.*.onnx"))
     for path in found:
-        assert fallbacks_of(onnx.load(str(path), load_external_data=False)) == [], path
+        assert fallbacks_of(onnx.load(str(path), load_external_data=False), allow_optional=True) == [], path
 
 
 def test_lean_converted_graph_has_cuda_kernels(tiny_model, workdir):

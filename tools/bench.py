@@ -239,7 +239,7 @@ def session_options(threads: int, profile_prefix: str | None = None, optimized_p
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # the lrp_target / lrp_position defaults are overridable initializers
+    options.log_severity_level = 3
     if os.environ.get(PREPACK_ENV) != "1":
         # as lrp_onnx.Explainer does by default: weight pre-packing keeps a second copy of every weight
         # that both a forward MatMul and a backward Gemm read (~+650 MB on SmolLM2) for ~7% speed
@@ -260,7 +260,10 @@ def ort_session(path: Path, threads: int, **kwargs):
 
 
 def ort_runner(session, inputs):
-    feeds = {name: inputs[name] for name in ("input_ids", "attention_mask")}
+    from lrp_onnx.session import input_defaults
+
+    # lrp_target / lrp_position (plain int64 inputs of a converted model): -1, the argmax at the last position
+    feeds = {**input_defaults(session), **{name: inputs[name] for name in ("input_ids", "attention_mask")}}
     names = [o.name for o in session.get_outputs()]
 
     def run():

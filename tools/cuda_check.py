@@ -17,7 +17,17 @@ For a few minutes of GPU time it
    PyTorch on the same GPU (forward + backward; TF32 off there too), for the real models at every
    --seq x --batch;
 
+5. TensorRT: checks, statically, which nodes of each converted graph TensorRT's ONNX parser does not
+   support (tools/tensorrt_ops.py, from onnx-tensorrt's operator matrix; informative, not a failure), and
+   where onnxruntime has its TensorrtExecutionProvider (onnxruntime-gpu with TensorRT's libraries),
+   runs the converted graph under [TensorRT, CUDA, CPU] and compares its relevance with the CPU's:
+   cosine >= 0.999 and relative L2 <= 1e-2 (TensorRT may run fp32 matmuls in TF32, which onnxruntime's
+   TensorRT options do not switch off), and counts the nodes per provider. Without the provider the
+   row says "not available"; nothing about TensorRT is claimed from the static check alone.
+
 and prints one table (and --json with every number). Exit status: 0 when every check passes, 1 otherwise.
+This script has not yet run against a real TensorRT (no machine with one was at hand when step 5 was
+added); step 5's run is written to fail loudly rather than pass silently.
 """
 from __future__ import annotations
 
@@ -38,10 +48,15 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from lrp_onnx.session import input_defaults  # noqa: E402 (after the path set-up)
+
 FP32_MAX_REL = 1e-4
 FP16_MIN_COSINE = 0.999
 FP16_MAX_REL_L2 = 1e-2
 CUDA = ("CUDAExecutionProvider", {"use_tf32": "0"})
+TENSORRT = "TensorrtExecutionProvider"
+TRT_MIN_COSINE = 0.999
+TRT_MAX_REL_L2 = 1e-2
 DEVICE = {"ort": "cuda", "torch": "cuda"}  # --dry-run-on-cpu: every "CUDA" step on the CPU (tests this script)
 
 
@@ -51,7 +66,15 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def tensorrt_available() -> bool:
+    import onnxruntime as ort
+
+    return TENSORRT in ort.get_available_providers() and DEVICE["ort"] == "cuda"
+
+
 def providers(device: str):
+    if device == "tensorrt" and DEVICE["ort"] == "cuda":
+        return [TENSORRT, CUDA, "CPUExecutionProvider"]
     if device == "cuda" and DEVICE["ort"] == "cuda":
         return [CUDA, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -115,8 +138,9 @@ def example_feed(entry: dict, batch: int, seq: int) -> dict:
 # --------------------------------------------------------------------------- checks
 
 
-def providers_used(path: Path, feed: dict) -> dict:
-    """{provider: [node names]} as onnxruntime's profiler reports them for one run on CUDA."""
+def providers_used(path: Path, feed: dict, device: str = "cuda") -> dict:
+    """{provider: [node names]} as onnxruntime's profiler reports them for one run on `device`'s providers
+    (TensorRT reports its fused engines as nodes of its own)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -124,9 +148,9 @@ def providers_used(path: Path, feed: dict) -> dict:
     options.log_severity_level = 3
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "prof")
-        session = ort.InferenceSession(str(path), options, providers=providers("cuda"))
+        session = ort.InferenceSession(str(path), options, providers=providers(device))
         names = {i.name for i in session.get_inputs()}
-        session.run(None, {k: v for k, v in feed.items() if k in names})
+        session.run(None, {**input_defaults(session), **{k: v for k, v in feed.items() if k in names}})
         events = json.loads(Path(session.end_profiling()).read_text())
     used: dict = {}
     for e in events:
@@ -164,9 +188,37 @@ def check_model(entry: dict, workdir: Path, log) -> dict:
     on_cpu = used.get("CPUExecutionProvider", [])
     result["nodes_per_provider"] = {k: len(v) for k, v in used.items()}
     result["ran_on_cpu"] = on_cpu
+    result.update(check_tensorrt(out, feed, rel["cpu"], entry["name"], log))
     log(f"{entry['name']}: static {len(fallbacks)} of {checked} nodes without a CUDA kernel; ran on the CPU: "
         f"{len(on_cpu)} {on_cpu[:6]}; CUDA vs CPU relevance: max rel {diff:.1e}, rel L2 {result['rel_l2']:.1e}, "
         f"cosine {result['cosine']:.6f} -> {'ok' if result['ok_relevance'] else 'FAIL'}")
+    return result
+
+
+def check_tensorrt(path: Path, feed: dict, reference: np.ndarray, name: str, log) -> dict:
+    """The static parser check, and a run under TensorRT where onnxruntime has the provider."""
+    import lrp_onnx
+    from tools.tensorrt_ops import check_model as parser_check
+
+    flagged, _ = parser_check(path)
+    result = {"tensorrt_static_unsupported": [str(f) for f in flagged]}
+    if not tensorrt_available():
+        result["tensorrt"] = {"status": "not available"}
+        return result
+    try:
+        explainer = lrp_onnx.Explainer(path, providers=providers("tensorrt"))
+        got = explainer.run(**{k: v for k, v in feed.items() if k in explainer.input_names}).relevance
+        used = providers_used(path, feed, "tensorrt")
+    except Exception as exc:  # noqa: BLE001 -- reported, and counted as a failure
+        result["tensorrt"] = {"status": "error", "error": str(exc).strip().splitlines()[0][:300] if str(exc) else repr(exc)}
+        log(f"{name}: TensorRT run failed: {result['tensorrt']['error']}")
+        return result
+    trt = {"status": "ran", "rel_l2": rel_l2(got, reference), "cosine": cosine(got, reference),
+           "nodes_per_provider": {k: len(v) for k, v in used.items()}}
+    trt["ok"] = trt["cosine"] >= TRT_MIN_COSINE and trt["rel_l2"] <= TRT_MAX_REL_L2
+    result["tensorrt"] = trt
+    log(f"{name}: TensorRT vs CPU relevance: rel L2 {trt['rel_l2']:.1e}, cosine {trt['cosine']:.6f}; nodes per "
+        f"provider {trt['nodes_per_provider']} -> {'ok' if trt['ok'] else 'FAIL'}")
     return result
 
 
@@ -182,7 +234,7 @@ def ort_cuda_runner(path: Path, feed: dict):
     session = ort.InferenceSession(str(path), options, providers=providers("cuda"))
     names = {i.name for i in session.get_inputs()}
     binding = session.io_binding()
-    for name, value in feed.items():
+    for name, value in {**input_defaults(session), **feed}.items():
         if name in names:
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value),
                                                                             DEVICE["ort"], 0))
@@ -263,6 +315,12 @@ def print_table(checks: list[dict], timings: list[dict], env: dict) -> None:
     for c in checks:
         print(f"{c['model']:<22}{len(c['static_fallbacks']):>9}{len(c['ran_on_cpu']):>8}{c['max_rel_diff']:>10.1e}"
               f"{c['rel_l2']:>10.1e}{c['cosine']:>10.6f}  {'yes' if c['ok_relevance'] else 'NO'}")
+    print(f"\n{'model':<22}{'TRT parser: unsupported nodes':>31}  TensorRT run (onnxruntime's TensorrtExecutionProvider)")
+    for c in checks:
+        trt = c.get("tensorrt", {})
+        run = (f"rel L2 {trt['rel_l2']:.1e}, cosine {trt['cosine']:.6f} {'ok' if trt['ok'] else 'FAIL'}"
+               if trt.get("status") == "ran" else trt.get("error", trt.get("status", "-")))
+        print(f"{c['model']:<22}{len(c.get('tensorrt_static_unsupported', [])):>31}  {run}")
     if timings:
         print(f"\n{'model':<22}{'seq x batch':>12}{'ORT fwd ms':>12}{'explain ms':>12}{'LXT ms':>10}"
               f"{'expl/fwd':>10}{'LXT/expl':>10}")
@@ -324,6 +382,7 @@ def main(argv=None) -> int:
         env["torch"] = sys.modules["torch"].__version__
     print_table(checks, timings, env)
     ok = all(c["ok_relevance"] and not c["static_fallbacks"] for c in checks)
+    ok = ok and all(c["tensorrt"].get("ok", False) for c in checks if c["tensorrt"]["status"] in ("ran", "error"))
     unexpected_cpu = [(c["model"], n) for c in checks for n in c["ran_on_cpu"] if not n.startswith("lrp/lrp_")]
     if unexpected_cpu and DEVICE["ort"] == "cuda":
         print(f"{len(unexpected_cpu)} nodes ran on the CPU (onnxruntime's CUDA provider places small int64 shape "

@@ -15,11 +15,13 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <numeric>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -141,6 +143,7 @@ int run(const Args& args) {
   for (int64_t i = 0, p = -1; i < n; ++i) positions[i] = (p += mask[i] != 0);  // cumsum(mask) - 1
   std::vector<std::string> names;
   std::vector<Ort::Value> values;
+  std::map<std::string, size_t> rank;  // the plain lrp_target / lrp_position inputs and their rank
   for (size_t i = 0; i < session.GetInputCount(); ++i) {
     std::string name = session.GetInputNameAllocated(i, allocator).get();
     feedable.insert(name);
@@ -148,19 +151,24 @@ int run(const Args& args) {
     else if (name == "attention_mask") values.push_back(int64_tensor(mask, {1, n}));
     else if (name == "token_type_ids") values.push_back(int64_tensor(zeros, {1, n}));
     else if (name == "position_ids") values.push_back(int64_tensor(positions, {1, n}));
-    else if (name.rfind("lrp_", 0) == 0) continue;  // lrp_target, lrp_position: optional, fed below
-    else throw std::runtime_error(args.model + ": cannot feed input '" + name + "' from --ids/--mask");
+    else if (name == "lrp_target" || name == "lrp_position") {
+      // plain int64 inputs (the default form): fed below, -1 (argmax, last position) unless given. An
+      // optional(tensor(int64)) input (convert --inputs optional) takes the same tensor.
+      auto info = session.GetInputTypeInfo(i);
+      if (info.GetONNXType() == ONNX_TYPE_TENSOR) rank[name] = info.GetTensorTypeAndShapeInfo().GetDimensionsCount();
+      continue;
+    } else throw std::runtime_error(args.model + ": cannot feed input '" + name + "' from --ids/--mask");
     names.push_back(name);
   }
   if (!position.empty() && !feedable.count("lrp_position"))
     throw std::runtime_error("--position: the model has no input lrp_position (no sequence axis)");
-  if (!target.empty()) {
-    names.push_back("lrp_target");
-    values.push_back(int64_tensor(target, {1}));
-  }
-  if (!position.empty()) {
-    names.push_back("lrp_position");
-    values.push_back(int64_tensor(position, {1}));
+  for (auto [name, given] : {std::pair{"lrp_target", &target}, std::pair{"lrp_position", &position}}) {
+    // fed when the model has the input: always for the plain form (required), else only when chosen
+    // (an optional input, or an initializer-backed default of a model below opset 15, may be omitted)
+    if (!feedable.count(name) || (given->empty() && !rank.count(name))) continue;
+    if (given->empty()) given->push_back(-1);
+    names.push_back(name);
+    values.push_back(int64_tensor(*given, std::vector<int64_t>(rank.count(name) ? rank[name] : 1, 1)));
   }
 
   std::vector<std::string> output_names;

@@ -118,8 +118,9 @@ async function main() {
   const tokens = (values) => new ort.Tensor('int64', BigInt64Array.from(values), [1, n]);
   let seen = -1n;
   const positions = args.mask.map((m) => (seen += m !== 0n ? 1n : 0n));  // cumsum(mask) - 1
-  // onnxruntime-node must be fed every input it lists: lrp_target / lrp_position get -1 (the
-  // default: argmax, last position) unless given
+  // lrp_target / lrp_position are plain int64 inputs (convert's default form): fed -1 (the default:
+  // argmax, last position) unless given. onnxruntime-node must be fed every input it lists, so an
+  // optional input (convert --inputs optional) gets the same.
   const feeds = {};
   for (const name of session.inputNames) {
     if (name === 'input_ids') feeds[name] = tokens(args.ids);
@@ -131,7 +132,7 @@ async function main() {
     else throw new Error(`${args.model}: cannot feed input '${name}' from --ids/--mask`);
   }
   for (const [flag, name] of [['target', 'lrp_target'], ['position', 'lrp_position']]) {
-    if (args[flag] !== undefined && !(name in feeds)) {  // no sequence axis, or a model from before opset 15
+    if (args[flag] !== undefined && !(name in feeds)) {  // no sequence axis, or an initializer-backed default
       throw new Error(`--${flag}: the model has no input ${name} that onnxruntime-node can feed`);
     }
   }
