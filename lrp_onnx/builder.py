@@ -165,9 +165,14 @@ class Builder:
             raise ValueError(f"the rank of '{g}' or '{target}' is unknown")
         if rg > rt:
             g = self.reduce_sum(g, list(range(rg - rt)), keepdims=0)
+        if rt == 0:
+            return g
         shape_g, shape_t = self.shape_of(g), self.shape_of(target)
         differs = self.op("Not", [self.op("Equal", [shape_g, shape_t])])
-        axes = self.op("Reshape", [self.op("NonZero", [differs]), self.ints([-1])])
-        out = self.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1,
-                      dtype=self.view.dtype(g), shape=self.view.shape(target))
-        return out
+        # axes of a static length (OpenVINO and TensorRT need one): axis i where the sizes differ, else
+        # a size-1 axis rt + i appended for the purpose (summing over it changes nothing), then dropped
+        extra = self.ints(list(range(rt, 2 * rt)))
+        padded = self.op("Unsqueeze", [g, extra], dtype=self.view.dtype(g))
+        axes = self.op("Where", [differs, self.ints(list(range(rt))), extra], dtype=onnx.TensorProto.INT64, shape=[rt])
+        summed = self.op("ReduceSum", [padded, axes], keepdims=1, dtype=self.view.dtype(g))
+        return self.op("Squeeze", [summed, extra], dtype=self.view.dtype(g), shape=self.view.shape(target))

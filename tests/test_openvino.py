@@ -14,10 +14,10 @@ onnxruntime's CPU provider:
   not (this AMD EPYC without AVX-512), the default is f32 and the f32 bound applies. The test reads the
   precision the compiled model uses and asserts the bound that goes with it.
 
-Not covered: the sparse mixtures of experts (mixtral, qwen3_moe, qwen2_moe). OpenVINO's ONNX frontend
-refuses their converted graphs: the backward of an expert's routing-weight product sums over the axes
-its operands were broadcast along, which are known only at run time there (ReduceSum with computed
-axes), and OpenVINO needs the axes tensor's shape to be static (docs/runtimes.md).
+The sparse mixtures of experts (mixtral, qwen3_moe, qwen2_moe) are covered too: the backward of an
+expert's routing-weight product sums over the axes its operands were broadcast along, known only at run
+time there, and OpenVINO needs the axes tensor of that ReduceSum to have a static length, which the
+builder's un-broadcast gives it (an axis or an appended size-1 axis per dimension).
 
 A regression guard for OpenVINO 2026.4's wrong g @ W^T when one square constant W feeds both the
 forward product and the backward one (lrp_onnx/vjp.py weight_input_gradient): the backward reads every
@@ -36,7 +36,7 @@ ov = pytest.importorskip("openvino", reason="pip install openvino (requirements-
 F32_MAX_REL_L2 = 1e-4
 LOW_PRECISION_MIN_COSINE = 0.999
 LOW_PRECISION_MAX_REL_L2 = 5e-2
-FAMILIES = ["bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5"]
+FAMILIES = ["bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "t5", "mixtral", "qwen3_moe", "qwen2_moe"]
 CORE = ov.Core()
 
 

@@ -77,7 +77,7 @@ def test_converted_graphs_parse(family, exporter, rules, relevance_only, tiny_mo
 def test_mixture_of_experts(tiny_model):
     """Mixtral: the export itself routes tokens with NonZero on a bool mask (the parser takes NonZero on
     float only); the conversion adds the backward's runtime un-broadcast of the routing weights
-    (ReduceSum over axes computed from the shapes, via another bool NonZero)."""
+    (ReduceSum over axes computed from the shapes)."""
     _, path = tiny_model("mixtral")
     assert flagged(onnx.load(str(path))) == [("ai.onnx::NonZero", "T = bool")]
     assert flagged(lrp_onnx.convert(path)) == [("ai.onnx::NonZero", "T = bool"), ("ai.onnx::ReduceSum", "`axes`")]
