@@ -130,6 +130,25 @@ def lrp_cli(*args, cwd=None, timeout=300):
                           cwd=cwd, timeout=timeout)
 
 
+def quantize_static_tiny(src, dst, quant_format="QDQ", batches=8, **kwargs):
+    """onnxruntime's quantize_static of a tiny model (models.tiny) in `quant_format` ("QDQ" or "QOperator"),
+    calibrated on `batches` batches of its example inputs; returns dst."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from models import tiny
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{k: v.numpy() for k, v in tiny.example_inputs(2, 7, seed=i).items()}
+                                 for i in range(batches)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(src), str(dst), Calibration(), quant_format=getattr(QuantFormat, quant_format), **kwargs)
+    return dst
+
+
 def seeded_rng(name):
     """A generator seeded by a stable hash of `name` (not Python's per-process hash)."""
     return np.random.default_rng(int.from_bytes(hashlib.sha256(str(name).encode()).digest()[:8], "little"))

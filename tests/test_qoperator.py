@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 import lrp_onnx
-from tests.conftest import CPU, cosine, explain_inputs, model_feed
+from tests.conftest import CPU, cosine, explain_inputs, model_feed, quantize_static_tiny
 
 RULES = ["gradient", "attnlrp", "cp-lrp"]
 # cosine to the float model's relevance, MatMul/Gemm quantized (seen 0.9988 / 0.9993 / 0.9990)
@@ -25,20 +25,7 @@ MIN_COSINE_ALL = {"gradient": 0.55, "attnlrp": 0.8, "cp-lrp": 0.75}
 
 
 def _quantize(src, dst, quant_format="QOperator", **kwargs):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    from models import tiny
-
-    class Calibration(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{k: v.numpy() for k, v in tiny.example_inputs(2, 7, seed=i).items()}
-                                 for i in range(8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(src), str(dst), Calibration(), quant_format=getattr(QuantFormat, quant_format), **kwargs)
-    return dst
+    return quantize_static_tiny(src, dst, quant_format, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import lrp_onnx
-from tests.conftest import cosine, explain_inputs, explain_model, model_feed
+from tests.conftest import cosine, explain_inputs, explain_model, model_feed, quantize_static_tiny
 
 RULES = ["gradient", "attnlrp", "cp-lrp"]
 # cosine to the float model's relevance under the same rule set (seen: 0.999 / 0.963 / 0.920), set between
@@ -17,21 +17,11 @@ MIN_COSINE = {"gradient": 0.99, "attnlrp": 0.94, "cp-lrp": 0.94}
 
 @pytest.fixture(scope="module")
 def qdq_bert(tiny_model, workdir):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from models import tiny
-
-    class Calibration(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{k: v.numpy() for k, v in tiny.example_inputs(2, 7, seed=i).items()}
-                                 for i in range(8)])
-
-        def get_next(self):
-            return next(self.batches, None)
+    from onnxruntime.quantization import QuantType
 
     out = workdir / "bert-qdq.onnx"
-    quantize_static(str(tiny_model("bert")[1]), str(out), Calibration(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_static_tiny(tiny_model("bert")[1], out, "QDQ", activation_type=QuantType.QInt8,
+                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
     return out
 
 

@@ -11,16 +11,14 @@ import onnxruntime as ort
 import pytest
 
 import lrp_onnx
-from tests.conftest import CPU
+from tests.conftest import CPU, quantize_static_tiny
 
 FORMS = ["dynamic", "dynamic+ort-optimized", "nbits4", "nbits8", "qdq", "qoperator"]
 QUANTIZED_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 
 
 def _quantize(form, src, dst):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    from models import tiny
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if form.startswith("dynamic"):
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
@@ -35,18 +33,9 @@ def _quantize(form, src, dst):
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst))
     else:
-        class Calibration(CalibrationDataReader):
-            def __init__(self):
-                self.batches = iter([{k: v.numpy() for k, v in tiny.example_inputs(2, 7, seed=i).items()}
-                                     for i in range(4)])
-
-            def get_next(self):
-                return next(self.batches, None)
-
-        quantize_static(str(src), str(dst), Calibration(),
-                        quant_format=QuantFormat.QDQ if form == "qdq" else QuantFormat.QOperator,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_static_tiny(src, dst, "QDQ" if form == "qdq" else "QOperator", batches=4,
+                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"])
     return dst
 
 
