@@ -19,8 +19,10 @@ Cells (``kind:size[:arg[:variant]]``):
   forward:SIZE:SEQ[:prepack]    onnxruntime session of the original model (default session options, 2
                                 threads; `noprepack` turns weight pre-packing off as Explainer does),
                                 batch 1, SEQ random ids, empty past_key_values: session time, run time
-  explain:SIZE:SEQ:VARIANT      lrp_onnx.Explainer(converted model, threads=2).run(input_ids, mask):
-                                session time, run time, relevance finite / shape / sum
+  explain:SIZE:SEQ:VARIANT[:prepack]
+                                lrp_onnx.Explainer(converted model, threads=2).run(input_ids, mask):
+                                session time, run time, relevance finite / shape / sum (`prepack`:
+                                Explainer(prepack=True), onnxruntime's default weight pre-packing)
   multi:SIZE:SEQ                the multi_target conversion explaining 16 targets at the last 16 positions
                                 in one run
   generate:SIZE:N               lrp_onnx.explain_generation(multi_target Explainer, 32-token prompt, N tokens):
@@ -166,7 +168,7 @@ def child(cell: str, runs: int, warmup: int) -> dict:
         variant = rest[1] if kind == "explain" else "multi_target"
         start = time.perf_counter()
         explainer = lrp_onnx.Explainer(str(converted_path(size, variant)), threads=THREADS,
-                                       providers=["CPUExecutionProvider"])
+                                       providers=["CPUExecutionProvider"], prepack="prepack" in rest[2:])
         out["session_s"] = time.perf_counter() - start
         out["session_rss_mb"] = _status("VmRSS")
         ids = _ids(size, seq)
@@ -246,6 +248,7 @@ def run_cell(cell: str, runs: int, warmup: int, max_rss_gb: float, timeout: floa
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS=str(THREADS))
     cmd = [sys.executable, "-m", "tools.bench_ladder", "--child", cell, "--runs", str(runs), "--warmup", str(warmup),
            "--child-out", result_path]
+    load_before = os.getloadavg()[0]  # the shared machine's 1-minute load average (2 cores)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env)
     killed: dict = {}
@@ -268,7 +271,8 @@ def run_cell(cell: str, runs: int, warmup: int, max_rss_gb: float, timeout: floa
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     watcher.join()
-    row = {"cell": cell, "wall_s": time.perf_counter() - start, "rc": proc.returncode,
+    row = {"cell": cell, "wall_s": time.perf_counter() - start, "rc": proc.returncode, "load_before": load_before,
+           "load_after": os.getloadavg()[0],
            "maxrss_mb": usage.ru_maxrss / 1024, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     with contextlib.suppress(OSError, ValueError):
         row.update(json.loads(Path(result_path).read_text() or "{}"))
