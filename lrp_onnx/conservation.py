@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from .analysis import Unit
 from .builder import Builder
 from .errors import LRPError
-from .graph import GraphView, attr
+from .graph import GraphView, constant_table_lookup
 from .rules import IDENTITY_EPSILON, RULE_SETS, rule_base
 from .vjp_contrib import BIASED_ACTIVATIONS
 
@@ -204,13 +204,10 @@ def _index_bounds(view: GraphView) -> dict[str, int]:
     origin = _integer_input_origins(view)
     bounds: dict[str, int] = {}
     for n in view.nodes:
-        if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in origin and view.is_constant(n.input[0]):
-            shape = view.shape(n.input[0]) or []
-            axis = attr(n, "axis", 0)
-            rows = shape[axis] if -len(shape) <= axis < len(shape) else None
-            if isinstance(rows, int):
-                key = origin[n.input[1]]
-                bounds[key] = min(rows, bounds.get(key, rows))
+        lookup = constant_table_lookup(view, n)  # a Gather or GatherBlockQuantized on a constant table
+        if lookup is not None and lookup[1] in origin and lookup[2] is not None:
+            key = origin[lookup[1]]
+            bounds[key] = min(lookup[2], bounds.get(key, lookup[2]))
     return bounds
 
 

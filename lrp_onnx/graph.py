@@ -172,3 +172,21 @@ def attr(node: onnx.NodeProto, name: str, default=None):
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def constant_table_lookup(view: GraphView, node: onnx.NodeProto):
+    """(table, indices, rows) when `node` looks rows up in a constant table along its axis 0 — a Gather,
+    or onnxruntime's GatherBlockQuantized (a 4/8-bit blocked table, dequantized as it is read) — else
+    None. `rows` is the table's static row count, or None."""
+    if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
+        axis, sized = attr(node, "axis", 0), [node.input[0]]
+    elif node.op_type == "GatherBlockQuantized" and node.domain == "com.microsoft" and len(node.input) >= 3:
+        axis = attr(node, "gather_axis", 0)
+        # the packed data or, along an axis that is not quantized, the scales have the table's rows
+        sized = [node.input[0]] + ([node.input[2]] if attr(node, "quantize_axis", 1) != axis else [])
+    else:
+        return None
+    if axis != 0 or not view.is_constant(node.input[0]):
+        return None
+    rows = next((s[0] for s in map(view.shape, sized) if s and isinstance(s[0], int) and s[0] > 0), None)
+    return node.input[0], node.input[1], rows

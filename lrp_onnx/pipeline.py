@@ -29,7 +29,7 @@ from .control import branch_model, free_names as outer_references_of_graph, has_
 from .canonicalize import drop_outputs, select_position_before_head, squeeze_class_output
 from .errors import LRPError, UnsupportedOpsError
 from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
-from .graph import GraphView, TensorInfo, node_label
+from .graph import GraphView, TensorInfo, constant_table_lookup, node_label
 from .validate import check_emitted, check_graph, input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
@@ -84,12 +84,24 @@ def model_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+# quantized ops whose backward dequantizes a constant weight with a blocked DequantizeLinear (opset 21)
+BLOCKED_DEQUANTIZATION_OPS = {"MatMulNBits"}
+BLOCKED_DEQUANTIZATION_OPSET = 21
+
+
 def upgrade_opset(model: onnx.ModelProto) -> None:
     """A model below opset 13 is upgraded in place (the private copy) with onnx's version converter,
     which rewrites attributes into inputs (Squeeze/Unsqueeze/Split axes, ReduceSum axes...). The
-    converter sees a weight-free copy: the initializers become typed inputs, their data is never read."""
+    converter sees a weight-free copy: the initializers become typed inputs, their data is never read.
+    A model with n-bit quantized MatMuls (MatMulNBits) below opset 21 is upgraded to 21: their backward
+    dequantizes the weight with a blocked DequantizeLinear, which no runtime constant-folds
+    (vjp_contrib.py; docs/quantized.md)."""
     opset = model_opset(model)
-    if opset >= MIN_OPSET:
+    target = MIN_OPSET
+    if opset < BLOCKED_DEQUANTIZATION_OPSET and any(
+            n.op_type in BLOCKED_DEQUANTIZATION_OPS and n.domain == "com.microsoft" for n in model.graph.node):
+        target = BLOCKED_DEQUANTIZATION_OPSET
+    if opset >= target:
         return
     from onnx import version_converter
 
@@ -105,12 +117,12 @@ def upgrade_opset(model: onnx.ModelProto) -> None:
         if init.name not in inputs:
             light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     try:
-        upgraded = version_converter.convert_version(light, MIN_OPSET)
+        upgraded = version_converter.convert_version(light, target)
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise LRPError(f"the model uses opset {opset}; lrp-onnx needs opset >= {MIN_OPSET} and onnx's version "
+        raise LRPError(f"the model uses opset {opset}; lrp-onnx needs opset >= {target} and onnx's version "
                        f"converter could not upgrade it ({reason}); re-export it "
-                       f"(torch.onnx.export(..., opset_version=17))") from None
+                       f"(torch.onnx.export(..., opset_version={max(17, target)}))") from None
     graph = model.graph
     del graph.node[:]
     graph.node.extend(upgraded.graph.node)
@@ -119,7 +131,7 @@ def upgrade_opset(model: onnx.ModelProto) -> None:
     del model.opset_import[:]
     model.opset_import.extend(upgraded.opset_import)
     model.ir_version = max(model.ir_version, upgraded.ir_version)
-    print(f"lrp-onnx: upgraded from opset {opset} to {MIN_OPSET} in memory", file=sys.stderr)
+    print(f"lrp-onnx: upgraded from opset {opset} to {target} in memory", file=sys.stderr)
 
 
 def source_inputs(view: GraphView, sources: list[str]) -> list[str | None]:
@@ -151,16 +163,18 @@ def _integer_input_origins(view: GraphView) -> dict[str, str]:
 
 
 def _embedding_lookups(view: GraphView) -> list[tuple]:
-    """(table rows, table, token input, node index, output) of each Gather of a constant float table
-    by an integer graph input."""
+    """(table rows, table, token input, node index, output) of each lookup of a constant table by an
+    integer graph input: a Gather of a float table (a DequantizeLinear'd one included), a Gather of an
+    integer table followed by DequantizeLinear (quantize_dynamic, QOperator), or a GatherBlockQuantized
+    (onnxruntime-genai's int4 embedding); the output is the float embedding."""
     origin = _integer_input_origins(view)
     lookups = []
     for k, n in enumerate(view.nodes):
-        if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in origin \
-                and view.is_constant(n.input[0]):
-            rows = (view.shape(n.input[0]) or [0])[0]
+        lookup = constant_table_lookup(view, n)
+        if lookup is not None and lookup[1] in origin:
+            rows = lookup[2] or 0
             out = n.output[0]
-            if not view.is_float(n.input[0]):  # a quantized table: the source is the dequantized lookup
+            if n.op_type == "Gather" and not view.is_float(n.input[0]):  # the source: the dequantized lookup
                 deq = [view.nodes[c] for c in view.consumers.get(out, [])]
                 if len(deq) != 1 or deq[0].op_type != "DequantizeLinear" or deq[0].input[0] != out:
                     continue
@@ -563,6 +577,8 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     g = model.graph
     g.node.extend(b.nodes)
     g.initializer.extend(b.initializers)
+    if any(t.data_type in (TensorProto.UINT4, TensorProto.INT4) for t in b.initializers):
+        model.ir_version = max(model.ir_version, 10)  # 4-bit tensors (vjp_contrib's blocked dequantization)
     g.initializer.extend(seed.defaults)
     g.input.extend(seed.inputs)
     for tensor, vi in seed.outputs.values():

@@ -7,7 +7,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import first_line, LRPError
-from .graph import node_label
+from .graph import constant_table_lookup, node_label
 
 
 def check_graph(model: onnx.ModelProto, label: str) -> None:
@@ -196,13 +196,10 @@ def input_limits(view) -> dict:
                 origin.update((o, feeding) for o in n.output if o)
     limits, max_length = {}, None
     for n in view.nodes:
-        if n.op_type != "Gather" or len(n.input) != 2 or not view.is_constant(n.input[0]) \
-                or int(next((a.i for a in n.attribute if a.name == "axis"), 0)) != 0:
+        lookup = constant_table_lookup(view, n)  # a Gather or GatherBlockQuantized on a constant table
+        if lookup is None or lookup[2] is None:
             continue
-        rows = (view.shape(n.input[0]) or [None])[0]
-        if not isinstance(rows, int) or rows <= 0:
-            continue
-        index = n.input[1]
+        rows, index = lookup[2], lookup[1]
         if index in origin:
             name = origin[index]
             limits[name] = min(rows, limits.get(name, rows))

@@ -77,17 +77,42 @@ def _fused_matmul(b, node, gy, wants):
 
 
 # -- quantized MatMuls: dequantization is linear, the gradient flows in float -------------------------
+# A constant weight is dequantized by DequantizeLinear inside the run, one weight at a time: no ONNX
+# runtime constant-folds a DequantizeLinear of a constant (onnxruntime keeps it for its QDQ fusions), so
+# the converted model keeps the weight in its quantized form (docs/quantized.md). Anything built from the
+# weight with other ops (Cast, Sub, Mul, Transpose) would be folded into an fp32 copy at session creation.
+def after(b: Builder, small: str, g: str) -> str:
+    """`small` (a constant scale) made to depend on the run-time tensor `g`, values unchanged: its
+    elements concatenated with an empty slice of g. A DequantizeLinear of constants alone may run as
+    soon as the run starts (nothing orders it), and every dequantized weight would be alive at once;
+    through this, each runs when its gradient arrives and is freed after its one MatMul."""
+    dims = b.view.shape(small)
+    flat = b.op("Reshape", [small, b.ints([-1])])
+    empty = b.op("Slice", [b.op("Reshape", [g, b.ints([-1])]), b.ints([0]), b.ints([0])])
+    if b.view.dtype(g) != b.view.dtype(small):
+        empty = b.op("Cast", [empty], to=b.view.dtype(small))
+    shape = b.ints(dims) if dims is not None and all(isinstance(d, int) for d in dims) else b.shape_of(small)
+    return b.op("Reshape", [b.op("Concat", [flat, empty], axis=0), shape], dtype=b.view.dtype(small), shape=dims)
+
+
 def dequantized_input_gradient(b: Builder, g, weight, scale, zero_point, like):
     """g @ ((W - zero_point) * scale)ᵀ for y = x @ dequantized(W), W int8/uint8 [K, N], per-tensor or
     per-column scale / zero point (scale None: already applied to g)."""
     dt = b.view.dtype(g) or onnx.TensorProto.FLOAT
-    w = b.op("Cast", [weight], to=dt)
-    if zero_point:
-        w = b.op("Sub", [w, b.op("Cast", [zero_point], to=dt)])
     if scale:
         g = b.mul(g, scale, like=g)
-    out = b.op("MatMul", [g, b.op("Transpose", [w], perm=[1, 0])], dtype=dt)
-    return b.reshape_like(out, like) if b.view.rank(like) != b.view.rank(g) else _as(b, out, like)
+    if zero_point and b.view.rank(zero_point) not in (0, 1) or scale and b.view.rank(scale) not in (0, 1):
+        raise NotImplementedError("a quantized MatMul whose weight scale / zero point is not per tensor or per column")
+    per_column = bool(zero_point and b.view.rank(zero_point) == 1 and (b.view.shape(zero_point) or [1])[0] != 1)
+    unit_scale = after(b, b.const(np.ones(b.view.shape(zero_point) if per_column else [], np.float32)), g)
+    w = b.op("DequantizeLinear", [weight, unit_scale, zero_point or None], axis=1)  # W - zero_point, [K, N]
+    w = b.op("Cast", [w], to=dt) if dt != onnx.TensorProto.FLOAT else w
+    n = (b.view.shape(weight) or [None, None])[1]
+    columns = b.ints([-1, n]) if isinstance(n, int) else \
+        b.op("Concat", [b.ints([-1]), b.op("Slice", [b.shape_of(weight), b.ints([1]), b.ints([2])])], axis=0)
+    flat = b.op("Reshape", [g, columns])
+    out = b.op("Gemm", [flat, w], transB=1, dtype=dt)  # [rows, K]: the transpose is Gemm's, never a folded copy
+    return b.reshape_like(out, like)
 
 
 def _as(b, t, like):
@@ -107,7 +132,9 @@ def _dynamic_quantize_matmul(b, node, gy, wants):
 @register("MatMulNBits", domain=MS)
 def _matmul_nbits(b, node, gy, wants):
     """Y = A @ Wᵀ (+ bias), W [N, K] stored in `bits`-bit blocks of `block_size` along K, each block with
-    a scale and a zero point (default 2^(bits-1)). The gradient is g @ W, W dequantized with standard ops."""
+    a scale and a zero point (default 2^(bits-1)). The gradient is g @ W: a constant W is dequantized by a
+    blocked DequantizeLinear (opset 21) of a uint4/uint8 [N, K] tensor that names the same bytes as the
+    packed B (the same external-data range, or the same inline bytes), so it stays 4/8-bit."""
     inputs = list(node.input) + [""] * (6 - len(node.input))
     a, packed, scales, zero_points, g_idx = inputs[:5]
     bits, block = attr(node, "bits", 4), attr(node, "block_size")
@@ -116,6 +143,79 @@ def _matmul_nbits(b, node, gy, wants):
         raise NotImplementedError(f"MatMulNBits with bits={bits}{' and g_idx' if g_idx else ''}")
     blocks = -(-k // block)
     dt = b.view.dtype(gy[0]) or onnx.TensorProto.FLOAT
+    stored = _reinterpreted(b, packed, onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8,
+                            [n, blocks * block]) if b.opset >= 21 else None
+    if stored is None:
+        w = _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt)
+    else:
+        w = _dequantize_blocked(b, stored, scales, zero_points, bits, block, k, n, dt, gy[0])
+    out = b.op("MatMul", [gy[0], w], dtype=dt)
+    grads = [None] * len(node.input)
+    grads[0] = _as(b, out, a)
+    return grads
+
+
+def _reinterpreted(b: Builder, name: str, data_type: int, dims: list) -> str | None:
+    """A new initializer of `data_type` and `dims` holding the bytes of the initializer (or Constant)
+    `name`: the same external-data entries (location, offset, length: nothing is read), or a copy of the
+    inline raw bytes. None when `name` is computed at run time (then nothing is folded anyway)."""
+    tensor = b.view.initializers.get(name)
+    if tensor is None and name in b.view.producer:
+        node = b.view.nodes[b.view.producer[name]]
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+    if tensor is None or tensor.data_type not in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
+        return None
+    out = onnx.TensorProto()
+    out.name = b.fresh("packed_weight")
+    out.data_type = data_type
+    out.dims.extend(dims)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        out.data_location = onnx.TensorProto.EXTERNAL
+        out.external_data.extend(tensor.external_data)
+    elif tensor.HasField("raw_data"):
+        out.raw_data = tensor.raw_data
+    else:  # bytes stored as int32_data (in memory already)
+        out.raw_data = onnx.numpy_helper.to_array(tensor).astype(np.uint8).tobytes()
+    b.initializers.append(out)
+    from .graph import TensorInfo
+    b.view.info[out.name] = TensorInfo(data_type, list(dims))
+    return out.name
+
+
+def _dequantize_blocked(b, stored, scales, zero_points, bits, block, k, n, dt, g):
+    """W [N, K] = DequantizeLinear(stored [N, blocks * block], scales [N, blocks], zero points) (opset 21,
+    axis 1, block_size): only the small per-block tensors are reshaped / unpacked (and may be folded)."""
+    blocks = -(-k // block)
+    scale = scales if b.view.shape(scales) == [n, blocks] else b.op("Reshape", [scales, b.ints([n, blocks])],
+                                                                     dtype=b.view.dtype(scales), shape=[n, blocks])
+    q_type = onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8
+    offset = None  # float zero points: W = q * scale - zero_point * scale
+    if zero_points and b.view.dtype(zero_points) in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
+        zp = b.op("Cast", [zero_points], to=onnx.TensorProto.INT32)  # [N, ceil(blocks * bits / 8)]
+        zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else b.op("Reshape", [zp, b.ints([n, -1])])
+        zp = b.op("Cast", [b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])], to=q_type)
+    elif zero_points:
+        zp = None
+        offset = b.op("Mul", [b.op("Reshape", [zero_points, b.ints([n, blocks, 1])]),
+                              b.op("Reshape", [scales, b.ints([n, blocks, 1])])])
+    else:
+        middle = onnx.helper.make_tensor("value", onnx.TensorProto.INT32, [1], [2 ** (bits - 1)])
+        zp = b.op("Cast", [b.op("ConstantOfShape", [b.ints([n, blocks])], value=middle)], to=q_type)
+    w = b.op("DequantizeLinear", [stored, after(b, scale, g), zp], axis=1, block_size=block)
+    if offset is not None:
+        w = b.op("Reshape", [b.op("Sub", [b.op("Reshape", [w, b.ints([n, blocks, block])]), offset]),
+                             b.ints([n, blocks * block])])
+    if blocks * block != k:
+        w = b.op("Slice", [w, b.ints([0]), b.ints([k]), b.ints([1])])
+    if b.view.dtype(scales) != dt:
+        w = b.op("Cast", [w], to=dt)
+    return w
+
+
+def _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt):
+    """W [N, K] from a packed B computed at run time (or below opset 21): unpacked with Cast/Mod/Div."""
+    blocks = -(-k // block)
     ints = b.op("Cast", [packed], to=onnx.TensorProto.INT32)  # [N, blocks, block * bits / 8]
     ints = _unpack_nibbles(b, ints, [n, blocks, block]) if bits == 4 else ints
     q = b.op("Cast", [ints], to=dt)
@@ -132,10 +232,7 @@ def _matmul_nbits(b, node, gy, wants):
     w = b.op("Reshape", [w, b.ints([n, blocks * block])])
     if blocks * block != k:
         w = b.op("Slice", [w, b.ints([0]), b.ints([k]), b.ints([1])])
-    out = b.op("MatMul", [gy[0], w], dtype=dt)
-    grads = [None] * len(node.input)
-    grads[0] = _as(b, out, a)
-    return grads
+    return w
 
 
 def _unpack_nibbles(b, ints, shape):

@@ -135,12 +135,22 @@ def _run_builder(argv: list[str]) -> None:
 def export_genai(dst_dir: str | Path, seed: int = 0, timeout: float = 300) -> Path:
     """dst_dir/genai/model.onnx (+ model.onnx.data, genai_config.json, tokenizer files): the builder's
     fp32 CPU export of dst_dir/hf. Raises RuntimeError with the builder's output tail if it fails."""
-    source = hf_dir(dst_dir, seed)
-    out = Path(dst_dir) / "genai"
+    return run_builder(hf_dir(dst_dir, seed), Path(dst_dir) / "genai", "fp32", timeout=timeout)
+
+
+def run_builder(source: str | Path, out: str | Path, precision: str = "fp32", extra_options: dict | None = None,
+                timeout: float = 600) -> Path:
+    """out/model.onnx: onnxruntime-genai's builder run on the Hugging Face directory `source` (config,
+    safetensors, tokenizer) with ``-p precision -e cpu`` (fp32, int4: MatMulNBits weights, a
+    GatherBlockQuantized embedding where the builder writes one) and ``--extra_options`` (e.g.
+    ``{"int4_accuracy_level": 1}``). Written once, reused after."""
+    out = Path(out)
     path = out / "model.onnx"
     if path.exists():
         return path
-    argv = ["-i", str(source), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(Path(dst_dir) / "genai-cache")]
+    argv = ["-i", str(source), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out) + "-cache"]
+    if extra_options:
+        argv += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", f"from models.genai import _run_builder; _run_builder({argv!r})"],
                           cwd=str(REPO), env=env, capture_output=True, text=True, timeout=timeout)
