@@ -39,7 +39,10 @@ VARIANT: `full` (relevance and the original outputs), `relevance_only`, `lean` (
 where the converter finds no source by default, that node's output (the one reading input_ids) is given
 as the source (recorded in the cell's "source").
 
-Timing: --runs timed runs after --warmup (defaults 3 and 1 at 1B, 1 and 0 above: a 7B explain at 512
+Timing: wall and process CPU seconds (all threads, time.process_time) of each run. On a machine shared
+with other jobs (this one ran at a load average of 11-17 on 2 cores) the wall figures measure the
+contention as much as the work; the CPU seconds are the steadier figure for explain/forward (onnxruntime's
+spinning worker threads count in both). --runs timed runs after --warmup (defaults 3 and 1 at 1B, 1 and 0 above: a 7B explain at 512
 tokens takes minutes on 2 cores); the median is reported. explain/forward in the table is the run-time
 ratio against the `forward:SIZE:SEQ` cell (default session options).
 """
@@ -104,15 +107,19 @@ def _source(size: str) -> list[str] | None:
     return found or None
 
 
+CPU_TIMES: list[float] = []  # process CPU seconds (all threads) of each timed run
+
+
 def _timed(fn, runs: int, warmup: int) -> tuple[list[float], object]:
     result = None
     for _ in range(warmup):
         result = fn()
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = fn()
         times.append(time.perf_counter() - start)
+        CPU_TIMES.append(time.process_time() - cpu)
     return times, result
 
 
@@ -195,8 +202,9 @@ def child(cell: str, runs: int, warmup: int) -> dict:
                                        providers=["CPUExecutionProvider"])
         out["session_s"] = time.perf_counter() - start
         prompt = _ids(size, GEN_PROMPT)[0]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         g = explain_generation(explainer, prompt, n, eos_token_id=[])  # decodes with the converted model's forward
+        CPU_TIMES.append(time.process_time() - cpu)
         out.update(run_s=time.perf_counter() - start, generated=len(g.generated_ids),
                    relevance_shape=list(g.relevance.shape), finite=bool(np.isfinite(g.relevance).all()))
     elif kind == "lxt":
@@ -204,6 +212,8 @@ def child(cell: str, runs: int, warmup: int) -> dict:
     else:
         raise SystemExit(f"unknown cell kind {kind!r}")
     out["vmhwm_mb"] = _status("VmHWM")
+    if CPU_TIMES:
+        out["run_cpu_s"] = statistics.median(CPU_TIMES)
     return out
 
 
@@ -276,7 +286,7 @@ def run_cell(cell: str, runs: int, warmup: int, max_rss_gb: float, timeout: floa
     watcher.join()
     row = {"cell": cell, "wall_s": time.perf_counter() - start, "rc": proc.returncode, "load_before": load_before,
            "load_after": os.getloadavg()[0],
-           "maxrss_mb": usage.ru_maxrss / 1024, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+           "maxrss_mb": usage.ru_maxrss / 1024, "child_cpu_s": usage.ru_utime + usage.ru_stime, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     with contextlib.suppress(OSError, ValueError):
         row.update(json.loads(Path(result_path).read_text() or "{}"))
     os.unlink(result_path)
