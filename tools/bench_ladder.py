@@ -326,24 +326,31 @@ def _fmt(row: dict | None, key: str, scale: float = 1.0, digits: int = 1) -> str
     return "–" if value is None else f"{value * scale:.{digits}f}"
 
 
-def table(results: Path) -> str:
+def table(results: list[Path]) -> str:
+    """Markdown: the latest row of each cell across the results files, in order of first appearance."""
     rows: dict[str, dict] = {}
-    for line in results.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["cell"]] = row
-    peak = lambda r: None if r is None else {**r, "peak": max(r.get("vmhwm_mb") or 0, 0) / 1024}  # noqa: E731
-    lines = ["| model | cell | session / convert s | run s | peak GB | explain/forward |", "|---|---|---|---|---|---|"]
+    for path in results:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["cell"]] = row
+    lines = ["| model | cell | session or convert s | run s (wall) | run CPU s | peak GB (VmHWM) | load | "
+             "explain/forward wall | explain/forward CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for cell, row in rows.items():
         kind, size, *rest = cell.split(":")
-        ratio = "–"
+        wall = cpu = "–"
         if kind in ("explain", "multi", "lxt") and not row.get("rc") and not row.get("killed"):
             fwd = rows.get(f"forward:{size}:{rest[0]}")
             if fwd and fwd.get("run_s") and row.get("run_s"):
-                ratio = f"{row['run_s'] / fwd['run_s']:.2f}"
-        first = _fmt(row, "convert_s") if kind == "convert" else _fmt(row, "write_s") if kind == "write" else _fmt(row, "session_s")
-        lines.append(f"| {size} | {':'.join([kind, *rest])} | {first} | {_fmt(row, 'run_s', digits=2)} | "
-                     f"{_fmt(peak(row), 'peak', digits=2)} | {ratio} |")
+                wall = f"{row['run_s'] / fwd['run_s']:.2f}"
+            if fwd and fwd.get("run_cpu_s") and row.get("run_cpu_s"):
+                cpu = f"{row['run_cpu_s'] / fwd['run_cpu_s']:.2f}"
+        first = {"convert": "convert_s", "write": "write_s"}.get(kind, "session_s")
+        peak = None if row.get("vmhwm_mb") is None else {**row, "peak": row["vmhwm_mb"] / 1024}
+        peak_text = _fmt(peak, "peak", digits=2) if peak else _fmt(row, "none")
+        load = f"{row.get('load_before', 0):.0f}–{row.get('load_after', 0):.0f}" if "load_before" in row else "–"
+        lines.append(f"| {size} | {':'.join([kind, *rest])} | {_fmt(row, first)} | {_fmt(row, 'run_s', digits=1)} | "
+                     f"{_fmt(row, 'run_cpu_s', digits=1)} | {peak_text} | {load} | {wall} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -357,7 +364,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--max-rss-gb", type=float, default=14.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per cell")
-    parser.add_argument("--results", default=str(BUILD / "results.jsonl"))
+    parser.add_argument("--results", default=str(BUILD / "results.jsonl"), help="results file (--table: several, comma-separated)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--child")
     parser.add_argument("--child-out")
@@ -368,7 +375,7 @@ def main(argv=None) -> None:
         return
     results = Path(args.results)
     if args.table:
-        print(table(results))
+        print(table([Path(p) for p in args.results.split(",")]))
         return
     from tools.bench import cpu_line
 
