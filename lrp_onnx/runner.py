@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import first_line, LRPError
-from .session import input_defaults, open_session, text_inputs  # noqa: F401 (part of the runner's API)
+from .session import input_defaults, model_metadata, open_session, text_inputs  # noqa: F401 (part of the runner's API)
 from .seed import POSITION_INPUT, SEED_INPUT, SELECTED_LOGIT, SELECTED_TARGET, TARGET_INPUT
 
 
@@ -56,13 +56,19 @@ class Explanation:
 class Explainer:
     """Holds an onnxruntime session of a converted model."""
 
-    def __init__(self, model_path, providers=None, threads: int | None = None, prepack: bool = False,
+    def __init__(self, model_path, providers=None, threads: int | None = None, prepack: bool | None = None,
                  _model_bytes: bytes | None = None):
-        """providers, threads, prepack: see open_session."""
+        """providers, threads, prepack: see open_session; prepack None: as the model's metadata asks (on
+        for MatMulNBits weights, off otherwise)."""
         path = os.fspath(model_path)
         if _model_bytes is None and not os.path.isfile(path):
             raise LRPError(f"{path}: no such file")
         self.source = _model_bytes if _model_bytes is not None else path
+        if prepack is None:
+            try:
+                prepack = bool(json.loads(model_metadata(self.source).get("lrp_onnx", "{}")).get("prepack"))
+            except ValueError:
+                prepack = False
         self.session, self.input_names = open_session(self.source,
                                                       providers, threads, prepack, label=path)
         meta = self.session.get_modelmeta().custom_metadata_map.get("lrp_onnx")
@@ -74,7 +80,7 @@ class Explainer:
         self.defaults = input_defaults(self.session)  # -1 for the plain lrp_target / lrp_position inputs
 
     @classmethod
-    def from_model(cls, model, providers=None, threads: int | None = None, prepack: bool = False) -> "Explainer":
+    def from_model(cls, model, providers=None, threads: int | None = None, prepack: bool | None = None) -> "Explainer":
         """A session of an in-memory converted onnx.ModelProto (weights inline)."""
         return cls("<in-memory model>", providers, threads, prepack, _model_bytes=model.SerializeToString())
 
