@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from .errors import LRPError
 from .files import write_atomically
@@ -211,6 +212,42 @@ def _run_step(session, feed: dict, fetch: list, output: str) -> dict:
     return values
 
 
+def _cache_head_sizes(path) -> dict:
+    """{cache input: head size} for the caches a fused attention op reads, from its attributes and its
+    query's static width (shape inference on the weight-free graph): GroupQueryAttention (packed QKV:
+    width / (num_heads + 2 kv_num_heads), else width / num_heads), MultiHeadAttention, opset-23
+    Attention. What cannot be told is left out."""
+    from .graph import GraphView, attr
+    from .shapes import infer_shapes
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # an in-memory decoder or an unreadable file: nothing to tell
+        return {}
+    view = GraphView.build(model, infer_shapes(model))
+    past_slots = {"GroupQueryAttention": (3, 4), "MultiHeadAttention": (6, 7), "Attention": (4, 5)}
+    sizes = {}
+    for n in view.nodes:
+        slots = past_slots.get(n.op_type)
+        if slots is None or (n.op_type == "Attention") != (n.domain in ("", "ai.onnx")):
+            continue
+        shape = view.shape(n.input[0]) or []
+        width = shape[-1] if shape and isinstance(shape[-1], int) else None
+        heads = attr(n, "num_heads") or attr(n, "q_num_heads")
+        if width is None or not heads:
+            continue
+        if len(shape) == 4:  # opset-23 Attention with [batch, heads, seq, head_size] queries
+            head = width
+        elif n.op_type == "GroupQueryAttention" and (len(n.input) < 2 or not n.input[1]):
+            head = width // (heads + 2 * (attr(n, "kv_num_heads") or heads))
+        else:
+            head = width // heads
+        for slot in slots:
+            if len(n.input) > slot and n.input[slot] in view.graph_inputs:
+                sizes[n.input[slot]] = head
+    return sizes
+
+
 def _cached_decoder(session, names, output, inputs, label):
     """A KV-cache export as the decoder (past_key_values.* inputs, present.* outputs, optionally a merged
     decoder's use_cache_branch): the prompt runs once with an empty cache, then each step feeds only the
@@ -241,6 +278,8 @@ def _cached_decoder(session, names, output, inputs, label):
         axis = next((k for k, d in enumerate(i.shape) if isinstance(d, str) and "past" in d.lower()), None)
         dims = [0 if k == axis else d if isinstance(d, int) else 1 if d == batch else None
                 for k, d in enumerate(i.shape)]
+        if dims and dims[-1] is None and axis != len(dims) - 1:  # a symbolic head size (the builder's kv_cache_dim)
+            dims[-1] = _cache_head_sizes(label).get(i.name)
         if axis is None or None in dims:
             raise LRPError(f"{label}: cache input '{i.name}' has shape {i.shape}: cannot make an empty cache "
                            f"(static axes but the batch and a 'past...' axis are needed); pass decoder= a callable")

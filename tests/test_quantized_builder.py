@@ -126,3 +126,21 @@ def test_tiny_builder_int4_relevance_close_to_fp32(workdir, accuracy_level):
 # tiny random LLaMA, int4 vs fp32 (attnlrp, both accuracy levels): seen token cosine 0.983, per-dimension
 # cosine 0.920, the same top-3 tokens; a relevance unrelated to the fp32 one stays far below
 TINY_MIN_TOKEN_COSINE, TINY_MIN_COSINE = 0.95, 0.85
+
+
+def test_generation_decodes_with_the_builders_int4_cache(workdir):
+    """The builder declares the cache's head axis symbolic (kv_cache_dim): decoding with the original file
+    and its cache takes the head size from the GroupQueryAttention reading it (query width / heads), and
+    gives the same tokens and relevance as decoding with the converted model's forward."""
+    out = workdir / "genai-llama"
+    path = genai.run_builder(genai.hf_dir(out), out / "genai-int4-decoder", "int4")
+    past = next(i for i in onnx.load(str(path), load_external_data=False).graph.input if i.name.startswith("past"))
+    assert past.type.tensor_type.shape.dim[-1].dim_param  # symbolic: nothing to read it from but the graph
+    converted = path.with_name("model.lrp.onnx")
+    lrp_onnx.convert(str(path), str(converted))
+    explainer = lrp_onnx.Explainer(str(converted), providers=CPU)
+    ids = np.array([[5, 17, 42, 8, 99]], np.int64)
+    cached = explainer.explain_generation(ids, max_new_tokens=4, decoder=str(path))
+    plain = explainer.explain_generation(ids, max_new_tokens=4)
+    np.testing.assert_array_equal(cached.generated_ids, plain.generated_ids)
+    np.testing.assert_allclose(cached.relevance, plain.relevance, rtol=1e-5, atol=1e-7)
