@@ -57,45 +57,30 @@ class _Scope:
         self.producers: dict[str, onnx.NodeProto] = {}
         self.lengths: dict[str, int] = {}  # element counts of 1-D tensors (shapes, axes lists)
 
-    def rank(self, name: str):
+    def _lookup(self, table: str, name: str):
+        """`name` in this scope's `table` (ranks, dims, values, producers, lengths), else the outer ones'."""
         scope = self
         while scope is not None:
-            if name in scope.ranks:
-                return scope.ranks[name]
+            found = getattr(scope, table)
+            if name in found:
+                return found[name]
             scope = scope.outer
         return None
+
+    def rank(self, name: str):
+        return self._lookup("ranks", name)
 
     def shape(self, name: str):
-        scope = self
-        while scope is not None:
-            if name in scope.dims:
-                return scope.dims[name]
-            scope = scope.outer
-        return None
+        return self._lookup("dims", name)
 
     def value(self, name: str):
-        scope = self
-        while scope is not None:
-            if name in scope.values:
-                return scope.values[name]
-            scope = scope.outer
-        return None
+        return self._lookup("values", name)
 
     def producer(self, name: str):
-        scope = self
-        while scope is not None:
-            if name in scope.producers:
-                return scope.producers[name]
-            scope = scope.outer
-        return None
+        return self._lookup("producers", name)
 
     def length(self, name: str):
-        scope = self
-        while scope is not None:
-            if name in scope.lengths:
-                return scope.lengths[name]
-            scope = scope.outer
-        return None
+        return self._lookup("lengths", name)
 
     def know_shape(self, name: str, type_proto) -> None:
         if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
