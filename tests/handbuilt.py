@@ -65,7 +65,9 @@ def ort_run(model, feeds, output="logits"):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run([output], feeds)[0]
+    from lrp_onnx.session import input_defaults
+
+    return session.run([output], {**input_defaults(session), **feeds})[0]  # -1 for a converted model's lrp_target
 
 
 def reference_run(model, feeds):
