@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 
 import lrp_onnx
+from lrp_onnx.session import input_defaults
 from tests.conftest import explain_inputs
 
 FAMILIES = ["bert", "gpt2", "llama", "t5"]
@@ -91,7 +92,8 @@ def test_original_outputs_bit_identical_under_default_session(family, precision,
     converted = lrp_onnx.convert(path, rules="attnlrp")
     explainer = lrp_onnx.Explainer.from_model(converted, providers=["CPUExecutionProvider"])
     result = explainer.run(target=inputs["target"], position=inputs.get("position"), **feed)
-    got = _session(converted, tmp_path / "converted.opt.onnx").run(["logits"], feed)[0]
+    session = _session(converted, tmp_path / "converted.opt.onnx")
+    got = session.run(["logits"], {**input_defaults(session), **feed})[0]
     # the same fused kernels, and (fp32 round-off allowed, none seen) the same numbers
     assert _fused_kernels(tmp_path / "converted.opt.onnx") == _fused_kernels(tmp_path / "original.opt.onnx")
     scale = np.abs(original.astype(np.float64)).max()
@@ -130,5 +132,6 @@ def test_dynamic_quantization_scale_is_recomputed():
     seed[0, -1, 1] = seed[1, -1, 3] = 1
     expected = x * (seed @ (weight.astype(np.float32) * b_scale).T)
     np.testing.assert_allclose(result.relevance, expected, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(_session(converted).run(["logits"], {"x": x})[0],
+    session = _session(converted)
+    np.testing.assert_array_equal(session.run(["logits"], {**input_defaults(session), "x": x})[0],
                                   _session(model).run(["logits"], {"x": x})[0])
