@@ -171,7 +171,7 @@ class IdLayout:
 def id_layouts(view: GraphView, sources: list[str]) -> dict[str, IdLayout]:
     """{source: IdLayout} for each source that is an embedding lookup (or its dequantized output)."""
     origin = _integer_input_origins(view)
-    opset = _opset_of(view)
+    opset = model_opset(view.model)
     layouts = {}
     for _, _, token_input, k, out in _embedding_lookups(view):
         if out not in sources:
@@ -208,12 +208,8 @@ def check_id_layouts(view: GraphView, sources: list[str]) -> None:
             raise LRPError(f"the relevance at the embedding lookup '{s}' cannot be given in the layout of input "
                            f"'{layout.token_input}': its indices are that input through "
                            f"{node_label(layout.offender)}, whose relevance needs a scatter-add (opset >= 16; "
-                           f"the model has {_opset_of(view)}); re-export at opset >= 16, "
+                           f"the model has {model_opset(view.model)}); re-export at opset >= 16, "
                            f"or name the lookup with --source {s} to explain it in the lookup's own layout")
-
-
-def _opset_of(view: GraphView) -> int:
-    return next((o.version for o in view.model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def restore_id_layout(b: Builder, relevance: str, layout: IdLayout) -> str:

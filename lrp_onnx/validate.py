@@ -110,7 +110,7 @@ def check_input_types(model: onnx.ModelProto, dtype, label: str, nodes: set | No
     """Every input of a standard op (of the main graph; those named in `nodes` if given) has a type its
     schema allows, as onnxruntime checks at load time (e.g. a Gather whose indices are float).
     `dtype(name)` -> element type or None (then unchecked)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = _opset(model)
     names = {v: f"tensor({TensorProto.DataType.Name(v).lower()})" for v in TensorProto.DataType.values()}
     for n in model.graph.node:
         if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type) or nodes is not None and n.name not in nodes:
