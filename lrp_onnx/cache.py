@@ -154,17 +154,18 @@ def bind_cache_inputs(model: onnx.ModelProto) -> Binding:
     return binding
 
 
-def settle_cache(model: onnx.ModelProto, binding: Binding) -> None:
+def settle_cache(model: onnx.ModelProto, binding: Binding, keep: frozenset = frozenset()) -> None:
     """After unfusing and inlining: simplify the readers of each empty cache again (an inlined branch
     may read it), drop the binding nodes nothing reads, and refuse a cache that something reads as data:
     an empty tensor is the same as no cache only where it is concatenated along its past axis, given
     to a fused attention op as its past, or asked for its shape. A cross-attention cache (the encoder's
-    keys of a seq2seq decoder with past) is read directly and is refused here, naming the reader."""
+    keys of a seq2seq decoder with past) is read directly and is refused here, naming the reader.
+    Tensors in `keep` are not dropped (the inputs of fused nodes the forward gets back, unfuse.refuse)."""
     g = model.graph
     cache = list(binding.axes)
     for name in cache:
         _simplify(g, name, *binding.axes[name])
-    _prune(g)
+    _prune(g, keep)
     readers = _readers(g)
     for name in cache:
         for node in _data_readers(readers, name):
@@ -305,11 +306,11 @@ def _simplify(g, name, axis, rank):
                 node.input.pop()
 
 
-def _prune(g):
-    """Drop nodes whose outputs nothing reads, among the binding nodes and the layout ops left reading an
-    empty cache."""
+def _prune(g, keep=frozenset()):
+    """Drop nodes whose outputs nothing reads (nor `keep` names), among the binding nodes and the layout
+    ops left reading an empty cache."""
     while True:
-        read = {t for n in g.node for t in _reads(n)} | {o.name for o in g.output}
+        read = {t for n in g.node for t in _reads(n)} | {o.name for o in g.output} | set(keep)
         dead = [n for n in g.node if not any(o in read for o in n.output)
                 and (n.name.startswith(SCOPE) or n.op_type in _LAYOUT_OPS + ("Shape", "Gather", "Constant"))]
         if not dead:

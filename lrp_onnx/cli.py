@@ -122,7 +122,7 @@ def cmd_convert(args) -> int:
     convert(args.model, args.o, rules=args.rules, source=args.source, output=args.output,
             latent=args.latent or (), seed_input=args.seed_input, overrides=_rule_overrides(args),
             relevance_only=args.relevance_only, multi_target=args.multi_target, memory=args.memory,
-            inputs=args.inputs)
+            inputs=args.inputs, forward=args.forward)
     print(f"wrote {args.o}")
     return 0
 
@@ -465,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lrp_target/lrp_position as plain int64 inputs, fed -1 for the default (default; every "
                         "runtime: onnxruntime, OpenVINO, TensorRT), or optional(tensor(int64)) inputs that "
                         "onnxruntime's core may omit (not OpenVINO)")
+    p.add_argument("--forward", choices=["fused", "written"], default="fused",
+                   help="fused (default): the forward keeps onnxruntime's fused attention kernels, so the original "
+                        "outputs are the original model's bit for bit; written: standard ops only (the backward "
+                        "always differentiates the written-out form)")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("inspect", help="show the rule of every unit on the relevance path; exits non-zero "
                        "exactly when `convert` with the same options would refuse")

@@ -23,7 +23,7 @@ from .builder import PREFIX as BACKWARD_PREFIX, Builder
 from .shapes import infer_shapes
 from .precision import HALF, is_half, promote_backward_to_fp32
 from .remat import rematerialize
-from .unfuse import unfuse_contrib_ops
+from .unfuse import refuse, unfuse_contrib_ops
 from .cache import bind_cache_inputs, settle_cache
 from .control import branch_model, free_names as outer_references_of_graph, has_subgraph, \
     inline_constant_ifs, renamed_branch, subgraphs
@@ -622,6 +622,7 @@ class Conversion:
     problems: list = field(default_factory=list)  # unsupported units: `convert` refuses, `inspect` lists them
     bound_inputs: dict = field(default_factory=dict)  # KV-cache inputs bound inside the graph (cache.py)
     original_nodes: set = field(default_factory=set)  # the input model's node names (the rest was written here)
+    unfused: list = field(default_factory=list)  # fused nodes written out (unfuse.Unfused), put back by `refuse`
 
 
 def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
@@ -642,13 +643,13 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     upgrade_opset(model)
     cache = bind_cache_inputs(model)  # a KV-cache export explains full sequences: its cache is fed empty
     qoperator_to_qdq(model)  # QLinearMatMul, QLinearAdd, ...: the QDQ form they stand for
-    unfuse_contrib_ops(model)
+    unfused = unfuse_contrib_ops(model)
     view = GraphView.build(model, inline_constant_ifs(model, infer_shapes))
     label = os.fspath(model_path) if model_path is not None else "<in-memory model>"
     check_input_types(model, view.dtype, label, original_nodes)
     check_element_counts(((t, info.shape) for t, info in view.info.items()), label, "tensor")
     if cache.bound:
-        settle_cache(model, cache)
+        settle_cache(model, cache, keep=frozenset(t for u in unfused for t in u.node.input))
         view = GraphView.build(model, infer_shapes(model))
     # choose output and sources
     output = output or view.graph_outputs[0]
@@ -679,7 +680,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
     # analyze
     plan = analyze(view, rules, output, sources, overrides)
     conv = Conversion(model, base_dir, view, plan, output, sources, latent, position_selected, bound_inputs=cache.bound,
-                      original_nodes=original_nodes)
+                      original_nodes=original_nodes, unfused=unfused)
     if plan.problems:
         conv.problems = list(plan.problems)
         return conv
@@ -711,7 +712,7 @@ def plan_conversion(model, *, rules: str | dict = "attnlrp", source=None, output
 def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=None, output: str | None = None,
             latent=(), seed_input: bool = False, overrides: dict | None = None,
             relevance_only: bool = False, multi_target: bool = False, memory: str = "fast",
-            inputs: str = "plain", _probe=None) -> onnx.ModelProto:
+            inputs: str = "plain", forward: str = "fused", _probe=None) -> onnx.ModelProto:
     """Convert an ONNX model into one that also outputs relevance. See docs/contract.md for the contract.
 
     relevance_only: drop the original outputs and run the model's head (everything after the last
@@ -722,9 +723,16 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     probabilities from Q and K instead of keeping them from the forward (lrp_onnx/lean.py).
     inputs: the form of lrp_target / lrp_position: "plain" (default) int64 inputs, fed -1 for the
     default, which every runtime runs (onnxruntime, OpenVINO, TensorRT); or "optional"
-    (optional(tensor(int64)), omissible in onnxruntime's core, not readable by OpenVINO). See seed.py."""
+    (optional(tensor(int64)), omissible in onnxruntime's core, not readable by OpenVINO). See seed.py.
+    forward: "fused" (default): the forward keeps the model's vendor fused kernels (onnxruntime's
+    GroupQueryAttention, MultiHeadAttention, RotaryEmbedding, EmbedLayerNormalization), so its original
+    outputs are the original model's bit for bit, and the backward differentiates their written-out copies;
+    "written": the forward runs the written-out copies too (a model with only standard ops, for runtimes
+    without those kernels). See unfuse.py."""
     if memory not in ("fast", "lean"):
         raise LRPError(f"memory '{memory}': choose 'fast' or 'lean'")
+    if forward not in ("fused", "written"):
+        raise LRPError(f"forward '{forward}': choose 'fused' or 'written'")
     if inputs not in INPUT_FORMS:
         raise LRPError(f"inputs '{inputs}': choose {' or '.join(repr(f) for f in INPUT_FORMS)}")
     if multi_target and _probe is not None:
@@ -782,6 +790,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     g = model.graph
     g.node.extend(b.nodes)
     g.initializer.extend(b.initializers)
+    refused = refuse(model, conv.unfused) if forward == "fused" else 0  # the forward keeps the fused kernels
     if any(t.data_type in (TensorProto.UINT4, TensorProto.INT4) for t in b.initializers):
         model.ir_version = max(model.ir_version, 10)  # 4-bit tensors (vjp_contrib's blocked dequantization)
     g.initializer.extend(seed.defaults)
@@ -802,6 +811,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         # n-bit weights (MatMulNBits) run faster and in less memory pre-packed: Explainer turns it on
         "prepack": any(n.op_type == "MatMulNBits" for n in view.nodes),
         "input_limits": input_limits(view),
+        "forward": {"unfused": len(conv.unfused), "fused_kept": refused},
     }
     if conv.bound_inputs:
         meta["bound_inputs"] = conv.bound_inputs

@@ -10,8 +10,22 @@ Written out, every rule applies as it does to the exporter's own graph, and the 
 unfused model's. Other fused ops (SkipLayerNormalization, BiasGelu, FastGelu, QuickGelu, FusedMatMul,
 SimplifiedLayerNormalization, RMSNormalization, quantized MatMuls) keep their fused forward and have
 their own VJPs.
+
+The written-out copy is what the backward differentiates; the forward keeps a vendor's fused kernel (`refuse`,
+onnxruntime's com.microsoft ops; convert(forward="written") opts out):
+after the backward is emitted, the fused node is put back to compute its outputs, and the copy is left
+computing only what the backward reads (Q, K, the probabilities...), its tail pruned. The converted
+model's original outputs are then the original's bit for bit (a written-out attention rounds
+differently, and int8/int4 kernels that quantize their input amplify that), at the cost of the copy's
+cheap part. A fused node whose copy multiplies by a tensor from outside it (Attention's QKV weights,
+FusedGemm's Gemm) stays written out: re-fusing it would repeat that product. Standard ops (ONNX's
+Attention and RotaryEmbedding) stay written out: their numbers are the spec's, and the written-out form
+runs in runtimes whose kernel for them is missing or refuses the export (onnxruntime 1.32's
+RotaryEmbedding on opset-23 llama exports).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -553,25 +567,80 @@ def _unfuser(node):
     return UNFUSERS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
 
 
-def unfuse_contrib_ops(model: onnx.ModelProto) -> int:
-    """Rewrite the fused ops in place (the model is the pipeline's private copy); return how many."""
+@dataclass
+class Unfused:
+    """A fused node and the names of the nodes written in its place."""
+    node: onnx.NodeProto
+    copy: list[str]
+
+
+def unfuse_contrib_ops(model: onnx.ModelProto) -> list[Unfused]:
+    """Rewrite the fused ops in place (the model is the pipeline's private copy); return what was rewritten."""
     if not any(_unfuser(n) for n in model.graph.node):
-        return 0
+        return []
     from .shapes import infer_shapes
 
     inferred = infer_shapes(model)
     shapes = {vi.name: vi for vi in (list(inferred.graph.value_info) + list(inferred.graph.input)
                                      if inferred is not None else [])}
-    rewritten, count, known_ranks = [], 0, {}
+    rewritten, done, known_ranks = [], [], {}
     for i, node in enumerate(model.graph.node):
         unfuse = _unfuser(node)
         if unfuse is not None:
             e = _Emitter(model, f"lrp/unfused/{node.name or node.op_type + str(i)}", known_ranks, shapes)
             unfuse(model, node, e)
             rewritten.extend(e.nodes)
-            count += 1
+            done.append(Unfused(onnx.NodeProto.FromString(node.SerializeToString()), [n.name for n in e.nodes]))
         else:
             rewritten.append(node)
     del model.graph.node[:]
     model.graph.node.extend(rewritten)
+    return done
+
+
+_PRODUCTS = {"MatMul", "Gemm", "Conv", "Einsum", "MatMulInteger", "MatMulNBits", "ConvInteger", "FusedMatMul"}
+
+
+def refuse(model: onnx.ModelProto, unfused: list[Unfused]) -> int:
+    """Put each fused node back in the forward of the converted `model`, in place of its written-out
+    copy's outputs (see the module's docstring); return how many. A copy that is no longer whole, whose
+    fused node reads a tensor the graph lost, or that multiplies by a tensor from outside it stays as it is."""
+    from .control import has_subgraph, outer_references
+
+    g = model.graph
+    index = {n.name: k for k, n in enumerate(g.node)}
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    available |= {o for n in g.node for o in n.output}
+    count, copies = 0, set()
+    for u in unfused:
+        if u.node.domain in ("", "ai.onnx") or not u.copy or any(name not in index for name in u.copy):
+            continue  # standard ops (opset-23 Attention, RotaryEmbedding) stay written out: every runtime runs those
+        nodes = [g.node[index[name]] for name in u.copy]
+        inside = {o for n in nodes for o in n.output} | {t.name for t in g.initializer}
+        if any(n.op_type in _PRODUCTS and not all(t in inside for t in n.input if t) for n in nodes):
+            continue
+        if not all(t in available for t in u.node.input):
+            continue
+        renamed = {o: f"{u.copy[0].rsplit('/', 1)[0]}/fused_{o}" for o in u.node.output if o}
+        for n in nodes:
+            for k, t in enumerate(n.input):
+                n.input[k] = renamed.get(t, t)
+            for k, t in enumerate(n.output):
+                n.output[k] = renamed.get(t, t)
+        g.node.insert(min(index[name] for name in u.copy), u.node)
+        index = {n.name: k for k, n in enumerate(g.node)}
+        copies.update(u.copy)
+        count += 1
+    if count:  # the copies' tails, now read by nothing
+        while True:
+            read = {o.name for o in g.output}
+            for n in g.node:
+                read.update(n.input)
+                if has_subgraph(n):
+                    read.update(outer_references(n))
+            dead = [k for k, n in enumerate(g.node) if n.name in copies and not any(o in read for o in n.output)]
+            if not dead:
+                break
+            for k in reversed(dead):
+                del g.node[k]
     return count

@@ -76,8 +76,8 @@ def reference_run(model, feeds):
     return ReferenceEvaluator(model).run(["logits"], feeds)[0]
 
 
-def relevance(model, rules, feeds):
-    converted = lrp_onnx.convert(model, rules=rules, source="x")
+def relevance(model, rules, feeds, **options):
+    converted = lrp_onnx.convert(model, rules=rules, source="x", **options)
     for n in converted.graph.node:
         assert not n.op_type.endswith("Grad"), n.op_type
     explainer = lrp_onnx.Explainer.from_model(converted, providers=CPU)

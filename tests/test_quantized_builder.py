@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 
 import lrp_onnx
+from lrp_onnx.session import input_defaults
 from models import genai
 from tests.conftest import CPU, cosine
 
@@ -144,3 +145,38 @@ def test_generation_decodes_with_the_builders_int4_cache(workdir):
     plain = explainer.explain_generation(ids, max_new_tokens=4)
     np.testing.assert_array_equal(cached.generated_ids, plain.generated_ids)
     np.testing.assert_allclose(cached.relevance, plain.relevance, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_original_outputs_are_the_default_sessions_bit_for_bit(workdir, precision):
+    """The converted builder model's logits equal a default onnxruntime session of the original, bit for bit,
+    in a default session (pre-packing on) and through Explainer: the forward keeps the fused
+    GroupQueryAttention (unfuse.refuse; a written-out attention rounds differently, and accuracy level 4
+    quantizes each MatMulNBits input to int8, which amplifies that); forward="written" has none left and
+    gives the same relevance."""
+    out = workdir / "genai-llama"
+    path = (genai.export_genai(out) if precision == "fp32" else
+            genai.run_builder(genai.hf_dir(out), out / "genai-int4-acc4", "int4", {"int4_accuracy_level": 4}))
+    ids = np.array([[5, 17, 42, 8, 99, 23, 61, 3, 77, 12]], np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    original = ort.InferenceSession(str(path), options, providers=CPU).run(
+        ["logits"], {**feed, **genai.empty_past(path, 1)})[0]
+    relevance = {}
+    for forward in ("fused", "written"):
+        converted = path.with_name(f"model.{forward}.lrp.onnx")
+        lrp_onnx.convert(str(path), str(converted), forward=forward)
+        ops = [n.op_type for n in onnx.load(str(converted), load_external_data=False).graph.node]
+        layers = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node].count("GroupQueryAttention")
+        assert ops.count("GroupQueryAttention") == (layers if forward == "fused" else 0) and layers > 0
+        explainer = lrp_onnx.Explainer(str(converted), providers=CPU)
+        result = explainer.run(target=[7], **feed)
+        relevance[forward] = result.relevance
+        if forward == "fused":
+            session = ort.InferenceSession(str(converted), options, providers=CPU)
+            got = session.run(["logits"], {**input_defaults(session), **feed})[0]
+            np.testing.assert_array_equal(got, original)
+            np.testing.assert_array_equal(result.outputs["logits"], original)
+    a, b = relevance["fused"], relevance["written"]
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
