@@ -87,6 +87,43 @@ def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+def _element_type(model: onnx.ModelProto, name: str):
+    """The element type of an initializer or graph input, or of one reached back through layout ops."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    declared = {t.name: t.data_type for t in model.graph.initializer}
+    declared.update({i.name: i.type.tensor_type.elem_type for i in model.graph.input})
+    while name not in declared and name in producers and producers[name].op_type in (
+            "Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten"):
+        name = producers[name].input[0]
+    return declared.get(name)
+
+
+def _gather_block_quantized_proxy(model: onnx.ModelProto) -> None:
+    """onnxruntime's symbolic inference types GatherBlockQuantized as a Gather of its data: a uint8 table
+    packs 8 // bits values per byte along the quantize axis, so the width comes out halved (4-bit), the
+    next MatMulNBits' check fails and the whole graph falls back to onnx's inference, which loses the
+    symbolic dims of everything after (Range, Expand, Reshape: un-broadcasting at run time). Here, for
+    shapes only: Gather(Concat of 8 // bits copies of Cast(data) along the quantize axis) in the scales' type."""
+    nodes = []
+    for n in model.graph.node:
+        if n.domain != "com.microsoft" or n.op_type != "GatherBlockQuantized":
+            nodes.append(n)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        bits, gather_axis, quantize_axis = a.get("bits", 4), a.get("gather_axis", 0), a.get("quantize_axis", 1)
+        data, out = n.input[0], n.output[0]
+        scale_type = _element_type(model, n.input[2]) or TensorProto.FLOAT
+        table = f"{out}/lrp_proxy_table"
+        nodes.append(helper.make_node("Cast", [data], [table], to=scale_type))
+        if _element_type(model, data) in (TensorProto.UINT8, None) and bits < 8:
+            packed = table
+            table = f"{out}/lrp_proxy_unpacked"
+            nodes.append(helper.make_node("Concat", [packed] * (8 // bits), [table], axis=quantize_axis))
+        nodes.append(helper.make_node("Gather", [table, n.input[1]], [out], axis=gather_axis, name=n.name))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def _quantized_matmul_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
     """Standard ops of the same output type and shape for onnxruntime's quantized MatMuls, whose float
     output the symbolic inference types as its integer operand (and propagates that type on)."""
@@ -111,6 +148,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     model = _without_weight_data(model)
     if any(n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul") for n in model.graph.node):
         model = _quantized_matmul_proxy(model)
+    if any(n.op_type == "GatherBlockQuantized" for n in model.graph.node):
+        _gather_block_quantized_proxy(model)
     return _infer_shapes(model)
 
 

@@ -21,8 +21,10 @@ Cells (``kind:size[:arg[:variant]]``):
                                 batch 1, SEQ random ids, empty past_key_values: session time, run time
   explain:SIZE:SEQ:VARIANT[:prepack]
                                 lrp_onnx.Explainer(converted model, threads=2).run(input_ids, mask):
-                                session time, run time, relevance finite / shape / sum (`prepack`:
-                                Explainer(prepack=True), onnxruntime's default weight pre-packing)
+                                session time, run time, relevance finite / shape / sum; the explained
+                                logit and, for `full`, the largest last-position logit, to compare with the
+                                forward cell's (Explainer's default pre-packing: on for MatMulNBits models;
+                                `prepack` / `noprepack` force it)
   multi:SIZE:SEQ                the multi_target conversion explaining 16 targets at the last 16 positions
                                 in one run
   generate:SIZE:N               lrp_onnx.explain_generation(multi_target Explainer, 32-token prompt, N tokens):
@@ -178,7 +180,8 @@ def child(cell: str, runs: int, warmup: int) -> dict:
         variant = rest[1] if kind == "explain" else "multi_target"
         start = time.perf_counter()
         explainer = lrp_onnx.Explainer(str(converted_path(size, variant)), threads=THREADS,
-                                       providers=["CPUExecutionProvider"], prepack="prepack" in rest[2:])
+                                       providers=["CPUExecutionProvider"],
+                                       prepack=True if "prepack" in rest[2:] else False if "noprepack" in rest[2:] else None)
         out["session_s"] = time.perf_counter() - start
         out["session_rss_mb"] = _status("VmRSS")
         ids = _ids(size, seq)
@@ -192,6 +195,8 @@ def child(cell: str, runs: int, warmup: int) -> dict:
         out.update(run_s=statistics.median(times), runs_s=times, relevance_shape=list(rel.shape),
                    finite=bool(np.isfinite(rel).all()), relevance_sum=float(rel.sum()),
                    logit=np.asarray(result.logit).ravel()[:4].tolist())
+        if "logits" in result.outputs:  # the original output (`full`): the forward cell's logit_last_max
+            out["logit_last_max"] = float(np.asarray(result.outputs["logits"])[0, -1].max())
     elif kind == "generate":
         import lrp_onnx
         from lrp_onnx.generation import explain_generation
