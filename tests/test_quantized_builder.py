@@ -180,3 +180,20 @@ def test_original_outputs_are_the_default_sessions_bit_for_bit(workdir, precisio
             np.testing.assert_array_equal(result.outputs["logits"], original)
     a, b = relevance["fused"], relevance["written"]
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
+
+
+def test_shapes_stay_symbolic_after_the_quantized_embedding(smollm2_int4):
+    """onnxruntime's symbolic inference types GatherBlockQuantized's output with the packed width (288 for a
+    4-bit 576-wide table) and then fails at the next MatMulNBits; lrp_onnx's shape proxy gives the unpacked
+    width, so the symbolic dims survive and the backward un-broadcasts nothing at run time (before: 21
+    shape-comparing un-broadcasts per layer in the unfused attention's backward)."""
+    from lrp_onnx.shapes import infer_shapes
+
+    path, converted = smollm2_int4
+    model = onnx.load(str(path), load_external_data=False)
+    lookup = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    inferred = {vi.name: vi for vi in infer_shapes(model).graph.value_info}
+    dims = [d.dim_param or d.dim_value for d in inferred[lookup.output[0]].type.tensor_type.shape.dim]
+    assert dims[:2] == ["batch_size", "sequence_length"] and dims[2] == 576  # SmolLM2's hidden size
+    ops = [n.op_type for n in onnx.load(str(converted), load_external_data=False).graph.node]
+    assert ops.count("Not") == 0  # Where(Not(Equal(Shape(g), Shape(t)))): a run-time un-broadcast
