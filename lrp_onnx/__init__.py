@@ -9,8 +9,7 @@
 
 Inference needs numpy, onnx and onnxruntime only; PyTorch is never imported.
 """
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .conservation import audit  # noqa: E402
 from .dataset import explain_dataset  # noqa: E402
 from .errors import LRPError, UnsupportedOpsError  # noqa: E402

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .control import has_subgraph, outer_references
-from .graph import GraphView, attr
+from .graph import GraphView, attr, has_subgraph, outer_references
 from .patterns import ACTIVATION_OPS, Region, _strip_casts as strip_casts
 
 # -- what each op computes in its relevance-carrying inputs (rules are chosen by this, not by name) --

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto, helper
 
-from .control import free_names, has_subgraph, outer_references
 from .errors import LRPError
-from .graph import node_label
+from .graph import free_names, has_subgraph, node_label, outer_references
 
 _PAST_NAME = re.compile(r"(^|[._/:-])past([._/:-]|_?key|_?value|\d|$)", re.IGNORECASE)
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)

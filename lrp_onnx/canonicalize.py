@@ -12,11 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .control import free_names
-from .graph import GraphView, attr
-from .seed import POSITION_INPUT
+from .contract import POSITION_INPUT, SELECTED_OUTPUT, TARGET_INPUT
+from .graph import GraphView, attr, free_names
 
-SELECTED_OUTPUT = "lrp_logits_at_position"
 # ops that act on each sequence position independently when their constant operands broadcast only
 # over the last axis (and reductions run over the last axis)
 POSITIONWISE = {"MatMul", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Cast", "Identity",
@@ -125,7 +123,6 @@ def select_position_before_head(model: onnx.ModelProto, view: GraphView, output:
     length = node("Slice", [shape, p + "one", p + "two"], p + "length")
     hidden = node("Slice", [shape, p + "two", p + "three"], p + "hidden")
     if multi_target:
-        from .seed import TARGET_INPUT
         columns = [node("Slice", [node("Shape", [t], p + f"{t}_shape"), p + "one", p + "two"], p + f"{t}_columns")
                    for t in (TARGET_INPUT, POSITION_INPUT)]
         extent = node("Concat", [batch, node("Max", columns, p + "targets")], p + "rows_by_targets", axis=0)

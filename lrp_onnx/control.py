@@ -9,7 +9,7 @@ Exporters emit `If` mostly for shape questions (torch's `squeeze(dim)` with a dy
   Shape/Gather/Equal/... chains) is replaced by the nodes of the branch taken; the branch's
   internal tensors are renamed, the If's output names are kept.
 * otherwise the If is a unit whose inputs are its condition and its branches' outer-scope
-  references (`outer_references`), and whose backward is an If on the same condition with the
+  references (`graph.outer_references`), and whose backward is an If on the same condition with the
   backward of each branch (pipeline.py emits them over a `branch_model` of each branch).
 
 Nothing here reads weight data: folding uses small inline constants and shapes only.
@@ -18,68 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-from .graph import GraphView
+from .graph import GraphView, _local_names, has_subgraph, subgraphs
 
 SUBGRAPH_OPS = ("If", "Loop", "Scan")
 MAX_FOLDED_ELEMENTS = 4096  # a folded value bigger than this is not a shape question
 
 
-# -- scopes ----------------------------------------------------------------------------------------
-def subgraphs(node: onnx.NodeProto):
-    """(attribute name, GraphProto) of every graph attribute of a node."""
-    for a in node.attribute:
-        if a.type == AttributeProto.GRAPH:
-            yield a.name, a.g
-        elif a.type == AttributeProto.GRAPHS:
-            for k, g in enumerate(a.graphs):
-                yield f"{a.name}[{k}]", g
-
-
-def has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(True for _ in subgraphs(node))
-
-
-def _local_names(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    names |= {t.values.name for t in graph.sparse_initializer}
-    for n in graph.node:
-        names.update(o for o in n.output if o)
-    return names
-
-
-def free_names(graph: onnx.GraphProto) -> list[str]:
-    """Names a graph reads from its enclosing scopes, in order of first use (nested graphs included)."""
-    local = _local_names(graph)
-    seen, free = set(), []
-
-    def use(t):
-        if t and t not in local and t not in seen:
-            seen.add(t)
-            free.append(t)
-
-    for n in graph.node:
-        for t in n.input:
-            use(t)
-        for _, g in subgraphs(n):
-            for t in free_names(g):
-                use(t)
-    for o in graph.output:
-        use(o.name)
-    return free
-
-
-def outer_references(node: onnx.NodeProto) -> list[str]:
-    """The enclosing-scope tensors a node's subgraphs read, not already among its inputs."""
-    refs = []
-    for _, g in subgraphs(node):
-        for t in free_names(g):
-            if t not in refs and t not in node.input:
-                refs.append(t)
-    return refs
-
-
+# -- renaming (the scope helpers subgraphs/free_names/outer_references are in graph.py) -------------
 def _rename_graph(graph: onnx.GraphProto, mapping: dict) -> None:
     """Rename references (inputs, outputs) in place, respecting names a nested graph defines itself."""
     local = _local_names(graph)

@@ -317,7 +317,8 @@ def _forward_only(explainer):
     relevance-only model, the head at lrp_position, whose default is the last token)."""
     import onnx
 
-    from .canonicalize import SELECTED_OUTPUT, drop_outputs
+    from .canonicalize import drop_outputs
+    from .contract import SELECTED_OUTPUT
     from .session import open_session
 
     cached = getattr(explainer, "_forward_only", None)

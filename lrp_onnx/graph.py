@@ -2,6 +2,7 @@
 
 The view never loads external weight data: initializers are known by name, dtype and dims only,
 and small constants (shape vectors, exponents, scales) are read when they are stored inline.
+Also the scope helpers of nodes with subgraphs (If/Loop/Scan): their graphs and the outer-scope names they read.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import AttributeProto, TensorProto, numpy_helper
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
@@ -190,3 +191,57 @@ def constant_table_lookup(view: GraphView, node: onnx.NodeProto):
         return None
     rows = next((s[0] for s in map(view.shape, sized) if s and isinstance(s[0], int) and s[0] > 0), None)
     return node.input[0], node.input[1], rows
+
+
+# -- scopes ----------------------------------------------------------------------------------------
+def subgraphs(node: onnx.NodeProto):
+    """(attribute name, GraphProto) of every graph attribute of a node."""
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == AttributeProto.GRAPHS:
+            for k, g in enumerate(a.graphs):
+                yield f"{a.name}[{k}]", g
+
+
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(True for _ in subgraphs(node))
+
+
+def _local_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    for n in graph.node:
+        names.update(o for o in n.output if o)
+    return names
+
+
+def free_names(graph: onnx.GraphProto) -> list[str]:
+    """Names a graph reads from its enclosing scopes, in order of first use (nested graphs included)."""
+    local = _local_names(graph)
+    seen, free = set(), []
+
+    def use(t):
+        if t and t not in local and t not in seen:
+            seen.add(t)
+            free.append(t)
+
+    for n in graph.node:
+        for t in n.input:
+            use(t)
+        for _, g in subgraphs(n):
+            for t in free_names(g):
+                use(t)
+    for o in graph.output:
+        use(o.name)
+    return free
+
+
+def outer_references(node: onnx.NodeProto) -> list[str]:
+    """The enclosing-scope tensors a node's subgraphs read, not already among its inputs."""
+    refs = []
+    for _, g in subgraphs(node):
+        for t in free_names(g):
+            if t not in refs and t not in node.input:
+                refs.append(t)
+    return refs

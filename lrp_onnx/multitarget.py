@@ -25,7 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .builder import Builder
 from .graph import TensorInfo
-from .seed import POSITION_INPUT, SEED_INPUT, TARGET_INPUT, Seed, build_seed, rename_output
+from .contract import POSITION_INPUT, SEED_INPUT, TARGET_INPUT
+from .seed import Seed, build_seed, rename_output
 
 LOOP_INDEX = "lrp/targets/k"
 LOOP_CONDITION = "lrp/targets/condition"

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import __version__
+from ._version import __version__
 from .analysis import Unit, classify, make_units, on_path, relevance_path
 from .builder import PREFIX as BACKWARD_PREFIX, Builder
 from .shapes import infer_shapes
@@ -25,19 +25,20 @@ from .precision import HALF, is_half, promote_backward_to_fp32
 from .remat import rematerialize
 from .unfuse import refuse, unfuse_contrib_ops
 from .cache import bind_cache_inputs, settle_cache
-from .control import branch_model, free_names as outer_references_of_graph, has_subgraph, \
-    inline_constant_ifs, renamed_branch, subgraphs
+from .control import branch_model, inline_constant_ifs, renamed_branch
 from .canonicalize import drop_outputs, select_position_before_head, squeeze_class_output
 from .errors import LRPError, UnsupportedOpsError
 from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
 from .qoperator import qoperator_to_qdq
-from .graph import GraphView, TensorInfo, constant_table_lookup, node_label
+from .graph import GraphView, TensorInfo, constant_table_lookup, free_names as outer_references_of_graph, \
+    has_subgraph, node_label, subgraphs
 from .validate import check_declared_sizes, check_element_counts, check_emitted, check_graph, check_input_types, \
     input_limits
 from .patterns import find_regions
 from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
 from .rules import rule_misfit, warn_unmatched_overrides
-from .seed import INPUT_FORMS, build_seed, finish_target_inputs
+from .contract import INPUT_FORMS
+from .seed import build_seed, finish_target_inputs
 from .multitarget import build_multi_seed, close_loop
 from .vjp import NORM_VJPS, lookup
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import first_line, LRPError
 from .session import input_defaults, model_metadata, open_session, text_inputs  # noqa: F401 (part of the runner's API)
-from .seed import POSITION_INPUT, SEED_INPUT, SELECTED_LOGIT, SELECTED_TARGET, TARGET_INPUT
+from .contract import POSITION_INPUT, SEED_INPUT, SELECTED_LOGIT, SELECTED_TARGET, TARGET_INPUT
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Seed targets: which logit is explained, as graph inputs.
 
-Inputs added to the converted model (a public contract, docs/contract.md):
+Inputs added to the converted model (a public contract, docs/contract.md; their names are in contract.py):
   lrp_target   int64 [batch] (feed [-1] for the default): class/vocab index per row; negative = the argmax
   lrp_position int64 [batch] (feed [-1] for the default): sequence position per row when the explained
                output has a sequence axis; Python-style negative indices count from the end
@@ -25,13 +25,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .builder import Builder
+from .contract import DEFAULTED_INPUTS, INPUT_FORMS, POSITION_INPUT, SEED_INPUT, SELECTED_LOGIT, SELECTED_TARGET, \
+    TARGET_INPUT
 from .graph import TensorInfo
 
-TARGET_INPUT = "lrp_target"
-POSITION_INPUT = "lrp_position"
-SEED_INPUT = "lrp_seed"
-SELECTED_TARGET = "lrp_selected_target"
-SELECTED_LOGIT = "lrp_selected_logit"
 SELECTED_LENGTH = "lrp/at_position/length"  # the sequence length, in canonicalize.select_position_before_head
 
 
@@ -146,16 +143,6 @@ def rename_output(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
         for k, o in enumerate(n.output):
             if o == old:
                 n.output[k] = new
-
-
-INPUT_FORMS = ("plain", "optional")
-DEFAULTED_INPUTS = (TARGET_INPUT, POSITION_INPUT)
-
-
-def default_value(name: str, rank: int) -> np.ndarray:
-    """What to feed to `name` (lrp_target / lrp_position) for its default: -1 (the argmax, the last
-    position) in an int64 array of `rank` dimensions of size 1 (rank 1, or 2 with multi_target)."""
-    return np.full([1] * max(rank, 1), -1, dtype=np.int64)
 
 
 def finish_target_inputs(model: onnx.ModelProto, form: str = "plain") -> dict:

@@ -110,7 +110,7 @@ def _register_extensions(options, exc: Exception) -> bool:
 def input_defaults(session) -> dict:
     """{name: value} for the plain lrp_target / lrp_position inputs of a converted model's session: the
     value that asks for the default (-1: the argmax, the last position), fed when the caller gives none."""
-    from .seed import DEFAULTED_INPUTS, default_value
+    from .contract import DEFAULTED_INPUTS, default_value
 
     return {i.name: default_value(i.name, len(i.shape)) for i in session.get_inputs()
             if i.name in DEFAULTED_INPUTS and i.type == "tensor(int64)"}
@@ -119,7 +119,7 @@ def input_defaults(session) -> dict:
 def unfed_inputs(session, feed) -> list:
     """Inputs of `session` that `feed` lacks and that have no default (neither optional nor lrp_target /
     lrp_position, which input_defaults fills)."""
-    from .seed import DEFAULTED_INPUTS
+    from .contract import DEFAULTED_INPUTS
 
     return [i.name for i in session.get_inputs()
             if i.name not in feed and i.name not in DEFAULTED_INPUTS and not i.type.startswith("optional")]

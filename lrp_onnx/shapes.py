@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .control import has_subgraph
+from .graph import has_subgraph
 from .ranks import fill_ranks
 
 

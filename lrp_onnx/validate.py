@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import first_line, LRPError
-from .graph import constant_table_lookup, node_label
+from .graph import constant_table_lookup, has_subgraph, node_label, subgraphs
 
 
 def check_graph(model: onnx.ModelProto, label: str) -> None:
@@ -236,8 +236,6 @@ def check_emitted(model: onnx.ModelProto, original_nodes: set) -> None:
     define (an attribute added in a later opset, a wrong input count) is refused here, naming it, instead
     of being written out for onnxruntime to reject at load time. Ops of other domains are onnxruntime's
     to check; a deprecation notice is not an error."""
-    from .control import has_subgraph, subgraphs
-
     ctx = onnx.checker.C.CheckerContext()
     ctx.ir_version = model.ir_version
     ctx.opset_imports = {o.domain if o.domain != "ai.onnx" else "": o.version for o in model.opset_import}
