@@ -1,5 +1,5 @@
-"""The package's import graph: no cycles (module-level or lazy imports inside functions alike), nothing
-imports the CLI, nothing imports the source checkout's tools/ or tests/, and no PyTorch."""
+"""The package's import graph (subpackages included): no cycles (module-level or lazy imports inside functions
+alike), nothing imports the CLI, nothing imports the source checkout's tools/ or tests/, and no PyTorch."""
 from __future__ import annotations
 
 import ast
@@ -29,22 +29,30 @@ def _imports(path: Path, module: str) -> set[str]:
             out.add(name)
             for alias in node.names:  # `from . import x` imports the submodule x
                 out.add(f"{name}.{alias.name}")
+    out.discard(module)  # a package's `from . import x` names the package itself
     return out
 
 
+def package_modules() -> dict[str, Path]:
+    """Every module of the package, subpackages and their modules included -> its file."""
+    found = {"lrp_onnx": PACKAGE_DIR / "__init__.py"}
+    for info in pkgutil.walk_packages([str(PACKAGE_DIR)], prefix="lrp_onnx."):
+        base = Path(info.module_finder.path) / info.name.rsplit(".", 1)[1]
+        found[info.name] = base / "__init__.py" if info.ispkg else base.with_suffix(".py")
+    return found
+
+
 def import_graph() -> dict[str, set[str]]:
-    modules = {f"lrp_onnx.{info.name}" for info in pkgutil.iter_modules([str(PACKAGE_DIR)])}
-    graph = {}
-    for module in sorted(modules | {"lrp_onnx"}):
-        path = PACKAGE_DIR / ("__init__.py" if module == "lrp_onnx" else module.split(".", 1)[1] + ".py")
-        graph[module] = _imports(path, module)
-    return graph
+    return {module: _imports(path, module) for module, path in sorted(package_modules().items())}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """A cycle among the package's modules (the package __init__ excluded: importing any submodule
-    runs it first by design), or None."""
-    inside = {m: {d for d in deps if d in graph and d != "lrp_onnx"} for m, deps in graph.items() if m != "lrp_onnx"}
+    """A cycle among the package's modules, or None. The package __init__ is left out (importing any
+    submodule runs it first by design), and so is a module's import of its own enclosing package (the
+    `from . import x` of a subpackage's module): that package is being imported already. A subpackage's
+    __init__ counts with its explicit imports."""
+    inside = {m: {d for d in deps if d in graph and d != "lrp_onnx" and not m.startswith(d + ".")}
+              for m, deps in graph.items() if m != "lrp_onnx"}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -74,6 +82,11 @@ def test_find_cycle_sees_a_cycle():
     assert find_cycle({"lrp_onnx.a": {"lrp_onnx.b"}, "lrp_onnx.b": {"lrp_onnx.a"}}) == \
         ["lrp_onnx.a", "lrp_onnx.b", "lrp_onnx.a"]
     assert find_cycle({"lrp_onnx.a": {"lrp_onnx.b"}, "lrp_onnx.b": set()}) is None
+    # a subpackage's module importing its own package (`from . import x`) is no cycle; its siblings are
+    assert find_cycle({"lrp_onnx.p": {"lrp_onnx.p.a"}, "lrp_onnx.p.a": {"lrp_onnx.p", "lrp_onnx.p.b"},
+                       "lrp_onnx.p.b": set()}) is None
+    assert find_cycle({"lrp_onnx.p.a": {"lrp_onnx.p.b"}, "lrp_onnx.p.b": {"lrp_onnx.p.a"}}) == \
+        ["lrp_onnx.p.a", "lrp_onnx.p.b", "lrp_onnx.p.a"]
 
 
 def test_no_import_cycles():
@@ -93,7 +106,7 @@ def test_nothing_imports_cli_tools_tests_or_torch():
 
 
 def test_every_module_imports_alone():
-    for info in pkgutil.iter_modules([str(PACKAGE_DIR)]):
-        if info.name == "__main__":  # runs the CLI
+    for module in package_modules():
+        if module == "lrp_onnx.__main__":  # runs the CLI
             continue
-        importlib.import_module(f"lrp_onnx.{info.name}")
+        importlib.import_module(module)
