@@ -10,14 +10,14 @@
 Inference needs numpy, onnx and onnxruntime only; PyTorch is never imported.
 """
 from ._version import __version__
-from .conservation import audit  # noqa: E402
-from .dataset import explain_dataset  # noqa: E402
+from .check.conservation import audit  # noqa: E402
+from .run.dataset import explain_dataset  # noqa: E402
 from .errors import LRPError, UnsupportedOpsError  # noqa: E402
-from .faithfulness import evaluate  # noqa: E402
+from .check.faithfulness import evaluate  # noqa: E402
 from .pipeline import convert  # noqa: E402
-from .report import inspect_model  # noqa: E402
-from .rules import RULE_SETS  # noqa: E402
-from .runner import Explainer, Explanation  # noqa: E402
+from .check.report import inspect_model  # noqa: E402
+from .lrp.rules import RULE_SETS  # noqa: E402
+from .run.runner import Explainer, Explanation  # noqa: E402
 
 __all__ = ["convert", "audit", "explain_dataset", "inspect_model", "evaluate", "Explainer", "Explanation", "RULE_SETS", "LRPError",
            "UnsupportedOpsError", "__version__"]

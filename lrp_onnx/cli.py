@@ -11,8 +11,8 @@ import sys
 import numpy as np
 
 from .errors import first_line, LRPError
-from .rules import RULE_SETS, RuleError, check_rule_name
-from .text import load_tokenizer  # noqa: F401 (lrp_onnx.cli.load_tokenizer, as before)
+from .lrp.rules import RULE_SETS, RuleError, check_rule_name
+from .run.text import load_tokenizer  # noqa: F401 (lrp_onnx.cli.load_tokenizer, as before)
 
 
 RULE_MAP_MAX_BYTES = 1 << 20  # a rule map is a handful of lines; refuse anything near this size
@@ -115,7 +115,7 @@ def _add_conversion_options(p):
 
 
 def cmd_convert(args) -> int:
-    from .files import check_output_file
+    from .ir.files import check_output_file
     from .pipeline import convert
 
     check_output_file(args.o, inputs=[args.model])  # before any work (the weight files: in convert)
@@ -128,7 +128,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .report import inspect_model
+    from .check.report import inspect_model
 
     report = inspect_model(args.model, rules=args.rules, source=args.source, output=args.output,
                            overrides=_rule_overrides(args), latent=args.latent or (), seed_input=args.seed_input,
@@ -138,7 +138,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .conservation import audit, parse_feed_args
+    from .check.conservation import audit, parse_feed_args
 
     dims = {}
     for item in args.dim or []:
@@ -222,10 +222,10 @@ def _is_vocabulary(explainer, result, tok) -> bool:
 
 
 def cmd_explain(args) -> int:
-    from .files import check_output_file
-    from .runner import Explainer, text_inputs
-    from .text import token_texts, unit_pieces, word_relevance
-    from .session import unfed_inputs
+    from .ir.files import check_output_file
+    from .run.runner import Explainer, text_inputs
+    from .run.text import token_texts, unit_pieces, word_relevance
+    from .run.session import unfed_inputs
 
     if (args.image is None) == (args.text is None):
         raise LRPError("explain needs either --text (with --tokenizer) or --image")
@@ -291,7 +291,7 @@ def cmd_explain(args) -> int:
             entry["words"] = units[-1].to_list()
         report.append(entry)
     if args.html or args.png:
-        from .heatmap import token_pieces, write_tokens_html, write_tokens_png
+        from .run.heatmap import token_pieces, write_tokens_html, write_tokens_png
 
         def label(r):  # a vocabulary token as a person reads it (' Paris'), else the class index
             return repr(r["target_text"]) if r["target_text"] is not None else r["target"]
@@ -324,7 +324,7 @@ def cmd_explain(args) -> int:
 
 def _explain_generation(explainer, args) -> int:
     """explain --generate N: decode N tokens greedily from the --text prompt and explain each of them."""
-    from .generation import write_generation_html, write_generation_png
+    from .run.generation import write_generation_html, write_generation_png
 
     if args.generate < 1:
         raise LRPError(f"--generate {args.generate}: give a positive number of tokens")
@@ -357,7 +357,7 @@ def _explain_generation(explainer, args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .faithfulness import METHODS, evaluate, evaluate_images
+    from .check.faithfulness import METHODS, evaluate, evaluate_images
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     # before any work: where the results go, what writing them needs, and the texts
@@ -401,9 +401,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_explain_dataset(args) -> int:
-    from .dataset import explain_dataset
+    from .run.dataset import explain_dataset
 
-    from .files import Terminated
+    from .ir.files import Terminated
 
     try:
         result = explain_dataset(args.model, args.tokenizer, args.input, args.out, text_column=args.text_column,
@@ -436,7 +436,7 @@ def _explain_image(explainer, args) -> int:
     pixels = next(iter(feed.values()))[0]
     relevance = result.relevance[0]
     if args.png:
-        from .heatmap import write_image_overlay_png
+        from .run.heatmap import write_image_overlay_png
 
         write_image_overlay_png(pixels, relevance, args.png)
     summary = {"image": args.image, "target": int(result.target[0]) if result.target is not None else None,
@@ -615,8 +615,8 @@ def main(argv=None) -> int:
     Ctrl-C / SIGTERM: one line, exit 130 / 143; temporaries are removed."""
     import warnings
 
-    from .files import Terminated, install_signal_cleanup, restore_signal_handler
-    from .rules import UnmatchedOverride
+    from .ir.files import Terminated, install_signal_cleanup, restore_signal_handler
+    from .lrp.rules import UnmatchedOverride
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv

@@ -19,4 +19,4 @@ class UnsupportedOpsError(LRPError):
         listing = "; ".join(problems)
         super().__init__(
             f"{len(problems)} node(s) on the relevance path have no rule: {listing}. "
-            f"Re-export without these ops, pick another --source, or add a rule in lrp_onnx/vjp.py")
+            f"Re-export without these ops, pick another --source, or add a rule in lrp_onnx/vjp/ops.py")

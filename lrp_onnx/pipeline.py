@@ -18,28 +18,28 @@ import onnx
 from onnx import TensorProto, helper
 
 from ._version import __version__
-from .analysis import Unit, classify, make_units, on_path, relevance_path
-from .builder import PREFIX as BACKWARD_PREFIX, Builder
-from .shapes import infer_shapes
-from .precision import HALF, is_half, promote_backward_to_fp32
-from .remat import rematerialize
-from .unfuse import refuse, unfuse_contrib_ops
-from .cache import bind_cache_inputs, settle_cache
-from .control import branch_model, inline_constant_ifs, renamed_branch
-from .canonicalize import drop_outputs, select_position_before_head, squeeze_class_output
+from .lrp.analysis import Unit, classify, make_units, on_path, relevance_path
+from .ir.builder import PREFIX as BACKWARD_PREFIX, Builder
+from .ir.shapes import infer_shapes
+from .passes.precision import HALF, is_half, promote_backward_to_fp32
+from .passes.remat import rematerialize
+from .passes.unfuse import refuse, unfuse_contrib_ops
+from .passes.cache import bind_cache_inputs, settle_cache
+from .passes.control import branch_model, inline_constant_ifs, renamed_branch
+from .passes.canonicalize import drop_outputs, select_position_before_head, squeeze_class_output
 from .errors import LRPError, UnsupportedOpsError
-from .files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
-from .qoperator import qoperator_to_qdq
-from .graph import GraphView, TensorInfo, constant_table_lookup, free_names as outer_references_of_graph, \
+from .ir.files import all_tensors as _all_tensors, check_convert_paths, save_model  # noqa: F401 (re-exported)
+from .passes.qoperator import qoperator_to_qdq
+from .ir.graph import GraphView, TensorInfo, constant_table_lookup, free_names as outer_references_of_graph, \
     has_subgraph, node_label, subgraphs
-from .validate import check_declared_sizes, check_element_counts, check_emitted, check_graph, check_input_types, \
+from .ir.validate import check_declared_sizes, check_element_counts, check_emitted, check_graph, check_input_types, \
     input_limits
-from .patterns import find_regions
-from .rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
-from .rules import rule_misfit, warn_unmatched_overrides
+from .lrp.patterns import find_regions
+from .lrp.rules import GAMMA_CATEGORIES, RULE_SETS, check_rule_name, resolve_rule, rule_base, rule_function
+from .lrp.rules import rule_misfit, warn_unmatched_overrides
 from .contract import INPUT_FORMS
-from .seed import build_seed, finish_target_inputs
-from .multitarget import build_multi_seed, close_loop
+from .lrp.seed import build_seed, finish_target_inputs
+from .lrp.multitarget import build_multi_seed, close_loop
 from .vjp import NORM_VJPS, lookup
 
 RELEVANCE_OUTPUT = "lrp_relevance"
@@ -101,7 +101,7 @@ def upgrade_opset(model: onnx.ModelProto) -> None:
     converter sees a weight-free copy: the initializers become typed inputs, their data is never read.
     A model with n-bit quantized MatMuls (MatMulNBits) below opset 21 is upgraded to 21: their backward
     dequantizes the weight with a blocked DequantizeLinear, which no runtime constant-folds
-    (vjp_contrib.py; docs/quantized.md)."""
+    (vjp/contrib.py; docs/quantized.md)."""
     opset = model_opset(model)
     target = MIN_OPSET
     if opset < BLOCKED_DEQUANTIZATION_OPSET and any(
@@ -721,7 +721,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     multi_target: lrp_target/lrp_position take [batch, K] (K targets per row, one forward pass) and the
     relevance outputs get a target axis, [batch, K, ...] (see multitarget.py).
     memory: "fast" (default) or "lean": the backward recomputes each attention's scores and
-    probabilities from Q and K instead of keeping them from the forward (lrp_onnx/lean.py).
+    probabilities from Q and K instead of keeping them from the forward (lrp_onnx/passes/lean.py).
     inputs: the form of lrp_target / lrp_position: "plain" (default) int64 inputs, fed -1 for the
     default, which every runtime runs (onnxruntime, OpenVINO, TensorRT); or "optional"
     (optional(tensor(int64)), omissible in onnxruntime's core, not readable by OpenVINO). See seed.py.
@@ -793,7 +793,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     g.initializer.extend(b.initializers)
     refused = refuse(model, conv.unfused) if forward == "fused" else 0  # the forward keeps the fused kernels
     if any(t.data_type in (TensorProto.UINT4, TensorProto.INT4) for t in b.initializers):
-        model.ir_version = max(model.ir_version, 10)  # 4-bit tensors (vjp_contrib's blocked dequantization)
+        model.ir_version = max(model.ir_version, 10)  # 4-bit tensors (vjp.contrib's blocked dequantization)
     g.initializer.extend(seed.defaults)
     g.input.extend(seed.inputs)
     for tensor, vi in seed.outputs.values():
@@ -826,7 +826,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         meta["inputs"] = "optional" if optional else "plain" if inputs == "plain" else "initializer"
         meta["input_defaults"] = defaults
     if memory == "lean":
-        from .lean import recompute_attention
+        from .passes.lean import recompute_attention
 
         lean = recompute_attention(model)
         meta["memory"] = {"mode": "lean", "attention_recomputed": lean["recomputed"], "attention_chains": lean["chains"]}

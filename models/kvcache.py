@@ -1,4 +1,4 @@
-"""KV-cache exports of a causal LM, written by optimum (optimum-onnx), for tests of lrp_onnx/cache.py.
+"""KV-cache exports of a causal LM, written by optimum (optimum-onnx), for tests of lrp_onnx/passes/cache.py.
 
     with_past(hf_dir, "out/with_past.onnx")   # inputs input_ids, attention_mask, position_ids,
                                               #   past_key_values.N.key/.value [batch, kv_heads, past, head_dim];

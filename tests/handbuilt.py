@@ -2,7 +2,7 @@
 onnxruntime's GroupQueryAttention / RotaryEmbedding / packed MultiHeadAttention, quantized MatMuls),
 each next to an equivalent graph written out in standard ops, and helpers to compare them.
 
-The written-out graphs are built here independently of lrp_onnx/unfuse.py: attention as Einsum,
+The written-out graphs are built here independently of lrp_onnx/passes/unfuse.py: attention as Einsum,
 grouped heads by a Gather on the head axis, RoPE in the rotate-half form with full-width cos/sin,
 masks as constant additive initializers (shapes are static: batch 2, sequence 5).
 
@@ -65,7 +65,7 @@ def ort_run(model, feeds, output="logits"):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    from lrp_onnx.session import input_defaults
+    from lrp_onnx.run.session import input_defaults
 
     return session.run([output], {**input_defaults(session), **feeds})[0]  # -1 for a converted model's lrp_target
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx
 from lrp_onnx.cli import main
-from lrp_onnx.rules import IDENTITY_EPSILON
+from lrp_onnx.lrp.rules import IDENTITY_EPSILON
 
 RNG = np.random.default_rng(7)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lrp_onnx import convert
-from lrp_onnx.runner import Explainer
+from lrp_onnx.run.runner import Explainer
 from models import classifier_nanoguard as ng
 from tests.conftest import rel_l2
 from tests.reference_nanoguard import NanoGuardLXT, relevance as lxt_relevance
@@ -90,7 +90,7 @@ def test_gradient_equals_autograd_and_vanishes_per_token(exported, package, tmp_
 
 
 def test_evaluate_curves_equal_lxt_perturbation(exported, tmp_path):
-    from lrp_onnx.faithfulness import evaluate
+    from lrp_onnx.check.faithfulness import evaluate
     from tools import lxt_perturbation  # its nanoguard loader patches nothing, so it may run in this process
 
     evaluation = evaluate(exported / "model.onnx", exported / "tokenizer.json", str(PROMPTS), task="classification",

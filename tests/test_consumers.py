@@ -15,7 +15,7 @@ import onnx
 import pytest
 
 import lrp_onnx
-from lrp_onnx.runner import text_inputs
+from lrp_onnx.run.runner import text_inputs
 from tests.conftest import explain_inputs, lrp_cli
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import lrp_onnx
-from lrp_onnx.runner import Explainer
+from lrp_onnx.run.runner import Explainer
 
 TOLERANCE = 1e-5
 

@@ -6,7 +6,7 @@ On tiny random-weight models with a word-level tokenizer over their 100-token vo
   torch.autograd for gradient and IG) and the converted original model's (the perturbation input
   must not change it);
 * MoRF removes the most relevant token first, ABPC is the trapezoid area between the curves (both
-  recomputed here with this file's own small code, not lrp_onnx.faithfulness's);
+  recomputed here with this file's own small code, not lrp_onnx.check.faithfulness's);
 * the CLI writes JSON/CSV/PNG, and bad input gets one error line and no output files.
 """
 import json
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lrp_onnx
-from lrp_onnx.faithfulness import abpc, evaluate, perturbation_curves
+from lrp_onnx.check.faithfulness import abpc, evaluate, perturbation_curves
 from tests.conftest import lrp_cli as lrp_onnx_cli
 from tests.conftest import rel_l2
 
@@ -275,7 +275,7 @@ def test_cli_evaluate_errors(case, message, tiny_model, word_tokenizer, workdir)
 def test_explain_html_and_png_heatmaps(tiny_model, word_tokenizer, workdir):
     from PIL import Image
 
-    from lrp_onnx.heatmap import relevance_color
+    from lrp_onnx.run.heatmap import relevance_color
 
     _, path = tiny_model("gpt2")
     converted = workdir / "gpt2-heatmap.lrp.onnx"
@@ -299,7 +299,7 @@ def test_explain_html_and_png_heatmaps(tiny_model, word_tokenizer, workdir):
 
 
 def test_token_pieces_rebuild_the_text():
-    from lrp_onnx.heatmap import token_pieces
+    from lrp_onnx.run.heatmap import token_pieces
 
     text = "Hello, world  again"
     offsets = [(0, 0), (0, 5), (5, 6), (7, 12), (14, 19), (0, 0)]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lrp_onnx
-from lrp_onnx.faithfulness import abpc, evaluate, evaluate_images, patch_grid, perturbation_curves
+from lrp_onnx.check.faithfulness import abpc, evaluate, evaluate_images, patch_grid, perturbation_curves
 
 TEXTS = ["w5 w17 w3 w44 w9", "w8 w4 w61 w30", "w7 w7 w90 w11 w23 w4"]
 CLS, SEP = 1, 2

@@ -64,7 +64,7 @@ def test_fuzz_finds_a_wrong_vjp(monkeypatch):
 
 def test_fuzz_finds_a_wrong_rule(monkeypatch):
     """A uniform rule that forgets to divide by N fails the attnlrp audit."""
-    from lrp_onnx import rules
+    from lrp_onnx.lrp import rules
 
     indices = _graphs_with("matmul", 4)
     monkeypatch.setitem(rules.RULES, "uniform", rules.RULES["gradient"])
@@ -75,8 +75,8 @@ def test_fuzz_finds_a_wrong_rule(monkeypatch):
 
 def test_fuzz_finds_an_unknown_rank_refusal(monkeypatch):
     """A graph whose ranks shape inference loses (an If of two ranks, named dims) but the graph determines:
-    converted now; without lrp_onnx/ranks.py's pass it is refused, which the fuzz counts as a failure."""
-    from lrp_onnx import shapes
+    converted now; without lrp_onnx/ir/ranks.py's pass it is refused, which the fuzz counts as a failure."""
+    from lrp_onnx.ir import shapes
 
     plan = fuzz.Plan((2, 3, 4), [("if_rank", 8), ("mul", 3)], True, symbolic=True)
     assert fuzz.run_one(0, 0, plan).status == "ok"

@@ -17,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrp_onnx
-from lrp_onnx import cli, files
+from lrp_onnx import cli
+from lrp_onnx.ir import files
 
 V, P, H = 12, 6, 8  # vocabulary, positions, hidden
 WORDS = ["[PAD]", "[UNK]", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]
@@ -242,7 +243,8 @@ def test_sigterm_and_ctrl_c_remove_temporaries(lm, tmp_path, named):
     (unnamed files where the file system has them; named ones, the fallback, are removed)."""
     code = f"""
 import os, signal, sys, time
-from lrp_onnx import cli, files
+from lrp_onnx import cli
+from lrp_onnx.ir import files
 files._UNNAMED_FILES = {named} is False and files._UNNAMED_FILES
 def stop(self, path):
     assert (self.path is None) == (not {named}) and (self.path is None or os.path.exists(self.path))
@@ -266,7 +268,8 @@ def test_sigkill_leaves_no_temporary_or_the_next_run_sweeps_it(lm, tmp_path):
     (file systems without them) is removed by the next conversion into the same folder."""
     code = f"""
 import os, signal, sys
-from lrp_onnx import cli, files
+from lrp_onnx import cli
+from lrp_onnx.ir import files
 files._UNNAMED_FILES = sys.argv[1] == "unnamed" and files._UNNAMED_FILES
 write = files._Temporary.write
 def killed(self, data):
@@ -530,7 +533,7 @@ def test_a_node_the_opset_does_not_define_is_refused_before_writing():
     import onnx
     from onnx import TensorProto, helper
 
-    from lrp_onnx.validate import check_emitted
+    from lrp_onnx.ir.validate import check_emitted
 
     node = helper.make_node("ScatterElements", ["a", "i", "u"], ["y"], name="lrp/scatter", reduction="add")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, [2]) for k in "aiu"],

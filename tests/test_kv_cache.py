@@ -1,4 +1,4 @@
-"""KV-cache exports (lrp_onnx/cache.py): the cache is bound to an empty tensor inside the graph, and the
+"""KV-cache exports (lrp_onnx/passes/cache.py): the cache is bound to an empty tensor inside the graph, and the
 converted model explains full sequences with the relevance of the export without a cache.
 
 * optimum's decoder with past (past_key_values.N.key/value inputs, present.* outputs) and optimum's
@@ -201,7 +201,7 @@ def test_generation_decodes_with_the_cache(optimum_exports, form):
     and the explained generation equals the one decoded without a cache."""
     import onnxruntime as ort
 
-    from lrp_onnx.generation import _decoder
+    from lrp_onnx.run.generation import _decoder
 
     nocache, exports = optimum_exports
     explainer = explainer_for(exports[form], multi_target=True)

@@ -3,7 +3,7 @@ do_rotary on cos/sin caches, seqlens_k / total_sequence_length from the attentio
 past_key_values.* inputs and present.* outputs, written by the builder itself (models/genai.py) for a tiny
 random-weight LlamaForCausalLM.
 
-The builder's file converts as it is (lrp_onnx/cache.py binds the past inputs to empty tensors and empties
+The builder's file converts as it is (lrp_onnx/passes/cache.py binds the past inputs to empty tensors and empties
 GroupQueryAttention's past slots), and:
 * its forward equals onnxruntime's run of the builder's graph with empty past tensors (logits and the
   present key/value outputs);

@@ -1,4 +1,4 @@
-"""memory="lean" (lrp_onnx/lean.py): the backward recomputes each attention's scores and probabilities
+"""memory="lean" (lrp_onnx/passes/lean.py): the backward recomputes each attention's scores and probabilities
 from Q and K. Relevance still equals the PyTorch references (torch.autograd / LXT, tests/reference.py),
 no backward node reads the forward's [L, L] attention tensors any more, and onnxruntime keeps the
 recomputation (no common-subexpression elimination folds it back into the forward)."""
@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 import lrp_onnx
-from lrp_onnx.lean import PREFIX
+from lrp_onnx.passes.lean import PREFIX
 from tests.conftest import TOLERANCE, explain_inputs, rel_l2
 from tests.conftest import run_explainer as run
 

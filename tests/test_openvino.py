@@ -20,7 +20,7 @@ time there, and OpenVINO needs the axes tensor of that ReduceSum to have a stati
 builder's un-broadcast gives it (an axis or an appended size-1 axis per dimension).
 
 A regression guard for OpenVINO 2026.4's wrong g @ W^T when one square constant W feeds both the
-forward product and the backward one (lrp_onnx/vjp.py weight_input_gradient): the backward reads every
+forward product and the backward one (lrp_onnx/vjp/ops.py weight_input_gradient): the backward reads every
 2-D weight as the first operand of its product, and the square Q/O projections of the tiny models
 would be off by O(1) otherwise.
 """

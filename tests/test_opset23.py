@@ -1,5 +1,5 @@
 """Opset-23 forms: RMSNormalization (own VJP), RotaryEmbedding and Attention (written out by
-lrp_onnx/unfuse.py). The tiny LLaMA exported at opset 23 (dynamo, SDPA attention) gives the relevance
+lrp_onnx/passes/unfuse.py). The tiny LLaMA exported at opset 23 (dynamo, SDPA attention) gives the relevance
 of its opset-18 export and of torch autograd; hand-built graphs cover the other attribute forms
 (3D inputs, GQA via kv_num_heads, is_causal, bool/float masks, softcap, scale; interleaved and
 partial RoPE, position_ids) against the same graph written out in standard ops."""

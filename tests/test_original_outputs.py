@@ -4,7 +4,7 @@ runs (onnxruntime defaults: all graph optimizations), for fp32, fp16 and quantiz
 The backward must not read a tensor that an onnxruntime fusion hides (a norm's statistics, a GELU's
 input, a dynamic quantization scale), nor, in half-precision graphs, any fp16 intermediate (the CPU
 provider runs fp16 chains in fp32 and keeps a node in fp16 once another node reads its output):
-lrp_onnx/remat.py recomputes those in the backward. Here the fused forward kernels must survive the
+lrp_onnx/passes/remat.py recomputes those in the backward. Here the fused forward kernels must survive the
 conversion and the outputs must be bit-identical; the fp16 bert has embeddings whose sum exceeds the
 fp16 range before its LayerNorm (the original, run in fp32 on CPU, is finite; a forward that stored
 that sum in fp16 gave NaN logits everywhere)."""
@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 import lrp_onnx
-from lrp_onnx.session import input_defaults
+from lrp_onnx.run.session import input_defaults
 from tests.conftest import explain_inputs
 
 FAMILIES = ["bert", "gpt2", "llama", "t5"]

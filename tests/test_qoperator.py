@@ -1,6 +1,6 @@
 """onnxruntime's QOperator quantized form (quantize_static(..., quant_format=QuantFormat.QOperator):
 QLinearMatMul, QGemm, QLinearAdd, QLinearMul, QLinearSoftmax, int8 embedding tables read by Gather)
-converts (lrp_onnx/qoperator.py rewrites it to the QDQ form it stands for):
+converts (lrp_onnx/passes/qoperator.py rewrites it to the QDQ form it stands for):
 * its original outputs equal a default onnxruntime session of the quantized model;
 * with MatMul/Gemm quantized, its relevance is close to the float model's (cosine, top-3 tokens);
 * with every op quantized, the int8 word-embedding lookup (Gather -> DequantizeLinear) is the default

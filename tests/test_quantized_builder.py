@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 import lrp_onnx
-from lrp_onnx.session import input_defaults
+from lrp_onnx.run.session import input_defaults
 from models import genai
 from tests.conftest import CPU, cosine
 
@@ -187,7 +187,7 @@ def test_shapes_stay_symbolic_after_the_quantized_embedding(smollm2_int4):
     4-bit 576-wide table) and then fails at the next MatMulNBits; lrp_onnx's shape proxy gives the unpacked
     width, so the symbolic dims survive and the backward un-broadcasts nothing at run time (before: 21
     shape-comparing un-broadcasts per layer in the unfused attention's backward)."""
-    from lrp_onnx.shapes import infer_shapes
+    from lrp_onnx.ir.shapes import infer_shapes
 
     path, converted = smollm2_int4
     model = onnx.load(str(path), load_external_data=False)

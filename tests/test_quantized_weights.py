@@ -67,7 +67,7 @@ def test_explainer_prepacks_n_bit_weights_only(form, tiny_model, workdir, tmp_pa
     """Pre-packed, MatMulNBits weights run faster and in less memory (docs/quantized.md); float and int8
     models keep prepacking off (a packed copy of each weight the backward also reads). The converted
     model's metadata says which, read by Explainer without parsing the graph (model_metadata)."""
-    from lrp_onnx.session import model_metadata
+    from lrp_onnx.run.session import model_metadata
 
     path = _quantize(form, tiny_model("bert")[1], workdir / f"bert-weights-{form}.onnx")
     lrp_onnx.convert(str(path), str(tmp_path / "m.lrp.onnx"))

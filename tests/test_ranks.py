@@ -1,4 +1,4 @@
-"""Ranks the graph determines where shape inference gives up (lrp_onnx/ranks.py).
+"""Ranks the graph determines where shape inference gives up (lrp_onnx/ir/ranks.py).
 
 DeBERTa's relative positions come from an If whose branches differ in rank (3 and 4); both shape
 inferences leave the If's output and everything downstream without a shape, although a Squeeze and an
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import lrp_onnx
-from lrp_onnx import shapes
+from lrp_onnx.ir import shapes
 from lrp_onnx.errors import LRPError
 from tests.handbuilt import CPU, HID, S, TARGET, VOCAB, finite_difference_relevance, rel_l2, weights
 
@@ -101,7 +101,7 @@ def test_converts_and_gradient_equals_finite_differences(rules):
 def test_reshape_to_a_computed_shape_of_known_length():
     """The rank of a Reshape is the length of its shape vector, here made of a slice of Shape(x) and a
     constant: known once x's rank is (its sizes need not be), unknown while x's rank is unknown."""
-    from lrp_onnx.ranks import fill_ranks
+    from lrp_onnx.ir.ranks import fill_ranks
 
     nodes = [helper.make_node("Shape", ["x"], ["s"]),
              helper.make_node("Slice", ["s", "zero", "two"], ["head"]),

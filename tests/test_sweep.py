@@ -58,7 +58,7 @@ def test_sweep_flags_relevance_not_in_the_layout_of_the_ids(tmp_path, monkeypatc
 
 
 def test_deberta_converts_with_attnlrp(tmp_path):
-    """DeBERTa-v2's disentangled attention (ranks known only through lrp_onnx/ranks.py) under attnlrp:
+    """DeBERTa-v2's disentangled attention (ranks known only through lrp_onnx/ir/ranks.py) under attnlrp:
     converts, and the relevance of the tiny model is finite with the explained logit PyTorch's."""
     import lrp_onnx
 

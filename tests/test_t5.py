@@ -17,9 +17,9 @@ import onnx
 import pytest
 
 import lrp_onnx
-from lrp_onnx.graph import GraphView
+from lrp_onnx.ir.graph import GraphView
 from lrp_onnx.pipeline import analyze, default_sources
-from lrp_onnx.shapes import infer_shapes
+from lrp_onnx.ir.shapes import infer_shapes
 from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, rel_l2
 from tests.conftest import run_explainer as run
 

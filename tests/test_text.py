@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lrp_onnx
-from lrp_onnx.text import decoded_pieces, span_relevance, token_texts, unit_pieces, visible, word_relevance
+from lrp_onnx.run.text import decoded_pieces, span_relevance, token_texts, unit_pieces, visible, word_relevance
 from tests.conftest import CPU, lrp_cli
 
 TEXT = "The capital of France is Paris.\n\nThe answer"
@@ -243,8 +243,8 @@ def test_generation_heatmap_in_chromium(smollm2_tokenizer, tmp_path, rng):
     """SmolLM2's " Paris.\\n\\nThe answer" after "The capital of France is": in Chromium, every row and
     column label is drawn non-blank (the newlines as ⏎), every row's logit sits in the logit column,
     and the screenshot shows the colors."""
-    from lrp_onnx.generation import GenerationExplanation, generation_html, token_info
-    from lrp_onnx.heatmap import token_pieces, tokens_html
+    from lrp_onnx.run.generation import GenerationExplanation, generation_html, token_info
+    from lrp_onnx.run.heatmap import token_pieces, tokens_html
 
     tok = smollm2_tokenizer
     prompt = np.array(tok.encode("The capital of France is").ids)

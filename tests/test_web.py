@@ -2,7 +2,7 @@
 (examples/web/test/drive.mjs) against a static server on 127.0.0.1 that this module starts and stops.
 The page tokenizes in JavaScript and runs onnxruntime-web; its relevance must equal
 lrp_onnx.Explainer's (onnxruntime, CPU) for the same text and target, its tokens the `tokenizers`
-package's, its colours lrp_onnx.heatmap's. Screenshots go to docs/web_*.png with LRP_UPDATE_DOCS=1.
+package's, its colours lrp_onnx.run.heatmap's. Screenshots go to docs/web_*.png with LRP_UPDATE_DOCS=1.
 
 Needs `bash tools/install_browser.sh` (chromium via apt-get, `npm ci` in examples/web); without it
 the tests fail, saying so."""
@@ -24,7 +24,7 @@ import pytest
 from onnx import helper
 
 import lrp_onnx
-from lrp_onnx.heatmap import relevance_color, token_pieces
+from lrp_onnx.run.heatmap import relevance_color, token_pieces
 from tests.conftest import CPU, REPO, rel_l2
 
 WEB = REPO / "examples" / "web"

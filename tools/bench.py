@@ -260,7 +260,7 @@ def ort_session(path: Path, threads: int, **kwargs):
 
 
 def ort_runner(session, inputs):
-    from lrp_onnx.session import input_defaults
+    from lrp_onnx.run.session import input_defaults
 
     # lrp_target / lrp_position (plain int64 inputs of a converted model): -1, the argmax at the last position
     feeds = {**input_defaults(session), **{name: inputs[name] for name in ("input_ids", "attention_mask")}}

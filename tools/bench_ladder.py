@@ -199,7 +199,7 @@ def child(cell: str, runs: int, warmup: int) -> dict:
             out["logit_last_max"] = float(np.asarray(result.outputs["logits"])[0, -1].max())
     elif kind == "generate":
         import lrp_onnx
-        from lrp_onnx.generation import explain_generation
+        from lrp_onnx.run.generation import explain_generation
 
         n = int(rest[0])
         start = time.perf_counter()

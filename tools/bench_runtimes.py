@@ -54,7 +54,7 @@ def child(args) -> dict:
         from tools.bench import session_options
         import onnxruntime as ort
 
-        from lrp_onnx.session import input_defaults
+        from lrp_onnx.run.session import input_defaults
 
         start = time.perf_counter()
         session = ort.InferenceSession(args.child_model, session_options(args.threads), providers=["CPUExecutionProvider"])

@@ -48,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from lrp_onnx.session import input_defaults  # noqa: E402 (after the path set-up)
+from lrp_onnx.run.session import input_defaults  # noqa: E402 (after the path set-up)
 
 FP32_MAX_REL = 1e-4
 FP16_MIN_COSINE = 0.999

@@ -23,7 +23,7 @@ from onnx import TensorProto
 TABLE = Path(__file__).resolve().parent / "data" / "cuda_kernels.json"
 # With convert --inputs optional (and in models converted before plain inputs became the default),
 # lrp_target / lrp_position are optional(tensor(int64)) inputs resolved by If(OptionalHasElement(x),
-# OptionalGetElement(x), default) (lrp_onnx/seed.py); onnxruntime has CPU kernels only for the two
+# OptionalGetElement(x), default) (lrp_onnx/lrp/seed.py); onnxruntime has CPU kernels only for the two
 # Optional ops. They read a host-side int64 [batch] input once per run: the one expected CPU placement.
 # The default form (plain int64 inputs) has no Optional op.
 EXPECTED_ON_CPU = {"ai.onnx::OptionalHasElement", "ai.onnx::OptionalGetElement"}

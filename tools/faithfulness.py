@@ -66,8 +66,8 @@ def run_lxt(recipe: str, directory: Path, results: Path, out: Path) -> dict:
 
 
 def write_heatmap(evaluation, tokenizer: Path, out_dir: Path, name: str, rows: int = 4) -> None:
-    from lrp_onnx.text import load_tokenizer
-    from lrp_onnx.heatmap import token_pieces, write_tokens_html, write_tokens_png
+    from lrp_onnx.run.text import load_tokenizer
+    from lrp_onnx.run.heatmap import token_pieces, write_tokens_html, write_tokens_png
 
     tok = load_tokenizer(str(tokenizer))
     entries = []
@@ -87,7 +87,7 @@ def plot(evaluations: dict, lxt: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lrp_onnx.faithfulness import Evaluation
+    from lrp_onnx.check.faithfulness import Evaluation
 
     colors = {"attnlrp": "tab:red", "cp-lrp": "tab:orange", "gradient": "tab:blue", "ig": "tab:green",
               "random": "tab:gray"}
@@ -198,7 +198,7 @@ def classifier_table(name: str, evaluations: dict, lxt: dict | None, seconds: di
 
 
 def run_classifier(args) -> int:
-    from lrp_onnx.faithfulness import evaluate
+    from lrp_onnx.check.faithfulness import evaluate
 
     directory, out = Path(args.classifier), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     if args.classifier:
         return run_classifier(args)
-    from lrp_onnx.faithfulness import evaluate
+    from lrp_onnx.check.faithfulness import evaluate
 
     out, cache = Path(args.out), Path(args.cache)
     out.mkdir(parents=True, exist_ok=True)

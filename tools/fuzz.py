@@ -11,7 +11,7 @@ one float input `x`. Checks:
                  ops onnxruntime has no float64 kernel for, e.g. Conv);
   attnlrp:       the conservation audit's invariants: identity units pass relevance unchanged,
                  uniform units give each operand 1/N, constant-std norms without bias and linear
-                 units under the gradient rule conserve (lrp_onnx.conservation).
+                 units under the gradient rule conserve (lrp_onnx.check.conservation).
 A step whose ops do not convert today in gradient mode is left out automatically (see available());
 adding an op is one entry in VOCABULARY.
 """
@@ -304,7 +304,7 @@ def _gather(g, x, index_rank=1):
 
 def _if_rank(g, x):
     """DeBERTa's form: indices from an If whose branches differ in rank (r and r + 1), squeezed and
-    expanded back to x's shape (rank r either way: shape inference gives up, lrp_onnx/ranks.py does
+    expanded back to x's shape (rank r either way: shape inference gives up, lrp_onnx/ir/ranks.py does
     not), gathered from x and added to it."""
     r, last = len(x.shape), x.shape[-1]
     if r < 2:
@@ -669,7 +669,7 @@ def _kink_distance(values: dict, kinks: list, consts: dict) -> float:
 def check(graph: Graph, rng: np.random.Generator) -> tuple[str, str, float, list]:
     """(status, detail, gradient error, known audit flags) of one graph."""
     import lrp_onnx
-    from lrp_onnx.conservation import AUDIT_OUTPUT, _unit_audit, instrument
+    from lrp_onnx.check.conservation import AUDIT_OUTPUT, _unit_audit, instrument
 
     dtype = graph.dtype
     kink_names = sorted({t for pair in graph.kinks for t in pair if t and t != "x" and not t.startswith("c")})

@@ -1,4 +1,4 @@
-// heatmap.mjs: tokens coloured by relevance, as `lrp-onnx explain --html` draws them (lrp_onnx/heatmap.py):
+// heatmap.mjs: tokens coloured by relevance, as `lrp-onnx explain --html` draws them (lrp_onnx/run/heatmap.py):
 // red = positive, blue = negative, white = none, normalized per text by its largest |relevance|.
 
 function roundHalfEven(x) {  // Python's round()

@@ -434,7 +434,7 @@ export class Tokenizer {
   }
 }
 
-// The text of each token with the whitespace before it (lrp_onnx.heatmap.token_pieces): special tokens,
+// The text of each token with the whitespace before it (lrp_onnx.run.heatmap.token_pieces): special tokens,
 // which have empty offsets, show as their token string set apart by a space.
 export function tokenPieces(text, offsets, tokens) {
   const pieces = [];

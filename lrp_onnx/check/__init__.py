@@ -1,0 +1,1 @@
+"""Evaluation, audit and inspection: faithfulness (evaluate), conservation (audit), report (inspect)."""

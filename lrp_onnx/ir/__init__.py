@@ -1,0 +1,1 @@
+"""The graph itself: read-only view, node writer, shape and rank inference, validation, file writing."""

@@ -1,0 +1,1 @@
+"""What AttnLRP decides: relevance path and units, pattern fusion, rules, affine layers, seed targets."""

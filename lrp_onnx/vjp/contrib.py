@@ -1,0 +1,243 @@
+"""VJPs of onnxruntime's com.microsoft ops that its transformer optimizer fuses in
+(onnxruntime.transformers.optimizer / optimum O1-O4), and of its quantized MatMuls
+(DynamicQuantizeMatMul, MatMulNBits: the float gradient with the dequantized weight). Norms are in
+vjp/ops.py's norm registry; the attention ops and EmbedLayerNormalization are unfused by unfuse.py before
+analysis."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..ir.builder import Builder
+from ..ir.graph import attr
+from .ops import _matmul_shape, gelu_derivative, register
+
+MS = "com.microsoft"
+BIASED_ACTIVATIONS = {"BiasGelu", "FastGelu"}  # f(x + bias)
+
+
+def activation_input(b: Builder, node) -> str:
+    """The tensor an activation is applied to: x, or x + bias for the biased fused forms."""
+    if node.op_type in BIASED_ACTIVATIONS and len(node.input) > 1 and node.input[1]:
+        return b.add(node.input[0], node.input[1], like=node.input[0])
+    return node.input[0]
+
+
+def _biased_activation(b, node, gy, wants, local):
+    g = b.mul(gy[0], local, like=gy[0])
+    return [b.unbroadcast(g, t) if w else None for t, w in zip(node.input, wants)]
+
+
+@register("BiasGelu", domain=MS)
+def _bias_gelu(b, node, gy, wants):
+    return _biased_activation(b, node, gy, wants, gelu_derivative(b, activation_input(b, node), tanh_form=False))
+
+
+@register("FastGelu", domain=MS)
+def _fast_gelu(b, node, gy, wants):
+    return _biased_activation(b, node, gy, wants, gelu_derivative(b, activation_input(b, node), tanh_form=True))
+
+
+@register("Gelu", domain=MS)
+def _ms_gelu(b, node, gy, wants):
+    return [b.mul(gy[0], gelu_derivative(b, node.input[0], tanh_form=False))]
+
+
+@register("QuickGelu", domain=MS)
+def _quick_gelu(b, node, gy, wants):
+    """y = x * sigmoid(alpha x)."""
+    x = node.input[0]
+    alpha = b.scalar_like(attr(node, "alpha", 1.702), x)
+    s = b.op("Sigmoid", [b.mul(x, alpha)], like=x)
+    one_minus_s = b.op("Sub", [b.scalar_like(1.0, x), s], like=x)
+    local = b.add(s, b.mul(b.mul(alpha, x, like=x), b.mul(s, one_minus_s)))
+    return [b.mul(gy[0], local)]
+
+
+@register("FusedMatMul", domain=MS)
+def _fused_matmul(b, node, gy, wants):
+    """Y = alpha * op(A) @ op(B), op = optional transpose of the last two axes."""
+    if attr(node, "transBatchA", 0) or attr(node, "transBatchB", 0):
+        raise NotImplementedError("FusedMatMul with transBatchA/transBatchB")
+    a, w = node.input[0], node.input[1]
+    ta, tb, alpha = attr(node, "transA", 0), attr(node, "transB", 0), attr(node, "alpha", 1.0)
+    g = gy[0]
+
+    def fused(x, y, trans_x, trans_y, like):
+        out = b.op("FusedMatMul", [x, y], domain=MS, transA=trans_x, transB=trans_y, alpha=alpha,
+                   dtype=b.view.dtype(g), shape=_matmul_shape(b, x, y, bool(trans_x), bool(trans_y)))
+        return b.unbroadcast(out, like)
+
+    ga = gw = None
+    if wants[0]:
+        ga = fused(w, g, tb, 1, a) if ta else fused(g, w, 0, 1 - tb, a)
+    if wants[1]:
+        gw = fused(g, a, 1, ta, w) if tb else fused(a, g, 1 - ta, 0, w)
+    return [ga, gw]
+
+
+# -- quantized MatMuls: dequantization is linear, the gradient flows in float -------------------------
+# A constant weight is dequantized by DequantizeLinear inside the run, one weight at a time: no ONNX
+# runtime constant-folds a DequantizeLinear of a constant (onnxruntime keeps it for its QDQ fusions), so
+# the converted model keeps the weight in its quantized form (docs/quantized.md). Anything built from the
+# weight with other ops (Cast, Sub, Mul, Transpose) would be folded into an fp32 copy at session creation.
+def after(b: Builder, small: str, g: str) -> str:
+    """`small` (a constant scale) made to depend on the run-time tensor `g`, values unchanged: its
+    elements concatenated with an empty slice of g. A DequantizeLinear of constants alone may run as
+    soon as the run starts (nothing orders it), and every dequantized weight would be alive at once;
+    through this, each runs when its gradient arrives and is freed after its one MatMul."""
+    dims = b.view.shape(small)
+    flat = b.op("Reshape", [small, b.ints([-1])])
+    empty = b.op("Slice", [b.op("Reshape", [g, b.ints([-1])]), b.ints([0]), b.ints([0])])
+    if b.view.dtype(g) != b.view.dtype(small):
+        empty = b.op("Cast", [empty], to=b.view.dtype(small))
+    shape = b.ints(dims) if dims is not None and all(isinstance(d, int) for d in dims) else b.shape_of(small)
+    return b.op("Reshape", [b.op("Concat", [flat, empty], axis=0), shape], dtype=b.view.dtype(small), shape=dims)
+
+
+def dequantized_input_gradient(b: Builder, g, weight, scale, zero_point, like):
+    """g @ ((W - zero_point) * scale)ᵀ for y = x @ dequantized(W), W int8/uint8 [K, N], per-tensor or
+    per-column scale / zero point (scale None: already applied to g)."""
+    dt = b.view.dtype(g) or onnx.TensorProto.FLOAT
+    if scale:
+        g = b.mul(g, scale, like=g)
+    if zero_point and b.view.rank(zero_point) not in (0, 1) or scale and b.view.rank(scale) not in (0, 1):
+        raise NotImplementedError("a quantized MatMul whose weight scale / zero point is not per tensor or per column")
+    per_column = bool(zero_point and b.view.rank(zero_point) == 1 and (b.view.shape(zero_point) or [1])[0] != 1)
+    unit_scale = after(b, b.const(np.ones(b.view.shape(zero_point) if per_column else [], np.float32)), g)
+    w = b.op("DequantizeLinear", [weight, unit_scale, zero_point or None], axis=1)  # W - zero_point, [K, N]
+    w = b.op("Cast", [w], to=dt) if dt != onnx.TensorProto.FLOAT else w
+    n = (b.view.shape(weight) or [None, None])[1]
+    columns = b.ints([-1, n]) if isinstance(n, int) else \
+        b.op("Concat", [b.ints([-1]), b.op("Slice", [b.shape_of(weight), b.ints([1]), b.ints([2])])], axis=0)
+    flat = b.op("Reshape", [g, columns])
+    out = b.op("Gemm", [flat, w], transB=1, dtype=dt)  # [rows, K]: the transpose is Gemm's, never a folded copy
+    return b.reshape_like(out, like)
+
+
+def _as(b, t, like):
+    b.view.info[t] = b.view.info.get(like)
+    return t
+
+
+@register("DynamicQuantizeMatMul", domain=MS)
+def _dynamic_quantize_matmul(b, node, gy, wants):
+    """Y = dynamic_quantize(A) @ (B - b_zero_point) * b_scale (+ bias): straight through the rounding of A."""
+    inputs = list(node.input) + [""] * (5 - len(node.input))
+    grads = [None] * len(node.input)
+    grads[0] = dequantized_input_gradient(b, gy[0], inputs[1], inputs[2], inputs[3], like=node.input[0])
+    return grads
+
+
+@register("MatMulNBits", domain=MS)
+def _matmul_nbits(b, node, gy, wants):
+    """Y = A @ Wᵀ (+ bias), W [N, K] stored in `bits`-bit blocks of `block_size` along K, each block with
+    a scale and a zero point (default 2^(bits-1)). The gradient is g @ W: a constant W is dequantized by a
+    blocked DequantizeLinear (opset 21) of a uint4/uint8 [N, K] tensor that names the same bytes as the
+    packed B (the same external-data range, or the same inline bytes), so it stays 4/8-bit."""
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    a, packed, scales, zero_points, g_idx = inputs[:5]
+    bits, block = attr(node, "bits", 4), attr(node, "block_size")
+    k, n = attr(node, "K"), attr(node, "N")
+    if bits not in (4, 8) or g_idx:
+        raise NotImplementedError(f"MatMulNBits with bits={bits}{' and g_idx' if g_idx else ''}")
+    blocks = -(-k // block)
+    dt = b.view.dtype(gy[0]) or onnx.TensorProto.FLOAT
+    stored = _reinterpreted(b, packed, onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8,
+                            [n, blocks * block]) if b.opset >= 21 else None
+    if stored is None:
+        w = _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt)
+    else:
+        w = _dequantize_blocked(b, stored, scales, zero_points, bits, block, k, n, dt, gy[0])
+    out = b.op("MatMul", [gy[0], w], dtype=dt)
+    grads = [None] * len(node.input)
+    grads[0] = _as(b, out, a)
+    return grads
+
+
+def _reinterpreted(b: Builder, name: str, data_type: int, dims: list) -> str | None:
+    """A new initializer of `data_type` and `dims` holding the bytes of the initializer (or Constant)
+    `name`: the same external-data entries (location, offset, length: nothing is read), or a copy of the
+    inline raw bytes. None when `name` is computed at run time (then nothing is folded anyway)."""
+    tensor = b.view.initializers.get(name)
+    if tensor is None and name in b.view.producer:
+        node = b.view.nodes[b.view.producer[name]]
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+    if tensor is None or tensor.data_type not in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
+        return None
+    out = onnx.TensorProto()
+    out.name = b.fresh("packed_weight")
+    out.data_type = data_type
+    out.dims.extend(dims)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        out.data_location = onnx.TensorProto.EXTERNAL
+        out.external_data.extend(tensor.external_data)
+    elif tensor.HasField("raw_data"):
+        out.raw_data = tensor.raw_data
+    else:  # bytes stored as int32_data (in memory already)
+        out.raw_data = onnx.numpy_helper.to_array(tensor).astype(np.uint8).tobytes()
+    b.initializers.append(out)
+    from ..ir.graph import TensorInfo
+    b.view.info[out.name] = TensorInfo(data_type, list(dims))
+    return out.name
+
+
+def _dequantize_blocked(b, stored, scales, zero_points, bits, block, k, n, dt, g):
+    """W [N, K] = DequantizeLinear(stored [N, blocks * block], scales [N, blocks], zero points) (opset 21,
+    axis 1, block_size): only the small per-block tensors are reshaped / unpacked (and may be folded)."""
+    blocks = -(-k // block)
+    scale = scales if b.view.shape(scales) == [n, blocks] else b.op("Reshape", [scales, b.ints([n, blocks])],
+                                                                     dtype=b.view.dtype(scales), shape=[n, blocks])
+    q_type = onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8
+    offset = None  # float zero points: W = q * scale - zero_point * scale
+    if zero_points and b.view.dtype(zero_points) in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
+        zp = b.op("Cast", [zero_points], to=onnx.TensorProto.INT32)  # [N, ceil(blocks * bits / 8)]
+        zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else b.op("Reshape", [zp, b.ints([n, -1])])
+        zp = b.op("Cast", [b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])], to=q_type)
+    elif zero_points:
+        zp = None
+        offset = b.op("Mul", [b.op("Reshape", [zero_points, b.ints([n, blocks, 1])]),
+                              b.op("Reshape", [scales, b.ints([n, blocks, 1])])])
+    else:
+        middle = onnx.helper.make_tensor("value", onnx.TensorProto.INT32, [1], [2 ** (bits - 1)])
+        zp = b.op("Cast", [b.op("ConstantOfShape", [b.ints([n, blocks])], value=middle)], to=q_type)
+    w = b.op("DequantizeLinear", [stored, after(b, scale, g), zp], axis=1, block_size=block)
+    if offset is not None:
+        w = b.op("Reshape", [b.op("Sub", [b.op("Reshape", [w, b.ints([n, blocks, block])]), offset]),
+                             b.ints([n, blocks * block])])
+    if blocks * block != k:
+        w = b.op("Slice", [w, b.ints([0]), b.ints([k]), b.ints([1])])
+    if b.view.dtype(scales) != dt:
+        w = b.op("Cast", [w], to=dt)
+    return w
+
+
+def _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt):
+    """W [N, K] from a packed B computed at run time (or below opset 21): unpacked with Cast/Mod/Div."""
+    blocks = -(-k // block)
+    ints = b.op("Cast", [packed], to=onnx.TensorProto.INT32)  # [N, blocks, block * bits / 8]
+    ints = _unpack_nibbles(b, ints, [n, blocks, block]) if bits == 4 else ints
+    q = b.op("Cast", [ints], to=dt)
+    if zero_points and b.view.dtype(zero_points) in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
+        zp = b.op("Cast", [zero_points], to=onnx.TensorProto.INT32)  # [N, ceil(blocks * bits / 8)]
+        zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else zp
+        zp = b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])
+        zp = b.op("Unsqueeze", [b.op("Cast", [zp], to=dt), b.ints([2])])
+    elif zero_points:  # float zero points [N, blocks]: dequantized = (q - zp) * scale as well
+        zp = b.op("Reshape", [zero_points, b.ints([n, blocks, 1])])
+    else:
+        zp = b.const(np.array(2 ** (bits - 1), dtype=onnx.helper.tensor_dtype_to_np_dtype(dt)))
+    w = b.mul(b.op("Sub", [q, zp]), b.op("Reshape", [scales, b.ints([n, blocks, 1])]))
+    w = b.op("Reshape", [w, b.ints([n, blocks * block])])
+    if blocks * block != k:
+        w = b.op("Slice", [w, b.ints([0]), b.ints([k]), b.ints([1])])
+    return w
+
+
+def _unpack_nibbles(b, ints, shape):
+    """int32 bytes -> their 4-bit values, low nibble first, reshaped to `shape`."""
+    sixteen = b.const(np.array(16, np.int32))
+    low, high = b.op("Mod", [ints, sixteen]), b.op("Div", [ints, sixteen])
+    pairs = b.op("Concat", [b.op("Unsqueeze", [low, b.ints([-1])]), b.op("Unsqueeze", [high, b.ints([-1])])], axis=-1)
+    return b.op("Reshape", [pairs, b.ints(shape)])
