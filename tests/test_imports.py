@@ -1,5 +1,6 @@
 """The package's import graph (subpackages included): no cycles (module-level or lazy imports inside functions
-alike), nothing imports the CLI, nothing imports the source checkout's tools/ or tests/, and no PyTorch."""
+alike), no import from a later pipeline stage (FLOORS), nothing imports the CLI, nothing imports the source
+checkout's tools/ or tests/, and no PyTorch."""
 from __future__ import annotations
 
 import ast
@@ -10,6 +11,20 @@ from pathlib import Path
 import lrp_onnx
 
 PACKAGE_DIR = Path(lrp_onnx.__file__).parent
+
+# The stages, low to high: a module may import (at module level or lazily) only from its own floor or lower
+# ones. A subpackage's entry covers its modules; every module of the package needs a floor here.
+FLOORS = {
+    "lrp_onnx.errors": 0, "lrp_onnx.contract": 0, "lrp_onnx._version": 0,
+    "lrp_onnx.ir": 1,        # graph view, node writer, shape/rank inference, validation, files
+    "lrp_onnx.passes": 2,    # rewrites before/after the analysis
+    "lrp_onnx.vjp": 3,       # one registered VJP per op
+    "lrp_onnx.lrp": 4,       # what AttnLRP decides
+    "lrp_onnx.pipeline": 5,
+    "lrp_onnx.run": 6,       # running a converted model
+    "lrp_onnx.check": 7,     # evaluate, audit, inspect
+    "lrp_onnx.cli": 8, "lrp_onnx.__main__": 8, "lrp_onnx": 8,
+}
 
 
 def _imports(path: Path, module: str) -> set[str]:
@@ -78,6 +93,24 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def floor(module: str) -> int | None:
+    """The floor of a package module: its own entry in FLOORS, or its enclosing subpackage's (the package's
+    own name counts only for its __init__), or None."""
+    if module in FLOORS:
+        return FLOORS[module]
+    parts = module.split(".")
+    for k in range(len(parts) - 1, 1, -1):
+        if ".".join(parts[:k]) in FLOORS:
+            return FLOORS[".".join(parts[:k])]
+    return None
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, imported module) for every import of a module of a higher floor than the importer's."""
+    return sorted((m, d) for m, deps in graph.items() for d in deps
+                  if d in graph and floor(m) is not None and floor(d) is not None and floor(d) > floor(m))
+
+
 def test_find_cycle_sees_a_cycle():
     assert find_cycle({"lrp_onnx.a": {"lrp_onnx.b"}, "lrp_onnx.b": {"lrp_onnx.a"}}) == \
         ["lrp_onnx.a", "lrp_onnx.b", "lrp_onnx.a"]
@@ -93,6 +126,25 @@ def test_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 20
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_layering_check_sees_a_violation():
+    graph = {"lrp_onnx.ir.graph": {"lrp_onnx.errors"}, "lrp_onnx.errors": set(),
+             "lrp_onnx.ir.shapes": {"lrp_onnx.ir.graph", "lrp_onnx.passes.control"},  # up: ir (1) -> passes (2)
+             "lrp_onnx.passes.control": {"lrp_onnx.ir.graph"},
+             "lrp_onnx.run.runner": {"lrp_onnx.lrp.seed", "lrp_onnx.run.session", "lrp_onnx.check.report"},
+             "lrp_onnx.run.session": set(), "lrp_onnx.lrp.seed": {"lrp_onnx.contract"}, "lrp_onnx.contract": set(),
+             "lrp_onnx.check.report": {"lrp_onnx.pipeline"}, "lrp_onnx.pipeline": {"lrp_onnx"}, "lrp_onnx": set()}
+    assert layering_violations(graph) == [("lrp_onnx.ir.shapes", "lrp_onnx.passes.control"),
+                                          ("lrp_onnx.pipeline", "lrp_onnx"),
+                                          ("lrp_onnx.run.runner", "lrp_onnx.check.report")]
+    assert floor("lrp_onnx.vjp.contrib") == 3 and floor("lrp_onnx.vjp") == 3 and floor("lrp_onnx.new_module") is None
+
+
+def test_imports_follow_the_stages():
+    graph = import_graph()
+    assert sorted(m for m in graph if floor(m) is None) == [], "give every module a floor in FLOORS"
+    assert layering_violations(graph) == []
 
 
 def test_nothing_imports_cli_tools_tests_or_torch():
