@@ -19,6 +19,7 @@ import lrp_onnx
 from lrp_onnx.check.faithfulness import abpc, evaluate, perturbation_curves
 from tests.conftest import lrp_cli as lrp_onnx_cli
 from tests.conftest import rel_l2
+from tests.evaluation import assert_relevance_equals_converted_original, integrated_gradients, torch_logits
 
 TEXTS = ["w5 w17 w3 w44 w9 w12", "w8 w2 w61 w30", "w7 w7 w90 w11 w23 w4 w56"]
 METHODS = {"attnlrp", "cp-lrp", "gradient", "ig", "random"}
@@ -57,13 +58,6 @@ def llama_evaluation(tiny_model, word_tokenizer, workdir):
     _, path = tiny_model("llama")
     return evaluate(path, word_tokenizer, TEXTS, task="next-token", workdir=workdir / "eval-llama",
                     ig_steps=8, batch_size=5, progress=False)
-
-
-def torch_logits(model, ids, scales):
-    embeds = model.get_input_embeddings()(torch.as_tensor(ids)[None].repeat(len(scales), 1))
-    embeds = embeds * torch.as_tensor(scales, dtype=torch.float32)[:, :, None]
-    with torch.no_grad():
-        return model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.int64)).logits
 
 
 def test_curves_equal_pytorch_with_zeroed_embeddings(llama_evaluation, tiny_model):
@@ -139,14 +133,8 @@ def test_relevance_equals_reference_and_converted_original(method, llama_evaluat
         # token relevance (summed over the hidden axis, which cancels): ~3e-7 (attnlrp), ~8e-6 (gradient) seen
         assert rel_l2(llama_evaluation.methods[method].relevance[k], expected[k]) <= 5e-5, k
     # the converted original model (without the perturbation input) gives the same
-    out = workdir / f"eval-llama-original.{method}.onnx"
-    lrp_onnx.convert(path, out, rules=method)
-    explainer = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"])
-    for k, example in enumerate(examples):
-        ids = example.input_ids[None]
-        result = explainer.run(target=[example.target], input_ids=ids, attention_mask=np.ones_like(ids))
-        np.testing.assert_allclose(llama_evaluation.methods[method].relevance[k], result.token_relevance()[0],
-                                   rtol=1e-4, atol=1e-6)
+    assert_relevance_equals_converted_original(llama_evaluation, method, path,
+                                               workdir / f"eval-llama-original.{method}.onnx")
 
 
 def test_integrated_gradients_equal_autograd(llama_evaluation, tiny_model):
@@ -157,13 +145,8 @@ def test_integrated_gradients_equal_autograd(llama_evaluation, tiny_model):
     steps = llama_evaluation.settings["ig_steps"]
     assert steps == 8 and len(llama_evaluation.examples) == len(TEXTS)
     for k, example in enumerate(llama_evaluation.examples):
-        ids = torch.as_tensor(example.input_ids)[None]
-        x = model.get_input_embeddings()(ids).detach()
-        alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
-        scaled = (alphas[:, None, None] * x).requires_grad_()
-        logits = model(inputs_embeds=scaled, attention_mask=torch.ones(steps, ids.shape[1], dtype=torch.int64)).logits
-        logits[:, -1, example.target].sum().backward()
-        expected = (x[0] * scaled.grad.mean(0)).sum(-1).double().numpy()
+        expected = integrated_gradients(model, example.input_ids, steps,
+                                        lambda logits: logits[:, -1, example.target].sum())
         got = np.asarray(llama_evaluation.methods["ig"].relevance[k])
         assert rel_l2(got, expected) <= 5e-5  # ~6e-6 seen (token sums, fp32)
 

@@ -19,6 +19,9 @@ import torch
 
 import lrp_onnx
 from lrp_onnx.check.faithfulness import abpc, evaluate, evaluate_images, patch_grid, perturbation_curves
+from tests.conftest import lrp_cli as lrp_onnx_cli
+from tests.evaluation import assert_relevance_equals_converted_original, integrated_gradients
+from tests.evaluation import torch_logits as torch_class_logits
 
 TEXTS = ["w5 w17 w3 w44 w9", "w8 w4 w61 w30", "w7 w7 w90 w11 w23 w4"]
 CLS, SEP = 1, 2
@@ -51,13 +54,6 @@ def bert_evaluation(tiny_model, cls_tokenizer, workdir):
                     ig_steps=8, batch_size=7, progress=False)
 
 
-def torch_class_logits(model, ids, scales):
-    embeds = model.get_input_embeddings()(torch.as_tensor(ids)[None].repeat(len(scales), 1))
-    embeds = embeds * torch.as_tensor(scales, dtype=torch.float32)[:, :, None]
-    with torch.no_grad():
-        return model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.int64)).logits
-
-
 def test_classification_curves_equal_pytorch_with_zeroed_embeddings(bert_evaluation, tiny_model):
     from models import tiny
 
@@ -82,14 +78,8 @@ def test_classification_curves_equal_pytorch_with_zeroed_embeddings(bert_evaluat
 @pytest.mark.parametrize("method", ["attnlrp", "cp-lrp", "gradient"])
 def test_classification_relevance_equals_converted_original(method, bert_evaluation, tiny_model, workdir):
     _, path = tiny_model("bert")
-    out = workdir / f"eval-bert-cls-original.{method}.onnx"
-    lrp_onnx.convert(path, out, rules=method)
-    explainer = lrp_onnx.Explainer(out, providers=["CPUExecutionProvider"])
-    for k, example in enumerate(bert_evaluation.examples):
-        ids = example.input_ids[None]
-        result = explainer.run(target=[example.target], input_ids=ids, attention_mask=np.ones_like(ids))
-        np.testing.assert_allclose(bert_evaluation.methods[method].relevance[k], result.token_relevance()[0],
-                                   rtol=1e-4, atol=1e-6)
+    assert_relevance_equals_converted_original(bert_evaluation, method, path,
+                                               workdir / f"eval-bert-cls-original.{method}.onnx")
 
 
 def test_classification_integrated_gradients_equal_autograd(bert_evaluation, tiny_model):
@@ -99,13 +89,7 @@ def test_classification_integrated_gradients_equal_autograd(bert_evaluation, tin
     model = tiny.load("bert", hf_dir).eval()
     steps = bert_evaluation.settings["ig_steps"]
     for k, example in enumerate(bert_evaluation.examples):
-        ids = torch.as_tensor(example.input_ids)[None]
-        x = model.get_input_embeddings()(ids).detach()
-        alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
-        scaled = (alphas[:, None, None] * x).requires_grad_()
-        logits = model(inputs_embeds=scaled, attention_mask=torch.ones(steps, ids.shape[1], dtype=torch.int64)).logits
-        logits[:, example.target].sum().backward()
-        expected = (x[0] * scaled.grad.mean(0)).sum(-1).double().numpy()
+        expected = integrated_gradients(model, example.input_ids, steps, lambda logits: logits[:, example.target].sum())
         got = np.asarray(bert_evaluation.methods["ig"].relevance[k])
         assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected)
 
@@ -219,10 +203,6 @@ def test_patch_grid_with_a_ragged_edge():
     np.testing.assert_array_equal(grid[4], [3, 3, 3, 4, 4, 4, 5])
     # ABPC of a hand-made curve: MoRF falls 4 -> 0 linearly over 4 steps, LeRF stays at 4: area 2
     assert abpc(np.array([4.0, 3.0, 2.0, 1.0, 0.0]), np.full(5, 4.0)) == pytest.approx(2.0)
-
-
-def lrp_onnx_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lrp_onnx", *map(str, args)], capture_output=True, text=True)
 
 
 def test_cli_evaluate_images_and_classification(tiny_model, cls_tokenizer, workdir):

@@ -272,7 +272,7 @@ def make_examples(tokenizer_path, pairs, task: str) -> list[Example]:
 class _Sessions:
     """The forward graph's session and one Explainer per converted graph (ig shares gradient's)."""
 
-    def __init__(self, graphs: Graphs, threads: int | None):
+    def __init__(self, graphs: Graphs | ImageGraphs, threads: int | None):
         from ..run.runner import Explainer, open_session
 
         self.forward, self.forward_inputs = open_session(graphs.forward, threads=threads, label=graphs.forward)
@@ -527,19 +527,16 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
         log = (lambda msg: print(msg, file=sys.stderr)) if progress else None
         graphs = prepare_graphs(model_path, workdir, methods, task, output, source, log)
         sessions = _Sessions(graphs, threads)
-        rng = np.random.default_rng(seed)
-        results = {m: MethodResult() for m in methods}
-        bar = _progress(len(examples), "evaluate") if progress else None
-        for example in examples:
+
+        def explained(example):
             _fill_explained(sessions, graphs, example, labels)
-            relevance = {m: _relevance(sessions, graphs, m, example, ig_steps, rng) for m in methods}
-            record_curves(results, relevance, example.removable, len(example.input_ids),
-                          lambda scales: _forward_scores(sessions, graphs, example.input_ids, scales, example,
-                                                         batch_size, score))
-            if bar:
-                bar.update()
-        if bar:
-            bar.close()
+            return example
+
+        results = _evaluation_loop(
+            examples, methods, seed, progress, explained,
+            lambda m, example, rng: _relevance(sessions, graphs, m, example, ig_steps, rng),
+            lambda example: (len(example.input_ids), lambda scales: _forward_scores(
+                sessions, graphs, example.input_ids, scales, example, batch_size, score)))
     settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
                 "examples": len(examples), "both_ways": both_ways, "score": score, "source": graphs.source, "random_seed": seed,
                 "target": "predicted class" if task == "classification" and target_column is None else
@@ -547,6 +544,26 @@ def evaluate(model_path, tokenizer_path, texts, *, task: str = "next-token", met
                 "removal": "the token's source embedding is multiplied by 0",
                 "abpc": "trapezoid area of (LeRF - MoRF) over the removed fraction 0..1"}
     return Evaluation(task, results, examples, settings)
+
+
+def _evaluation_loop(items, methods, seed: int, progress: bool, explained, method_relevance, curve_scores) -> dict:
+    """The loop of evaluate and evaluate_images: for each item, its example with the explained target
+    (`explained(item)`), each method's relevance (`method_relevance(method, example, rng)`, methods in
+    order, one random generator seeded with `seed`), then the curves: `curve_scores(example)` -> (units,
+    score_rows). Returns {method: MethodResult}."""
+    rng = np.random.default_rng(seed)
+    results = {m: MethodResult() for m in methods}
+    bar = _progress(len(items), "evaluate") if progress else None
+    for item in items:
+        example = explained(item)
+        relevance = {m: method_relevance(m, example, rng) for m in methods}
+        units, score_rows = curve_scores(example)
+        record_curves(results, relevance, example.removable, units, score_rows)
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    return results
 
 
 def _fill_explained(sessions: _Sessions, graphs: Graphs, example: Example, labels=None) -> None:
@@ -786,36 +803,33 @@ def evaluate_images(model_path, images, *, methods=METHODS, workdir=None, output
             loaded = load_images(images, graphs.shape, graphs.dtype, mean, std, image_size, limit)
         else:
             loaded = [(name, np.asarray(p, graphs.dtype)) for name, p in images][:limit]
-        from ..run.runner import Explainer, open_session
-
-        forward, _ = open_session(graphs.forward, threads=threads, label=graphs.forward)
-        by_path = {path: Explainer(path, threads=threads) for path in set(graphs.explain.values())}
-        explainers = {method: by_path[path] for method, path in graphs.explain.items()}
-        rng = np.random.default_rng(seed)
-        results = {m: MethodResult() for m in methods}
+        sessions = _Sessions(graphs, threads)
+        forward = sessions.forward
         examples = []
-        bar = _progress(len(loaded), "evaluate") if progress else None
-        for name, pixels in loaded:
+
+        def explained(item):
+            name, pixels = item
             grid_of_pixel, grid = patch_grid(pixels.shape[1], pixels.shape[2], patch)
             example = ImageExample(name, pixels, grid_of_pixel, grid, patch)
             logits = forward.run([graphs.score_output], {graphs.source: pixels[None]})[0]
             example.target = int(logits[0].argmax())
             examples.append(example)
+            return example
 
-            def score_rows(keep, example=example):
+        def curve_scores(example):
+            def score_rows(keep):
                 out = []
                 for start in range(0, len(keep), batch_size):
                     batch = blank_patches(example.pixels, example.patch_of_pixel, keep[start:start + batch_size])
                     logits = forward.run([graphs.score_output], {graphs.source: batch})[0]
                     out.append(class_score(logits, example.target, score))
                 return np.concatenate(out)
+            return example.grid[0] * example.grid[1], score_rows
 
-            relevance = {m: _image_relevance(explainers, graphs, m, example, ig_steps, rng) for m in methods}
-            record_curves(results, relevance, example.removable, grid[0] * grid[1], score_rows)
-            if bar:
-                bar.update()
-        if bar:
-            bar.close()
+        results = _evaluation_loop(
+            loaded, methods, seed, progress, explained,
+            lambda m, example, rng: _image_relevance(sessions.explainers, graphs, m, example, ig_steps, rng),
+            curve_scores)
     settings = {"model": os.fspath(model_path), "methods": list(methods), "ig_steps": ig_steps,
                 "examples": len(examples), "score": score, "source": graphs.source, "random_seed": seed,
                 "patch": patch, "target": "predicted class",

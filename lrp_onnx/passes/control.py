@@ -27,18 +27,24 @@ MAX_FOLDED_ELEMENTS = 4096  # a folded value bigger than this is not a shape que
 
 
 # -- renaming (the scope helpers subgraphs/free_names/outer_references are in graph.py) -------------
+def _rename_inputs(nodes, mapping: dict) -> None:
+    """Rename in place the inputs of `nodes` that `mapping` names, and the references inside their
+    subgraphs (respecting names a nested graph defines itself)."""
+    for n in nodes:
+        for k, t in enumerate(n.input):
+            if t in mapping:
+                n.input[k] = mapping[t]
+        for _, g in subgraphs(n):
+            _rename_graph(g, mapping)
+
+
 def _rename_graph(graph: onnx.GraphProto, mapping: dict) -> None:
     """Rename references (inputs, outputs) in place, respecting names a nested graph defines itself."""
     local = _local_names(graph)
     mapping = {k: v for k, v in mapping.items() if k not in local}
     if not mapping:
         return
-    for n in graph.node:
-        for k, t in enumerate(n.input):
-            if t in mapping:
-                n.input[k] = mapping[t]
-        for _, g in subgraphs(n):
-            _rename_graph(g, mapping)
+    _rename_inputs(graph.node, mapping)
     for o in graph.output:
         if o.name in mapping:
             o.name = mapping[o.name]
@@ -73,15 +79,11 @@ def renamed_branch(branch: onnx.GraphProto, prefix: str, used: set[str]) -> tupl
             new = f"{prefix}/{name}_{k}"
         used.add(new)
         mapping[name] = new
+    _rename_inputs(copy.node, mapping)
     for n in copy.node:
-        for k, t in enumerate(n.input):
-            if t in mapping:
-                n.input[k] = mapping[t]
         for k, o in enumerate(n.output):
             if o in mapping:
                 n.output[k] = mapping[o]
-        for _, g in subgraphs(n):
-            _rename_graph(g, mapping)
     for t in copy.initializer:
         t.name = mapping[t.name]
     for vi in copy.value_info:
@@ -221,12 +223,7 @@ def _inline(model: onnx.ModelProto, k: int, taken: bool, used: set[str]) -> None
             for j, o in enumerate(source.output):
                 if o == name:
                     source.output[j] = target
-            for n in nodes:  # later readers of the renamed tensor read the If's output name
-                for j, t in enumerate(n.input):
-                    if t == name:
-                        n.input[j] = target
-                for _, g in subgraphs(n):
-                    _rename_graph(g, {name: target})
+            _rename_inputs(nodes, {name: target})  # later readers of the renamed tensor read the If's output name
             for o2 in copy.output:
                 if o2.name == name and o2 is not out:
                     o2.name = target
