@@ -1,15 +1,15 @@
 """Coverage as `lrp-onnx inspect` reports it: every unit on the relevance path of every tiny family,
-in both exports and every rule set that applies, has a rule (and its backward can be emitted).
+in its exports (tests/conftest.py: exports) and every rule set that applies, has a rule (and its backward can be emitted).
 The relevance of each is checked against its reference in test_parity / test_families / test_moe /
 test_t5 / test_vit; this file is the one place that lists them all."""
 import pytest
 
 import lrp_onnx
-from tests.conftest import lrp_cli
+from tests.conftest import exports, lrp_cli
 
 TEXT_FAMILIES = ["bert", "gpt2", "llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe", "qwen2_moe", "t5"]
-CASES = [(f, e, r) for f in TEXT_FAMILIES for e in ("torchscript", "dynamo") for r in ("gradient", "attnlrp", "cp-lrp")]
-CASES += [("vit", e, r) for e in ("torchscript", "dynamo") for r in ("gradient", "attnlrp", "cp-lrp", "vit-gamma")]
+CASES = [(f, e, r) for f, e in exports(TEXT_FAMILIES) for r in ("gradient", "attnlrp", "cp-lrp")]
+CASES += [("vit", e, r) for _, e in exports(["vit"]) for r in ("gradient", "attnlrp", "cp-lrp", "vit-gamma")]
 
 
 @pytest.mark.parametrize("family, exporter, rules", CASES)

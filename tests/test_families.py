@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lrp_onnx
-from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, rel_l2
+from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, exports, rel_l2
 from tests.conftest import run_explainer as run
 
 FAMILIES = ["qwen2", "qwen3", "gemma3"]
@@ -41,8 +41,7 @@ def check_parity(result, ref, family, rules):
 
 
 @pytest.mark.parametrize("rules", RULES)
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,exporter", exports(FAMILIES))
 def test_relevance_equals_reference(family, exporter, rules, tiny_model, converted, reference):
     _, path = tiny_model(family, exporter)
     assert lrp_onnx.inspect_model(path, rules=rules).supported

@@ -23,13 +23,12 @@ from onnx import TensorProto, helper, numpy_helper
 import lrp_onnx
 from models import tiny
 from models._common import LogitsOnly, export_onnx
-from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, rel_l2
+from tests.conftest import CONSERVATION, TOLERANCE, explain_inputs, exports, rel_l2
 from tests.conftest import run_explainer as run
 from tests.reference import compute_relevance
 from tests.test_families import check_parity
 
 FAMILIES = list(tiny.MOE_FAMILIES)  # mixtral, qwen3_moe, qwen2_moe
-EXPORTERS = ["torchscript", "dynamo"]
 RULES = ["gradient", "attnlrp", "cp-lrp"]
 MOE_LAYERS = tiny.NUM_LAYERS * tiny.MOE_NUM_EXPERTS  # (layer, expert) pairs
 BIAS_FREE = {"mixtral", "qwen3_moe"}  # qwen2_moe has q/k/v biases: not linear even under cp-lrp
@@ -37,8 +36,7 @@ SHARED_EXPERT = {"qwen2_moe"}
 
 
 @pytest.mark.parametrize("rules", RULES)
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,exporter", exports(FAMILIES))
 def test_relevance_equals_reference(family, exporter, rules, tiny_model, converted, reference):
     _, path = tiny_model(family, exporter)
     assert lrp_onnx.inspect_model(path, rules=rules).supported
@@ -55,8 +53,7 @@ def test_relevance_equals_reference(family, exporter, rules, tiny_model, convert
         np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,exporter", exports(FAMILIES))
 def test_router_and_expert_products_are_classified(family, exporter, tiny_model):
     _, path = tiny_model(family, exporter)
     shared = tiny.NUM_LAYERS if family in SHARED_EXPERT else 0  # shared experts (one per layer)
@@ -105,8 +102,7 @@ def test_export_routes_at_run_time(family, tmp_path):
     assert tiny.verify_export(model, path, tiny.example_inputs(3, 9, seed=5)) < 1e-4
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,exporter", exports(FAMILIES))
 def test_experts_without_tokens(family, exporter, tiny_model, converted):
     """One token: top-2 of 4, so two experts per layer gather an empty batch, forward and backward."""
     hf_dir, _ = tiny_model(family, exporter)

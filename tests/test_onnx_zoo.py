@@ -27,8 +27,9 @@ from tests import onnx_torch
 from tests.conftest import CPU, rel_l2
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+# vgg19 (light_vgg19) is left out: the ops of alexnet and zfnet512 at 5x their run time
 MODELS = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
-          "vgg19", "zfnet512"]
+          "zfnet512"]
 
 
 def randomized(name: str, seed: int = 0) -> onnx.ModelProto:

@@ -126,21 +126,11 @@ def test_openvino_refuses_optional_inputs(tiny_model):
         CORE.read_model(lrp_onnx.convert(path, inputs="optional").SerializeToString())
 
 
-@pytest.fixture(scope="module")
-def minilm_2layers(workdir):
-    from models import minilm
-
-    out = workdir / "minilm-2layers"
-    if not (out / "model.onnx").exists():
-        minilm.export(out, num_layers=2)
-    return out / "model.onnx"
-
-
 def test_real_minilm(minilm_2layers):
     ids = np.array([[101, 1996, 3007, 1997, 2605, 2003, 3000, 1012, 102]], np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
             "lrp_target": np.array([-1]), "lrp_position": np.array([-1])}
-    model = lrp_onnx.convert(minilm_2layers)
+    model = lrp_onnx.convert(minilm_2layers["onnx"])
     check_same(model, feed, "f32")
     check_same(model, feed, None)
 
