@@ -80,20 +80,6 @@ def encode_reference(enc, text: str) -> list[int]:
     return [enc.encode_single_token(BOS)] + enc.encode_ordinary(text)
 
 
-def _byte_chars() -> dict[int, str]:
-    """The byte -> printable character table of byte-level BPE (GPT-2's): printable Latin-1 bytes stay,
-    the other 68 bytes map to U+0100 onwards in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """The merge list of a tiktoken rank table: each multi-byte token is the merge of the pair that
     byte-pair encoding of its own bytes, restricted to lower ranks, ends with; in rank order."""
@@ -120,8 +106,10 @@ def build_tokenizer(enc):
     """A ``tokenizers.Tokenizer`` equivalent to ``encode_reference(enc, text)``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+    from lrp_onnx.run.text import bytes_to_unicode  # byte-level BPE's byte -> printable character table
+
     ranks = enc._mergeable_ranks
-    chars = _byte_chars()
+    chars = bytes_to_unicode()
     text = lambda b: "".join(chars[x] for x in b)  # noqa: E731
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in _merges(ranks)]

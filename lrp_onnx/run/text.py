@@ -43,7 +43,7 @@ def visible(label: str) -> str:
     return "".join(VISIBLE_WHITESPACE[c] if c in "\n\t\r" else c for c in label)
 
 
-def _bytes_to_unicode() -> dict:
+def bytes_to_unicode() -> dict:
     """GPT-2's byte-level alphabet: byte -> the printable character that stands for it in a token."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, extra = {}, 0
@@ -56,7 +56,7 @@ def _bytes_to_unicode() -> dict:
     return chars
 
 
-_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_bytes(token: str) -> bytes | None:
