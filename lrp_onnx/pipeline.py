@@ -23,7 +23,7 @@ from .ir.builder import PREFIX as BACKWARD_PREFIX, Builder
 from .ir.shapes import infer_shapes
 from .passes.precision import HALF, is_half, promote_backward_to_fp32
 from .passes.remat import rematerialize
-from .passes.unfuse import refuse, unfuse_contrib_ops
+from .passes.unfuse import prune_copies, refuse, unfuse_contrib_ops
 from .passes.cache import bind_cache_inputs, settle_cache
 from .passes.control import branch_model, inline_constant_ifs, renamed_branch
 from .passes.canonicalize import drop_outputs, select_position_before_head, squeeze_class_output
@@ -829,6 +829,7 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         from .passes.lean import recompute_attention
 
         lean = recompute_attention(model)
+        prune_copies(model)  # the forward's score chains the backward now recomputes
         meta["memory"] = {"mode": "lean", "attention_recomputed": lean["recomputed"], "attention_chains": lean["chains"]}
     for p in list(model.metadata_props):
         if p.key == "lrp_onnx":

@@ -73,3 +73,33 @@ def test_cli_convert_memory_lean(tiny_model, workdir):
     assert main(["convert", str(tiny_model("bert")[1]), "-o", str(out), "--memory", "lean"]) == 0
     meta = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == "lrp_onnx"))
     assert meta["memory"]["attention_recomputed"] == 2
+
+
+@pytest.mark.parametrize("forward", ["fused", "written"])
+def test_lean_recomputes_the_unfused_attention(forward, tmp_path):
+    """A fused GroupQueryAttention (models.llama_int4's tiny builder-layout graph) is written out as
+    lrp/unfused/ nodes that belong to the forward: lean finds and recomputes their score chains (it used
+    to take them for backward nodes and find none), and the backward reads no forward probability. With
+    the fused node kept in the forward, the original logits are the original's bit for bit."""
+    from models import llama_int4
+
+    path = llama_int4.write(tmp_path / "tiny", "tiny")
+    layers = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node].count("GroupQueryAttention")
+    ids = np.array([[5, 17, 42, 8, 33, 23, 61, 3, 57, 12]], np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    results = {}
+    for memory in ("fast", "lean"):
+        out = tmp_path / f"model.{forward}.{memory}.lrp.onnx"
+        model = lrp_onnx.convert(str(path), str(out), memory=memory, forward=forward)
+        results[memory] = lrp_onnx.Explainer(str(out), providers=["CPUExecutionProvider"]).run(**feed)
+    meta = json.loads(next(p.value for p in model.metadata_props if p.key == "lrp_onnx"))
+    assert meta["memory"]["attention_chains"] == meta["memory"]["attention_recomputed"] == layers > 0
+    probabilities = {o for n in model.graph.node if n.op_type == "Softmax" and n.name.startswith("lrp/unfused/")
+                     for o in n.output}
+    readers = [n.name for n in model.graph.node if set(n.input) & probabilities]
+    assert readers and all(name.startswith("lrp/unfused/") for name in readers)  # the forward's own A·V only
+    np.testing.assert_array_equal(results["lean"].relevance, results["fast"].relevance)
+    if forward == "fused":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        original = session.run(["logits"], {**feed, **llama_int4.past_inputs("tiny")})[0]
+        np.testing.assert_array_equal(results["lean"].outputs["logits"], original)

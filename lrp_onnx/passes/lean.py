@@ -25,8 +25,13 @@ CHAIN_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast"}
 PREFIX = "lrp/lean/"
 
 
+# nodes lrp_onnx writes into the forward (the written-out copies of fused ops, the bound cache, the head
+# at the explained position, a squeezed class output); every other lrp/ node belongs to the backward
+FORWARD_SCOPES = ("lrp/unfused/", "lrp/cache/", "lrp/at_position/", "lrp/squeezed/")
+
+
 def _is_backward(node: onnx.NodeProto) -> bool:
-    return node.name.startswith("lrp/")
+    return node.name.startswith("lrp/") and not node.name.startswith(FORWARD_SCOPES)
 
 
 def recompute_attention(model: onnx.ModelProto) -> dict:
@@ -199,7 +204,7 @@ def _chain(nodes, producer, consumers, sm_index) -> list[int] | None:
             continue
         for x in nodes[i].input:
             j = producer.get(x)
-            if j is not None and not nodes[j].name.startswith("lrp/") and nodes[j].domain in ("", "ai.onnx") \
+            if j is not None and not _is_backward(nodes[j]) and nodes[j].domain in ("", "ai.onnx") \
                     and (nodes[j].op_type in CHAIN_OPS or nodes[j].op_type == "MatMul"):
                 stack.append(j)
     if not roots:
@@ -223,7 +228,7 @@ def _chain(nodes, producer, consumers, sm_index) -> list[int] | None:
         for o in nodes[i].output:
             for c in consumers.get(o, []):
                 n = nodes[c]
-                if n.op_type == "Cast" and not n.name.startswith("lrp/") and c not in chain:
+                if n.op_type == "Cast" and not _is_backward(n) and c not in chain:
                     chain.add(c)
                     stack.append(c)
     return sorted(chain)

@@ -605,13 +605,11 @@ def refuse(model: onnx.ModelProto, unfused: list[Unfused]) -> int:
     """Put each fused node back in the forward of the converted `model`, in place of its written-out
     copy's outputs (see the module's docstring); return how many. A copy that is no longer whole, whose
     fused node reads a tensor the graph lost, or that multiplies by a tensor from outside it stays as it is."""
-    from ..ir.graph import has_subgraph, outer_references
-
     g = model.graph
     index = {n.name: k for k, n in enumerate(g.node)}
     available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
     available |= {o for n in g.node for o in n.output}
-    count, copies = 0, set()
+    count = 0
     for u in unfused:
         if u.node.domain in ("", "ai.onnx") or not u.copy or any(name not in index for name in u.copy):
             continue  # standard ops (opset-23 Attention, RotaryEmbedding) stay written out: every runtime runs those
@@ -629,18 +627,26 @@ def refuse(model: onnx.ModelProto, unfused: list[Unfused]) -> int:
                 n.output[k] = renamed.get(t, t)
         g.node.insert(min(index[name] for name in u.copy), u.node)
         index = {n.name: k for k, n in enumerate(g.node)}
-        copies.update(u.copy)
         count += 1
     if count:  # the copies' tails, now read by nothing
-        while True:
-            read = {o.name for o in g.output}
-            for n in g.node:
-                read.update(n.input)
-                if has_subgraph(n):
-                    read.update(outer_references(n))
-            dead = [k for k, n in enumerate(g.node) if n.name in copies and not any(o in read for o in n.output)]
-            if not dead:
-                break
-            for k in reversed(dead):
-                del g.node[k]
+        prune_copies(model)
     return count
+
+
+def prune_copies(model: onnx.ModelProto) -> None:
+    """Drop the nodes of written-out copies (lrp/unfused/) whose outputs nothing reads: a copy's tail once
+    its fused node computes the forward again, and its score chain once the backward recomputes it (lean)."""
+    from ..ir.graph import has_subgraph, outer_references
+
+    g = model.graph
+    while True:
+        read = {o.name for o in g.output}
+        for n in g.node:
+            read.update(n.input)
+            if has_subgraph(n):
+                read.update(outer_references(n))
+        dead = [k for k, n in enumerate(g.node) if n.name.startswith("lrp/unfused/") and not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for k in reversed(dead):
+            del g.node[k]
