@@ -245,3 +245,22 @@ def outer_references(node: onnx.NodeProto) -> list[str]:
             if t not in refs and t not in node.input:
                 refs.append(t)
     return refs
+
+
+def reads(node: onnx.NodeProto):
+    """Every tensor a node reads: its inputs, then what its subgraphs read from the enclosing scopes."""
+    yield from node.input
+    if has_subgraph(node):
+        yield from outer_references(node)
+
+
+def prune_unread(graph: onnx.GraphProto, removable, keep=frozenset()) -> None:
+    """Drop, in place and until none is left, the nodes `removable(node)` accepts whose outputs no node
+    reads and that are neither graph outputs nor in `keep`."""
+    while True:
+        read = {t for n in graph.node for t in reads(n)} | {o.name for o in graph.output} | set(keep)
+        dead = [k for k, n in enumerate(graph.node) if removable(n) and not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for k in reversed(dead):
+            del graph.node[k]

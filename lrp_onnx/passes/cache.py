@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import LRPError
-from ..ir.graph import free_names, has_subgraph, node_label, outer_references
+from ..ir.graph import free_names, has_subgraph, node_label, outer_references, prune_unread, reads
 
 _PAST_NAME = re.compile(r"(^|[._/:-])past([._/:-]|_?key|_?value|\d|$)", re.IGNORECASE)
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -185,7 +185,7 @@ _LAYOUT_OPS = ("Transpose", "Cast", "Identity")
 def _readers(g):
     readers = {}
     for node in g.node:
-        for t in _reads(node):
+        for t in reads(node):
             readers.setdefault(t, []).append(node)
     return readers
 
@@ -227,12 +227,6 @@ def _data_readers(readers, name):
             yield from _data_readers(readers, node.output[0])
             continue
         yield node
-
-
-def _reads(node):
-    yield from node.input
-    if has_subgraph(node):
-        yield from outer_references(node)
 
 
 def _token_input(g, initializers, cache_names):
@@ -308,14 +302,8 @@ def _simplify(g, name, axis, rank):
 def _prune(g, keep=frozenset()):
     """Drop nodes whose outputs nothing reads (nor `keep` names), among the binding nodes and the layout
     ops left reading an empty cache."""
-    while True:
-        read = {t for n in g.node for t in _reads(n)} | {o.name for o in g.output} | set(keep)
-        dead = [n for n in g.node if not any(o in read for o in n.output)
-                and (n.name.startswith(SCOPE) or n.op_type in _LAYOUT_OPS + ("Shape", "Gather", "Constant"))]
-        if not dead:
-            return
-        for n in dead:
-            g.node.remove(n)
+    prune_unread(g, lambda n: n.name.startswith(SCOPE) or n.op_type in _LAYOUT_OPS + ("Shape", "Gather", "Constant"),
+                 keep)
 
 
 def _cache_choice(g, inp, cache_names: set):

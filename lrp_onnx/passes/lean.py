@@ -21,13 +21,16 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from .cache import SCOPE as CACHE_SCOPE
+from .unfuse import SCOPE as UNFUSED_SCOPE
+
 CHAIN_OPS = {"Add", "Sub", "Mul", "Div", "Where", "Cast"}
 PREFIX = "lrp/lean/"
 
 
 # nodes lrp_onnx writes into the forward (the written-out copies of fused ops, the bound cache, the head
 # at the explained position, a squeezed class output); every other lrp/ node belongs to the backward
-FORWARD_SCOPES = ("lrp/unfused/", "lrp/cache/", "lrp/at_position/", "lrp/squeezed/")
+FORWARD_SCOPES = (UNFUSED_SCOPE, CACHE_SCOPE, "lrp/at_position/", "lrp/squeezed/")
 
 
 def _is_backward(node: onnx.NodeProto) -> bool:

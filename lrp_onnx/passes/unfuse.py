@@ -35,6 +35,7 @@ from ..errors import LRPError
 from ..ir.graph import attr, node_label
 
 MS = "com.microsoft"
+SCOPE = "lrp/unfused/"  # the written-out copies' node and tensor names
 
 
 class _Emitter:
@@ -587,7 +588,7 @@ def unfuse_contrib_ops(model: onnx.ModelProto) -> list[Unfused]:
     for i, node in enumerate(model.graph.node):
         unfuse = _unfuser(node)
         if unfuse is not None:
-            e = _Emitter(model, f"lrp/unfused/{node.name or node.op_type + str(i)}", known_ranks, shapes)
+            e = _Emitter(model, f"{SCOPE}{node.name or node.op_type + str(i)}", known_ranks, shapes)
             unfuse(model, node, e)
             rewritten.extend(e.nodes)
             done.append(Unfused(onnx.NodeProto.FromString(node.SerializeToString()), [n.name for n in e.nodes]))
@@ -634,19 +635,8 @@ def refuse(model: onnx.ModelProto, unfused: list[Unfused]) -> int:
 
 
 def prune_copies(model: onnx.ModelProto) -> None:
-    """Drop the nodes of written-out copies (lrp/unfused/) whose outputs nothing reads: a copy's tail once
+    """Drop the nodes of written-out copies (SCOPE) whose outputs nothing reads: a copy's tail once
     its fused node computes the forward again, and its score chain once the backward recomputes it (lean)."""
-    from ..ir.graph import has_subgraph, outer_references
+    from ..ir.graph import prune_unread
 
-    g = model.graph
-    while True:
-        read = {o.name for o in g.output}
-        for n in g.node:
-            read.update(n.input)
-            if has_subgraph(n):
-                read.update(outer_references(n))
-        dead = [k for k, n in enumerate(g.node) if n.name.startswith("lrp/unfused/") and not any(o in read for o in n.output)]
-        if not dead:
-            return
-        for k in reversed(dead):
-            del g.node[k]
+    prune_unread(model.graph, lambda n: n.name.startswith(SCOPE))
