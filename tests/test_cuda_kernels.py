@@ -53,13 +53,19 @@ def test_checker_flags_what_cuda_lacks():
     assert "OptionalHasElement" not in table()["kernels"]["ai.onnx"]
 
 
-@pytest.mark.parametrize("family,exporter,rules,relevance_only", [
+# the conversion forms both static runtime checks take (tests/test_tensorrt_ops.py too): each exporter,
+# rule set and --relevance-only on the text families
+CONVERSIONS = [
     ("bert", "torchscript", "attnlrp", False),
     ("bert", "dynamo", "cp-lrp", False),
     ("llama", "torchscript", "attnlrp", True),
     ("llama", "dynamo", "gradient", False),
     ("gpt2", "torchscript", "cp-lrp", True),
     ("t5", "torchscript", "attnlrp", False),
+]
+
+
+@pytest.mark.parametrize("family,exporter,rules,relevance_only", CONVERSIONS + [
     ("mixtral", "torchscript", "attnlrp", False),
     ("vit", "torchscript", "attnlrp", False),
 ])

@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import lrp_onnx
+from tests.test_cuda_kernels import CONVERSIONS
 from tools.tensorrt_ops import check_model, table
 
 
@@ -59,14 +60,8 @@ def test_checker_flags_what_the_parser_lacks():
     assert "opset 23 outside" in str(check_model(newer)[0][0])
 
 
-@pytest.mark.parametrize("family,exporter,rules,relevance_only", [
-    ("bert", "torchscript", "attnlrp", False),
-    ("bert", "dynamo", "cp-lrp", False),
-    ("llama", "torchscript", "attnlrp", True),
-    ("llama", "dynamo", "gradient", False),
-    ("gpt2", "torchscript", "cp-lrp", True),
-    ("t5", "torchscript", "attnlrp", False),
-    ("vit", "torchscript", "vit-gamma", False),
+@pytest.mark.parametrize("family,exporter,rules,relevance_only", CONVERSIONS + [
+    ("vit", "torchscript", "vit-gamma", False),  # mixtral: test_mixture_of_experts
 ])
 def test_converted_graphs_parse(family, exporter, rules, relevance_only, tiny_model):
     _, path = tiny_model(family, exporter)

@@ -175,18 +175,27 @@ def check_model(model: onnx.ModelProto | str | Path, infer: bool = True) -> tupl
     return check_graph(model.graph, opsets)
 
 
-def main(argv=None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
+def report(paths: list[str], check, what: str) -> int:
+    """Print, per model, how many nodes `check(path) -> (flagged, checked)` flagged and which; exit code 1
+    if any was. Shared by this checker and tools/tensorrt_ops.py."""
     bad = 0
     for path in paths:
-        fallbacks, checked = check_model(path)
-        fallbacks = [f for f in fallbacks if f.op not in EXPECTED_ON_CPU]
-        print(f"{path}: {checked} nodes, {len(fallbacks)} without a CUDA kernel (besides the lrp_target/"
-              f"lrp_position Optional ops)")
-        for fb in fallbacks:
-            print(f"  {fb}")
-        bad += len(fallbacks)
+        flagged, checked = check(path)
+        print(f"{path}: {checked} nodes, {len(flagged)} {what}")
+        for f in flagged:
+            print(f"  {f}")
+        bad += len(flagged)
     return 1 if bad else 0
+
+
+def _unexpected_fallbacks(path):
+    fallbacks, checked = check_model(path)
+    return [f for f in fallbacks if f.op not in EXPECTED_ON_CPU], checked
+
+
+def main(argv=None) -> int:
+    return report(sys.argv[1:] if argv is None else argv, _unexpected_fallbacks,
+                  "without a CUDA kernel (besides the lrp_target/lrp_position Optional ops)")
 
 
 if __name__ == "__main__":

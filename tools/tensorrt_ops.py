@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-from tools.cuda_kernels import TYPE_NAMES, _bind, _dtypes, _schema
+from tools.cuda_kernels import TYPE_NAMES, _bind, _dtypes, _schema, report
 
 TABLE = Path(__file__).resolve().parent / "data" / "tensorrt_ops.json"
 AXES_INPUT = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "Pad": 3, "ReduceSum": 1, "ReduceMean": 1, "ReduceMax": 1,
@@ -145,16 +145,8 @@ def check_model(model: onnx.ModelProto | str | Path, infer: bool = True) -> tupl
 
 
 def main(argv=None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    bad = 0
-    for path in paths:
-        flagged, checked = check_model(path)
-        print(f"{path}: {checked} nodes, {len(flagged)} that TensorRT {table()['tensorrt_version']}'s ONNX parser "
-              f"does not support")
-        for f in flagged:
-            print(f"  {f}")
-        bad += len(flagged)
-    return 1 if bad else 0
+    return report(sys.argv[1:] if argv is None else argv, check_model,
+                  f"that TensorRT {table()['tensorrt_version']}'s ONNX parser does not support")
 
 
 if __name__ == "__main__":
