@@ -792,8 +792,6 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
     g.node.extend(b.nodes)
     g.initializer.extend(b.initializers)
     refused = refuse(model, conv.unfused) if forward == "fused" else 0  # the forward keeps the fused kernels
-    if any(t.data_type in (TensorProto.UINT4, TensorProto.INT4) for t in b.initializers):
-        model.ir_version = max(model.ir_version, 10)  # 4-bit tensors (vjp.contrib's blocked dequantization)
     g.initializer.extend(seed.defaults)
     g.input.extend(seed.inputs)
     for tensor, vi in seed.outputs.values():
@@ -809,8 +807,10 @@ def convert(model, output_path=None, *, rules: str | dict = "attnlrp", source=No
         "source_inputs": dict(zip(names, source_inputs(view, sources))),
         "seed_input": seed_input, "overrides": overrides or {}, "relevance_only": relevance_only,
         "head_at_position": position_selected, "multi_target": multi_target,
-        # n-bit weights (MatMulNBits) run faster and in less memory pre-packed: Explainer turns it on
-        "prepack": any(n.op_type == "MatMulNBits" for n in view.nodes),
+        # n-bit weights (MatMulNBits): Explainer pre-packs them (the forward's kernel then computes what a
+        # default session does) unless the conversion is lean: the backward reads each packed weight as it
+        # is, and pre-packing keeps a second, kernel-layout copy of it (docs/quantized.md, Memory)
+        "prepack": memory != "lean" and any(n.op_type == "MatMulNBits" for n in view.nodes),
         "input_limits": input_limits(view),
         "forward": {"unfused": len(conv.unfused), "fused_kept": refused},
     }

@@ -91,9 +91,9 @@ def _layer(workdir, form):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     dst = workdir / f"layer-{form}.onnx"
     if form.startswith("nbits"):
-        bits, symmetric = {"nbits4-symmetric": (4, True), "nbits4-zero-points": (4, False),
-                           "nbits8": (8, False)}[form]
-        model = onnx.load(_nbits(src, dst, bits, symmetric))
+        bits, symmetric, block = {"nbits4-symmetric": (4, True, 16), "nbits4-zero-points": (4, False, 16),
+                                  "nbits4-padded": (4, False, 2 * K), "nbits8": (8, False, 16)}[form]
+        model = onnx.load(_nbits(src, dst, bits, symmetric, block))  # padded: K < one block
         # the weight is all that is quantized: the kernel's output for the rows of I_K is W dequantized
         eye = np.broadcast_to(np.eye(K, dtype=np.float32), (hb.B, K, K)).copy()
         probe = onnx.ModelProto()
@@ -120,7 +120,7 @@ def _layer(workdir, form):
 
 
 LAYER_FORMS = ["matmul_integer", "matmul_integer_uint8", "matmul_integer_per_channel", "matmul_integer_shared",
-               "dynamic_quantize_matmul", "matmul_integer_to_float", "nbits4-symmetric", "nbits4-zero-points", "nbits8"]
+               "dynamic_quantize_matmul", "matmul_integer_to_float", "nbits4-symmetric", "nbits4-zero-points", "nbits4-padded", "nbits8"]
 LAYER_OPS = {"matmul_integer": "MatMulInteger", "matmul_integer_uint8": "MatMulInteger",
              "matmul_integer_per_channel": "MatMulInteger", "matmul_integer_shared": "MatMulInteger",
              "dynamic_quantize_matmul": "DynamicQuantizeMatMul", "matmul_integer_to_float": "MatMulIntegerToFloat"}

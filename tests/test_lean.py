@@ -80,7 +80,8 @@ def test_lean_recomputes_the_unfused_attention(forward, tmp_path):
     """A fused GroupQueryAttention (models.llama_int4's tiny builder-layout graph) is written out as
     lrp/unfused/ nodes that belong to the forward: lean finds and recomputes their score chains (it used
     to take them for backward nodes and find none), and the backward reads no forward probability. With
-    the fused node kept in the forward, the original logits are the original's bit for bit."""
+    the fused node kept in the forward, the original logits are the original's bit for bit (pre-packed, as a
+    default session; lean's default, not pre-packed, as a session without pre-packing)."""
     from models import llama_int4
 
     path = llama_int4.write(tmp_path / "tiny", "tiny")
@@ -91,7 +92,8 @@ def test_lean_recomputes_the_unfused_attention(forward, tmp_path):
     for memory in ("fast", "lean"):
         out = tmp_path / f"model.{forward}.{memory}.lrp.onnx"
         model = lrp_onnx.convert(str(path), str(out), memory=memory, forward=forward)
-        results[memory] = lrp_onnx.Explainer(str(out), providers=["CPUExecutionProvider"]).run(**feed)
+        results[memory] = lrp_onnx.Explainer(str(out), providers=["CPUExecutionProvider"], prepack=True).run(**feed)
+    lean_default = lrp_onnx.Explainer(str(out), providers=["CPUExecutionProvider"])  # lean: no pre-packing
     meta = json.loads(next(p.value for p in model.metadata_props if p.key == "lrp_onnx"))
     assert meta["memory"]["attention_chains"] == meta["memory"]["attention_recomputed"] == layers > 0
     probabilities = {o for n in model.graph.node if n.op_type == "Softmax" and n.name.startswith("lrp/unfused/")
@@ -100,6 +102,10 @@ def test_lean_recomputes_the_unfused_attention(forward, tmp_path):
     assert readers and all(name.startswith("lrp/unfused/") for name in readers)  # the forward's own A·V only
     np.testing.assert_array_equal(results["lean"].relevance, results["fast"].relevance)
     if forward == "fused":
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        original = session.run(["logits"], {**feed, **llama_int4.past_inputs("tiny")})[0]
-        np.testing.assert_array_equal(results["lean"].outputs["logits"], original)
+        for prepack, result in ((True, results["lean"]), (False, lean_default.run(**feed))):
+            options = ort.SessionOptions()
+            if not prepack:
+                options.add_session_config_entry("session.disable_prepacking", "1")
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            original = session.run(["logits"], {**feed, **llama_int4.past_inputs("tiny")})[0]
+            np.testing.assert_array_equal(result.outputs["logits"], original)

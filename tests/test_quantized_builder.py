@@ -95,12 +95,21 @@ def test_weights_stay_4_bit_under_default_session_options(smollm2_int4, tmp_path
     source = onnx.load(str(smollm2_int4[0]), load_external_data=False)
     by_name = {t.name: t for t in source.graph.initializer}
     packed = sum(_bytes(by_name[n.input[1]]) for n in source.graph.node if n.op_type == "MatMulNBits")
+    forward = _optimized(smollm2_int4[0], tmp_path / "forward.onnx")
+    forward_ints = sum(_bytes(t) for t in forward.graph.initializer if t.data_type in INTEGER_WEIGHTS)
     optimized = _optimized(smollm2_int4[1], tmp_path / "optimized.onnx")
     floats = sum(_bytes(t) for t in optimized.graph.initializer
                  if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
     assert floats < packed  # folded dequantized weights: >= 8 * packed
+    # the backward reads the forward's packed bytes: no second copy (a view, unpacked or folded bytes,
+    # folded zero points)
+    ints = sum(_bytes(t) for t in optimized.graph.initializer if t.data_type in INTEGER_WEIGHTS)
+    assert ints <= forward_ints + 1024  # + the masks and shifts (a few bytes)
     ops = [n.op_type for n in optimized.graph.node]
-    assert ops.count("DequantizeLinear") == ops.count("MatMulNBits") > 0
+    assert ops.count("DequantizeLinear") == 2 * ops.count("MatMulNBits") > 0  # the even and odd columns
+
+
+INTEGER_WEIGHTS = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT4, onnx.TensorProto.INT4)
 
 
 @pytest.mark.parametrize("accuracy_level", [1, 4])

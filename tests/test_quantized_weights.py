@@ -62,20 +62,22 @@ def test_no_weight_is_dequantized_at_session_creation(form, tiny_model, workdir,
     assert converted - original < 0.5 * quantized_weight_count, (converted, original, quantized_weight_count)
 
 
-@pytest.mark.parametrize("form", ["nbits4", "dynamic"])
-def test_explainer_prepacks_n_bit_weights_only(form, tiny_model, workdir, tmp_path):
-    """Pre-packed, MatMulNBits weights run faster and in less memory (docs/quantized.md); float and int8
-    models keep prepacking off (a packed copy of each weight the backward also reads). The converted
-    model's metadata says which, read by Explainer without parsing the graph (model_metadata)."""
+@pytest.mark.parametrize("form,memory", [("nbits4", "fast"), ("nbits4", "lean"), ("dynamic", "fast")])
+def test_explainer_prepacks_n_bit_weights_only(form, memory, tiny_model, workdir, tmp_path):
+    """Pre-packed, MatMulNBits weights compute what a default session does (docs/quantized.md); float and
+    int8 models keep prepacking off (a packed copy of each weight the backward also reads), and so do
+    lean conversions (the backward reads the packed bytes: pre-packing would keep a second copy). The
+    converted model's metadata says which, read by Explainer without parsing the graph (model_metadata)."""
     from lrp_onnx.run.session import model_metadata
 
     path = _quantize(form, tiny_model("bert")[1], workdir / f"bert-weights-{form}.onnx")
-    lrp_onnx.convert(str(path), str(tmp_path / "m.lrp.onnx"))
+    lrp_onnx.convert(str(path), str(tmp_path / "m.lrp.onnx"), memory=memory)
     assert model_metadata(str(tmp_path / "m.lrp.onnx")) == {
         p.key: p.value for p in onnx.load(str(tmp_path / "m.lrp.onnx")).metadata_props}
     explainer = lrp_onnx.Explainer(str(tmp_path / "m.lrp.onnx"), providers=CPU)
-    assert explainer.meta["prepack"] is (form == "nbits4")
-    assert _has_entry(explainer.session.get_session_options(), "session.disable_prepacking") is (form != "nbits4")
+    prepacked = form == "nbits4" and memory == "fast"
+    assert explainer.meta["prepack"] is prepacked
+    assert _has_entry(explainer.session.get_session_options(), "session.disable_prepacking") is not prepacked
 
 
 def _has_entry(options, key):

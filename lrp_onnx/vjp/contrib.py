@@ -132,85 +132,87 @@ def _dynamic_quantize_matmul(b, node, gy, wants):
 @register("MatMulNBits", domain=MS)
 def _matmul_nbits(b, node, gy, wants):
     """Y = A @ Wᵀ (+ bias), W [N, K] stored in `bits`-bit blocks of `block_size` along K, each block with
-    a scale and a zero point (default 2^(bits-1)). The gradient is g @ W: a constant W is dequantized by a
-    blocked DequantizeLinear (opset 21) of a uint4/uint8 [N, K] tensor that names the same bytes as the
-    packed B (the same external-data range, or the same inline bytes), so it stays 4/8-bit."""
+    a scale and a zero point (default 2^(bits-1)). The gradient is g @ W. A constant B is read by the
+    backward itself (no second initializer): its values are taken out at run time (the 8-bit bytes, or
+    the low and high nibbles of the 4-bit ones: the even and odd columns of W) and dequantized by blocked
+    DequantizeLinear (opset 21), one weight at a time when its gradient arrives."""
     inputs = list(node.input) + [""] * (6 - len(node.input))
     a, packed, scales, zero_points, g_idx = inputs[:5]
     bits, block = attr(node, "bits", 4), attr(node, "block_size")
     k, n = attr(node, "K"), attr(node, "N")
     if bits not in (4, 8) or g_idx:
         raise NotImplementedError(f"MatMulNBits with bits={bits}{' and g_idx' if g_idx else ''}")
-    blocks = -(-k // block)
     dt = b.view.dtype(gy[0]) or onnx.TensorProto.FLOAT
-    stored = _reinterpreted(b, packed, onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8,
-                            [n, blocks * block]) if b.opset >= 21 else None
-    if stored is None:
-        w = _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt)
-    else:
-        w = _dequantize_blocked(b, stored, scales, zero_points, bits, block, k, n, dt, gy[0])
-    out = b.op("MatMul", [gy[0], w], dtype=dt)
     grads = [None] * len(node.input)
-    grads[0] = _as(b, out, a)
+    if b.opset < 21 or not _is_constant(b, packed) or bits == 4 and block % 2:
+        w = _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt)
+        grads[0] = _as(b, b.op("MatMul", [gy[0], w], dtype=dt), a)
+        return grads
+    blocks = -(-k // block)
+    flat = b.op("Reshape", [gy[0], b.ints([-1, n])])  # [rows, N]
+    parts = [b.op("MatMul", [flat, w], dtype=dt)
+             for w in _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, gy[0])]
+    if len(parts) == 2:  # even and odd columns, interleaved: [rows, blocks*block/2, 2] -> [rows, blocks*block]
+        pairs = b.op("Concat", [b.op("Unsqueeze", [p, b.ints([2])]) for p in parts], axis=2)
+        parts = [b.op("Reshape", [pairs, b.ints([-1, blocks * block])])]
+    out = parts[0]
+    if blocks * block != k:
+        out = b.op("Slice", [out, b.ints([0]), b.ints([k]), b.ints([1])])
+    grads[0] = _as(b, b.reshape_like(out, a), a)
     return grads
 
 
-def _reinterpreted(b: Builder, name: str, data_type: int, dims: list) -> str | None:
-    """A new initializer of `data_type` and `dims` holding the bytes of the initializer (or Constant)
-    `name`: the same external-data entries (location, offset, length: nothing is read), or a copy of the
-    inline raw bytes. None when `name` is computed at run time (then nothing is folded anyway)."""
-    tensor = b.view.initializers.get(name)
-    if tensor is None and name in b.view.producer:
-        node = b.view.nodes[b.view.producer[name]]
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
-    if tensor is None or tensor.data_type not in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
-        return None
-    out = onnx.TensorProto()
-    out.name = b.fresh("packed_weight")
-    out.data_type = data_type
-    out.dims.extend(dims)
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        out.data_location = onnx.TensorProto.EXTERNAL
-        out.external_data.extend(tensor.external_data)
-    elif tensor.HasField("raw_data"):
-        out.raw_data = tensor.raw_data
-    else:  # bytes stored as int32_data (in memory already)
-        out.raw_data = onnx.numpy_helper.to_array(tensor).astype(np.uint8).tobytes()
-    b.initializers.append(out)
-    from ..ir.graph import TensorInfo
-    b.view.info[out.name] = TensorInfo(data_type, list(dims))
-    return out.name
+def _is_constant(b: Builder, name: str) -> bool:
+    if name in b.view.initializers:
+        return True
+    node = b.view.nodes[b.view.producer[name]] if name in b.view.producer else None
+    return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
-def _dequantize_blocked(b, stored, scales, zero_points, bits, block, k, n, dt, g):
-    """W [N, K] = DequantizeLinear(stored [N, blocks * block], scales [N, blocks], zero points) (opset 21,
-    axis 1, block_size): only the small per-block tensors are reshaped / unpacked (and may be folded)."""
-    blocks = -(-k // block)
+def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g) -> list[str]:
+    """W's columns from the constant packed B [N, blocks, block·bits/8]: [W [N, blocks·block]] for 8 bits,
+    [W[:, 0::2], W[:, 1::2]] (each [N, blocks·block/2]) for 4 bits. The bytes are reshaped, masked and
+    shifted with a shape / mask that depends on the run-time gradient `g` (`after`), so no runtime folds
+    them into a weight-sized initializer; DequantizeLinear (axis 1, block_size) applies the per-block
+    scales and zero points; only the small per-block tensors are unpacked with constants (and may fold)."""
+    blocks = b.view.shape(packed)[1] if b.view.shape(packed) else None
+    if not isinstance(blocks, int):
+        raise NotImplementedError("MatMulNBits whose packed weight has no static shape")
+    per_byte = 8 // bits
+    width = blocks * block // per_byte  # each part's columns
+    uint8 = onnx.TensorProto.UINT8
+    if bits == 8:
+        parts = [b.op("Reshape", [packed, after(b, b.ints([n, width]), g)])]
+    else:
+        mask, shift = (after(b, b.const(np.array([v], np.uint8)), g) for v in (15, 4))
+        parts = [b.op("Reshape", [q, b.ints([n, width])]) for q in
+                 (b.op("BitwiseAnd", [packed, mask]), b.op("BitShift", [packed, shift], direction="RIGHT"))]
     scale = scales if b.view.shape(scales) == [n, blocks] else b.op("Reshape", [scales, b.ints([n, blocks])],
                                                                      dtype=b.view.dtype(scales), shape=[n, blocks])
-    q_type = onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8
     offset = None  # float zero points: W = q * scale - zero_point * scale
-    if zero_points and b.view.dtype(zero_points) in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):
-        zp = b.op("Cast", [zero_points], to=onnx.TensorProto.INT32)  # [N, ceil(blocks * bits / 8)]
-        zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else b.op("Reshape", [zp, b.ints([n, -1])])
-        zp = b.op("Cast", [b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])], to=q_type)
+    # zero points are [N, blocks] (6% of a 4-bit weight's bytes): made at run time too, never folded
+    if zero_points and b.view.dtype(zero_points) in (uint8, onnx.TensorProto.INT8):
+        zp = b.op("Reshape", [zero_points, after(b, b.ints([n, -1]), g)])  # [N, ceil(blocks * bits / 8)]
+        zp = b.op("Cast", [zp], to=onnx.TensorProto.INT32)
+        zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else zp
+        zp = b.op("Cast", [b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])], to=uint8)
     elif zero_points:
         zp = None
         offset = b.op("Mul", [b.op("Reshape", [zero_points, b.ints([n, blocks, 1])]),
                               b.op("Reshape", [scales, b.ints([n, blocks, 1])])])
     else:
-        middle = onnx.helper.make_tensor("value", onnx.TensorProto.INT32, [1], [2 ** (bits - 1)])
-        zp = b.op("Cast", [b.op("ConstantOfShape", [b.ints([n, blocks])], value=middle)], to=q_type)
-    w = b.op("DequantizeLinear", [stored, after(b, scale, g), zp], axis=1, block_size=block)
-    if offset is not None:
-        w = b.op("Reshape", [b.op("Sub", [b.op("Reshape", [w, b.ints([n, blocks, block])]), offset]),
-                             b.ints([n, blocks * block])])
-    if blocks * block != k:
-        w = b.op("Slice", [w, b.ints([0]), b.ints([k]), b.ints([1])])
-    if b.view.dtype(scales) != dt:
-        w = b.op("Cast", [w], to=dt)
-    return w
+        middle = onnx.helper.make_tensor("value", uint8, [1], [2 ** (bits - 1)])
+        zp = b.op("ConstantOfShape", [after(b, b.ints([n, blocks]), g)], value=middle)
+    out = []
+    for q in parts:
+        w = b.op("DequantizeLinear", [q, scale, zp], axis=1, block_size=block // per_byte)
+        if offset is not None:
+            w = b.op("Reshape", [b.op("Sub", [b.op("Reshape", [w, b.ints([n, blocks, block // per_byte])]),
+                                              offset]), b.ints([n, width])])
+        if b.view.dtype(scales) != dt:
+            w = b.op("Cast", [w], to=dt)
+        out.append(w)
+    return out
 
 
 def _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt):

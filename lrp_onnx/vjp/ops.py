@@ -481,13 +481,17 @@ def _norm(b, node, gy, wants, constant_std):
 
 @register_norm("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 def _skip_norm(b, node, gy, wants, constant_std):
-    """y = norm(input + skip (+ bias)); output 3, if used, is that sum."""
+    """y = norm(input + skip (+ bias)); output 3, if used, is that sum. The backward reads output 3 where
+    the node has it (one saved tensor, not input and skip: the forward keeps it for the next layer)."""
     x, skip = node.input[0], node.input[1]
     rms = node.op_type == "SkipSimplifiedLayerNormalization"
     bias_index = 3 if rms else 4
-    total = b.add(x, skip, like=x) if b.view.rank(x) >= b.view.rank(skip) else b.add(skip, x, like=skip)
-    if len(node.input) > bias_index and node.input[bias_index]:
-        total = b.add(total, node.input[bias_index], like=total)
+    if len(node.output) > 3 and node.output[3] and b.view.shape(node.output[3]) == b.view.shape(x):
+        total = node.output[3]
+    else:
+        total = b.add(x, skip, like=x) if b.view.rank(x) >= b.view.rank(skip) else b.add(skip, x, like=skip)
+        if len(node.input) > bias_index and node.input[bias_index]:
+            total = b.add(total, node.input[bias_index], like=total)
     terms = []
     if gy[0] is not None:
         terms.append(normalize_vjp(b, total, node.input[2], gy[0], -1, attr(node, "epsilon", 1e-5), rms,
