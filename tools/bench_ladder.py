@@ -33,8 +33,9 @@ Cells (``kind:size[:arg[:variant]]``):
                                 without the tokenizer. (--decoder model.onnx, decoding with the builder's
                                 KV cache, is refused: the builder declares the cache's head axis as the
                                 symbolic 'kv_cache_dim', so no empty cache can be made.)
-  lxt:SIZE:SEQ                  LXT 2.1 attnLRP in PyTorch (fp32, random LlamaForCausalLM of the same
-                                shape, parameters frozen): forward + backward to the embeddings
+  lxt:SIZE:SEQ[:bf16]           LXT 2.1 attnLRP in PyTorch (fp32, or bf16 parameters and activations;
+                                random LlamaForCausalLM of the same shape, parameters frozen): forward +
+                                backward to the embeddings
 
 VARIANT: `full` (relevance and the original outputs), `relevance_only`, `lean` (--memory lean),
 `relevance_only+lean`, `multi_target`. The tied (LLaMA-3.2) layouts embed with GatherBlockQuantized;
@@ -213,7 +214,7 @@ def child(cell: str, runs: int, warmup: int) -> dict:
         out.update(run_s=time.perf_counter() - start, generated=len(g.generated_ids),
                    relevance_shape=list(g.relevance.shape), finite=bool(np.isfinite(g.relevance).all()))
     elif kind == "lxt":
-        out.update(_lxt(size, int(rest[0]), runs, warmup))
+        out.update(_lxt(size, int(rest[0]), runs, warmup, dtype=rest[1] if len(rest) > 1 else "fp32"))
     else:
         raise SystemExit(f"unknown cell kind {kind!r}")
     out["vmhwm_mb"] = _status("VmHWM")
@@ -222,7 +223,7 @@ def child(cell: str, runs: int, warmup: int) -> dict:
     return out
 
 
-def _lxt(size: str, seq: int, runs: int, warmup: int) -> dict:
+def _lxt(size: str, seq: int, runs: int, warmup: int, dtype: str = "fp32") -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -237,9 +238,14 @@ def _lxt(size: str, seq: int, runs: int, warmup: int) -> dict:
                          max_position_embeddings=s.max_positions, rope_theta=s.rope_theta, rms_norm_eps=s.eps,
                          tie_word_embeddings=s.tied, use_cache=False)
     config._attn_implementation = "eager"
+    if dtype not in ("fp32", "bf16"):
+        raise SystemExit(f"lxt cell: dtype {dtype!r} (fp32 or bf16)")
     start = time.perf_counter()
+    # bf16: the parameters are created in bf16 (a 7B model initialised in fp32 first would not fit)
+    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16" else torch.float32)
     with torch.no_grad():
-        model = LlamaForCausalLM(config).float().eval()
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
     load_s = time.perf_counter() - start
     for parameter in model.parameters():
         parameter.requires_grad_(False)
