@@ -142,3 +142,26 @@ def test_real_smollm2(smollm2_2layers):
     model = lrp_onnx.convert(smollm2_2layers["onnx"], relevance_only=True)
     check_same(model, feed, "f32")
     check_same(model, feed, None)
+
+
+@pytest.mark.parametrize("form", ["nbits4-symmetric", "nbits4-zero-points", "nbits4-padded", "nbits8"])
+def test_n_bit_weights(form, workdir):
+    """MatMulNBits weights (com.microsoft, read by OpenVINO's frontend): the backward takes the packed
+    bytes apart with BitwiseAnd (no BitShift: OpenVINO 2026.4 rounds uint8 >> 4 up, 0xF8 >> 4 = 16) and
+    dequantizes them with blocked DequantizeLinear of a static shape (the only form its frontend
+    converts). The relevance is gradient x input against the exactly dequantized weight in both runtimes."""
+    from tests import handbuilt as hb
+    from tests.test_dynamic_quant import K, _layer
+
+    model, w = _layer(workdir, form)
+    converted = lrp_onnx.convert(model, source="x")
+    x = np.random.default_rng(5).standard_normal((hb.B, hb.S, K)).astype(np.float32)
+    feed = {"x": x, "lrp_target": hb.TARGET, "lrp_position": hb.POSITION}
+    want = onnxruntime_run(converted, feed)
+    got, _ = openvino_run(converted, feed, "f32", set(want))
+    expected = np.zeros((hb.B, hb.S, K))
+    for b, (t, p) in enumerate(zip(hb.TARGET, hb.POSITION)):
+        expected[b, p] = x[b, p] * w[:, t]
+    assert rel_l2(want["lrp_relevance"], expected) <= 2e-7
+    assert rel_l2(got["lrp_relevance"], expected) <= 2e-7
+

@@ -150,8 +150,10 @@ def _matmul_nbits(b, node, gy, wants):
         return grads
     blocks = -(-k // block)
     flat = b.op("Reshape", [gy[0], b.ints([-1, n])])  # [rows, N]
-    parts = [b.op("MatMul", [flat, w], dtype=dt)
-             for w in _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, gy[0])]
+    parts = []
+    for w, factor in _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, gy[0]):
+        part = b.op("MatMul", [flat, w], dtype=dt)
+        parts.append(b.op("Mul", [part, b.const(np.array(1 / factor, np.float32))]) if factor != 1 else part)
     if len(parts) == 2:  # even and odd columns, interleaved: [rows, blocks*block/2, 2] -> [rows, blocks*block]
         pairs = b.op("Concat", [b.op("Unsqueeze", [p, b.ints([2])]) for p in parts], axis=2)
         parts = [b.op("Reshape", [pairs, b.ints([-1, blocks * block])])]
@@ -169,49 +171,57 @@ def _is_constant(b: Builder, name: str) -> bool:
     return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
-def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g) -> list[str]:
-    """W's columns from the constant packed B [N, blocks, block·bits/8]: [W [N, blocks·block]] for 8 bits,
-    [W[:, 0::2], W[:, 1::2]] (each [N, blocks·block/2]) for 4 bits. The bytes are reshaped, masked and
-    shifted with a shape / mask that depends on the run-time gradient `g` (`after`), so no runtime folds
-    them into a weight-sized initializer; DequantizeLinear (axis 1, block_size) applies the per-block
-    scales and zero points; only the small per-block tensors are unpacked with constants (and may fold)."""
+def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g) -> list[tuple[str, int]]:
+    """W's columns from the constant packed B [N, blocks, block·bits/8], each with the factor it is
+    scaled by: [(W, 1)] for 8 bits; [(W[:, 0::2], 1), (16 · W[:, 1::2], 16)] (each [N, blocks·block/2])
+    for 4 bits, from B & 0x0F and B & 0xF0 (the high nibble in place, its zero point times 16: scaling
+    by a power of two is exact, so (g · 16W) / 16 = g · W to the last bit).
+
+    The bytes are masked with a mask made from the run-time gradient `g` (`after`): nothing a runtime can
+    fold into a weight-sized initializer, and nothing runs before the weight's gradient arrives. Only
+    bitwise AND and static shapes: OpenVINO 2026.4 rounds BitShift of uint8 (0xF8 >> 4 gave 16) and
+    converts a DequantizeLinear only with a static input shape. DequantizeLinear (opset 21, axis 1,
+    block_size) applies the per-block scales and zero points (made at run time too: they are [N, blocks],
+    6% of a 4-bit weight's bytes)."""
     blocks = b.view.shape(packed)[1] if b.view.shape(packed) else None
     if not isinstance(blocks, int):
         raise NotImplementedError("MatMulNBits whose packed weight has no static shape")
     per_byte = 8 // bits
     width = blocks * block // per_byte  # each part's columns
     uint8 = onnx.TensorProto.UINT8
-    if bits == 8:
-        parts = [b.op("Reshape", [packed, after(b, b.ints([n, width]), g)])]
-    else:
-        mask, shift = (after(b, b.const(np.array([v], np.uint8)), g) for v in (15, 4))
-        parts = [b.op("Reshape", [q, b.ints([n, width])]) for q in
-                 (b.op("BitwiseAnd", [packed, mask]), b.op("BitShift", [packed, shift], direction="RIGHT"))]
+
+    def masked(t, value):
+        return b.op("BitwiseAnd", [t, after(b, b.const(np.array([value], np.uint8)), g)])
+
+    factors = [1] if bits == 8 else [1, 16]
+    masks = [0xFF] if bits == 8 else [0x0F, 0xF0]
+    parts = [b.op("Reshape", [masked(packed, m), b.ints([n, width])]) for m in masks]
     scale = scales if b.view.shape(scales) == [n, blocks] else b.op("Reshape", [scales, b.ints([n, blocks])],
                                                                      dtype=b.view.dtype(scales), shape=[n, blocks])
-    offset = None  # float zero points: W = q * scale - zero_point * scale
-    # zero points are [N, blocks] (6% of a 4-bit weight's bytes): made at run time too, never folded
+    offset = zps = None  # float zero points: W = q * scale - zero_point * scale
     if zero_points and b.view.dtype(zero_points) in (uint8, onnx.TensorProto.INT8):
-        zp = b.op("Reshape", [zero_points, after(b, b.ints([n, -1]), g)])  # [N, ceil(blocks * bits / 8)]
-        zp = b.op("Cast", [zp], to=onnx.TensorProto.INT32)
-        zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else zp
-        zp = b.op("Cast", [b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])], to=uint8)
+        zp = b.op("Cast", [masked(zero_points, 0xFF)], to=onnx.TensorProto.INT32)  # [N, ceil(blocks * bits / 8)]
+        zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else b.op("Reshape", [zp, b.ints([n, -1])])
+        zp = b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])
+        zps = [b.op("Cast", [b.op("Mul", [zp, b.const(np.array(f, np.int32))]) if f != 1 else zp], to=uint8)
+               for f in factors]
     elif zero_points:
-        zp = None
         offset = b.op("Mul", [b.op("Reshape", [zero_points, b.ints([n, blocks, 1])]),
                               b.op("Reshape", [scales, b.ints([n, blocks, 1])])])
     else:
-        middle = onnx.helper.make_tensor("value", uint8, [1], [2 ** (bits - 1)])
-        zp = b.op("ConstantOfShape", [after(b, b.ints([n, blocks]), g)], value=middle)
+        middle = 2 ** (bits - 1)
+        zps = [b.op("Expand", [after(b, b.const(np.array([middle * f], np.uint8)), g), b.ints([n, blocks])])
+               for f in factors]
     out = []
-    for q in parts:
-        w = b.op("DequantizeLinear", [q, scale, zp], axis=1, block_size=block // per_byte)
+    for i, (q, factor) in enumerate(zip(parts, factors)):
+        w = b.op("DequantizeLinear", [q, scale, zps[i] if zps else None], axis=1, block_size=block // per_byte)
         if offset is not None:
+            shift = b.op("Mul", [offset, b.const(np.array(factor, np.float32))]) if factor != 1 else offset
             w = b.op("Reshape", [b.op("Sub", [b.op("Reshape", [w, b.ints([n, blocks, block // per_byte])]),
-                                              offset]), b.ints([n, width])])
+                                              shift]), b.ints([n, width])])
         if b.view.dtype(scales) != dt:
             w = b.op("Cast", [w], to=dt)
-        out.append(w)
+        out.append((w, factor))
     return out
 
 
