@@ -165,3 +165,28 @@ def test_n_bit_weights(form, workdir):
     assert rel_l2(want["lrp_relevance"], expected) <= 2e-7
     assert rel_l2(got["lrp_relevance"], expected) <= 2e-7
 
+
+
+@pytest.mark.parametrize("forward", ["fused", "written"])
+def test_builder_int4_layout(forward, tmp_path):
+    """onnxruntime-genai's int4 layout (models.llama_int4's tiny graph: MatMulNBits, GroupQueryAttention
+    with its cache bound empty, SkipSimplifiedLayerNormalization). With the fused GroupQueryAttention kept
+    in the forward, its past slots get an empty [batch, kv_heads, 0, head_size] tensor (OpenVINO refuses
+    the op without one). Compared with onnxruntime without pre-packing: pre-packed at accuracy level 4,
+    onnxruntime quantizes MatMulNBits' input to int8, which OpenVINO does not."""
+    from models import llama_int4
+
+    path = llama_int4.write(tmp_path / "tiny", "tiny")
+    converted = lrp_onnx.convert(str(path), str(tmp_path / "m.lrp.onnx"), forward=forward)
+    ops = {n.op_type for n in converted.graph.node}
+    assert ("GroupQueryAttention" in ops) is (forward == "fused") and "MatMulNBits" in ops
+    ids = np.array([[5, 17, 42, 8, 33, 23, 61, 3, 57, 12]], np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "lrp_target": np.array([-1]),
+            "lrp_position": np.array([-1])}
+    explainer = lrp_onnx.Explainer(str(tmp_path / "m.lrp.onnx"), providers=["CPUExecutionProvider"], prepack=False)
+    want = dict(zip(explainer.output_names, explainer.session.run(
+        None, {k: v for k, v in feed.items() if k in explainer.input_names})))
+    got, _ = openvino_run(str(tmp_path / "m.lrp.onnx"), feed, "f32", set(want))
+    assert rel_l2(got["lrp_relevance"], want["lrp_relevance"]) <= F32_MAX_REL_L2
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got["lrp_selected_target"], want["lrp_selected_target"])
