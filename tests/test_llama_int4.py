@@ -120,3 +120,22 @@ def test_accuracy_level_4_explains_close_to_float_compute(workdir):
     assert level4.relevance.shape == (1, 7, 64) and np.isfinite(level4.relevance).all()
     a, b = level4.relevance.ravel(), level1.relevance.ravel()
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
+
+
+@pytest.mark.parametrize("memory", ["fast", "lean"])
+def test_backward_keeps_no_layer_input_alive(workdir, memory):
+    """What the backward reads from the forward is what stays alive until it runs. The gradient of a
+    MatMulNBits needs its weight and the incoming gradient, never its input A (the norm's output): no
+    backward node reads A, not even its shape. The norms' backward reads their sum (SkipSimplified-
+    LayerNormalization's output 3), not both of its inputs (the residual and the projection's output)."""
+    from lrp_onnx.passes.lean import _is_backward
+
+    path = llama_int4.write(workdir / "llama-int4-saved", "tiny", tied=False)
+    model = lrp_onnx.convert(str(path), memory=memory, relevance_only=True)
+    nodes = list(model.graph.node)
+    read = {t for n in nodes if _is_backward(n) for t in n.input}
+    layer_inputs = {n.input[0] for n in nodes if n.op_type == "MatMulNBits" and not _is_backward(n)}
+    assert layer_inputs and not layer_inputs & read
+    norms = [n for n in nodes if n.op_type == "SkipSimplifiedLayerNormalization" and not _is_backward(n)]
+    with_sum = [n for n in norms if len(n.output) > 3 and n.output[3]]
+    assert with_sum and all(n.output[3] in read and n.input[1] not in read for n in with_sum)

@@ -149,18 +149,19 @@ def _matmul_nbits(b, node, gy, wants):
         grads[0] = _as(b, b.op("MatMul", [gy[0], w], dtype=dt), a)
         return grads
     blocks = -(-k // block)
-    flat = b.op("Reshape", [gy[0], b.ints([-1, n])])  # [rows, N]
+    g = gy[0]  # [..., N]; the result is shaped from g's shape, never from A's (that would keep A alive)
     parts = []
-    for w, factor in _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, gy[0]):
-        part = b.op("MatMul", [flat, w], dtype=dt)
+    for w, factor in _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g):
+        part = b.op("MatMul", [g, w], dtype=dt)
         parts.append(b.op("Mul", [part, b.const(np.array(1 / factor, np.float32))]) if factor != 1 else part)
-    if len(parts) == 2:  # even and odd columns, interleaved: [rows, blocks*block/2, 2] -> [rows, blocks*block]
-        pairs = b.op("Concat", [b.op("Unsqueeze", [p, b.ints([2])]) for p in parts], axis=2)
-        parts = [b.op("Reshape", [pairs, b.ints([-1, blocks * block])])]
     out = parts[0]
+    if len(parts) == 2:  # even and odd columns, interleaved: [..., blocks*block/2, 2] -> [..., blocks*block]
+        pairs = b.op("Concat", [b.op("Unsqueeze", [p, b.ints([-1])]) for p in parts], axis=-1)
+        leading = b.op("Slice", [b.shape_of(g), b.ints([0]), b.ints([-1])])
+        out = b.op("Reshape", [pairs, b.op("Concat", [leading, b.ints([blocks * block])], axis=0)])
     if blocks * block != k:
-        out = b.op("Slice", [out, b.ints([0]), b.ints([k]), b.ints([1])])
-    grads[0] = _as(b, b.reshape_like(out, a), a)
+        out = b.op("Slice", [out, b.ints([0]), b.ints([k]), b.ints([-1])])
+    grads[0] = _as(b, out, a)
     return grads
 
 

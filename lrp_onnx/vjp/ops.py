@@ -521,6 +521,7 @@ def weight_input_gradient(b, g, w, like, trans_w: int = 0, alpha: float = 1.0) -
     dt = b.view.dtype(g)
     if b.view.rank(w) != 2:
         raise ValueError(f"weight_input_gradient: {w} is not a 2-D weight")
+    g_in = g
     n = b.view.shape(w)[0 if trans_w else 1]
     if b.view.rank(g) != 2:
         if isinstance(n, int):
@@ -532,7 +533,15 @@ def weight_input_gradient(b, g, w, like, trans_w: int = 0, alpha: float = 1.0) -
     extra = {"alpha": float(alpha)} if alpha != 1.0 else {}
     prod = b.op("Gemm", [w, g], transA=trans_w, transB=1, dtype=dt, shape=[k, None], **extra)
     out = b.op("Transpose", [prod], perm=[1, 0], dtype=dt, shape=[None, k])
-    return out if b.view.rank(like) == 2 else b.reshape_like(out, like)
+    if b.view.rank(like) == 2:
+        return out
+    if isinstance(k, int) and b.view.rank(g_in) == b.view.rank(like):
+        # g's leading axes and K: a Shape of `like` (the forward's activation) would keep it alive until
+        # the backward runs that Shape
+        leading = b.op("Slice", [b.shape_of(g_in), b.ints([0]), b.ints([-1])])
+        return b.op("Reshape", [out, b.op("Concat", [leading, b.ints([k])], axis=0)], dtype=dt,
+                    shape=b.view.shape(like))
+    return b.reshape_like(out, like)
 
 
 @register("MatMul")
