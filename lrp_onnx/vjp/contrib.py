@@ -82,17 +82,20 @@ def _fused_matmul(b, node, gy, wants):
 # the converted model keeps the weight in its quantized form (docs/quantized.md). Anything built from the
 # weight with other ops (Cast, Sub, Mul, Transpose) would be folded into an fp32 copy at session creation.
 def after(b: Builder, small: str, g: str) -> str:
-    """`small` (a constant scale) made to depend on the run-time tensor `g`, values unchanged: its
-    elements concatenated with an empty slice of g. A DequantizeLinear of constants alone may run as
-    soon as the run starts (nothing orders it), and every dequantized weight would be alive at once;
-    through this, each runs when its gradient arrives and is freed after its one MatMul."""
+    """`small` (a small constant) made to depend on the run-time values of `g`, values unchanged:
+    [small, small][i], i = isinf(g's first element) as 0 or 1 (0 for an empty g). A DequantizeLinear of
+    constants alone may run as soon as the run starts (nothing orders it), and every dequantized weight
+    would be alive at once; through this, each runs when its gradient arrives and is freed after its one
+    MatMul. And nothing built from it can be constant-folded: a dependency on g's shape alone (an empty
+    slice of g) is folded by OpenVINO, whose shape inference knows the slice is empty, and it then folded
+    every unpacked weight into float constants (a 7B model did not fit in 24 GB)."""
     dims = b.view.shape(small)
-    flat = b.op("Reshape", [small, b.ints([-1])])
-    empty = b.op("Slice", [b.op("Reshape", [g, b.ints([-1])]), b.ints([0]), b.ints([0])])
-    if b.view.dtype(g) != b.view.dtype(small):
-        empty = b.op("Cast", [empty], to=b.view.dtype(small))
-    shape = b.ints(dims) if dims is not None and all(isinstance(d, int) for d in dims) else b.shape_of(small)
-    return b.op("Reshape", [b.op("Concat", [flat, empty], axis=0), shape], dtype=b.view.dtype(small), shape=dims)
+    dt = b.view.dtype(small)
+    first = b.op("Slice", [b.op("Reshape", [g, b.ints([-1])]), b.ints([0]), b.ints([1])])
+    total = b.op("ReduceSum", [b.op("Cast", [first], to=onnx.TensorProto.FLOAT)], keepdims=0)  # a scalar
+    index = b.op("Cast", [b.op("IsInf", [total])], to=onnx.TensorProto.INT64)
+    pair = b.op("Concat", [b.op("Unsqueeze", [small, b.ints([0])]) for _ in range(2)], axis=0)
+    return b.op("Gather", [pair, index], axis=0, dtype=dt, shape=dims)
 
 
 def dequantized_input_gradient(b: Builder, g, weight, scale, zero_point, like):
