@@ -646,7 +646,7 @@ def _empty_past(node: onnx.NodeProto) -> list[onnx.NodeProto]:
         return []
     heads, kv_heads = attr(node, "num_heads"), attr(node, "kv_num_heads")
     packed = not (node.input[1] if len(node.input) > 1 else "")
-    prefix = f"{SCOPE}past/{node.name}/"
+    prefix = f"{SCOPE}past/{node.output[0]}/"  # the output: a node may have no name
     nodes = []
 
     def op(op_type, inputs, **attrs):

@@ -147,14 +147,16 @@ def _matmul_nbits(b, node, gy, wants):
         raise NotImplementedError(f"MatMulNBits with bits={bits}{' and g_idx' if g_idx else ''}")
     dt = b.view.dtype(gy[0]) or onnx.TensorProto.FLOAT
     grads = [None] * len(node.input)
-    if b.opset < 21 or not _is_constant(b, packed) or bits == 4 and block % 2:
+    stored = b.view.shape(packed)  # the spec's [N, ceil(K / block_size), block_size * bits / 8]
+    if b.opset < 21 or not _is_constant(b, packed) or bits == 4 and block % 2 or \
+            not stored or len(stored) != 3 or stored[1] != -(-k // block):
         w = _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt)
         grads[0] = _as(b, b.op("MatMul", [gy[0], w], dtype=dt), a)
         return grads
     blocks = -(-k // block)
     g = gy[0]  # [..., N]; the result is shaped from g's shape, never from A's (that would keep A alive)
     parts = []
-    for w, factor in _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g):
+    for w, factor in _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, blocks, dt, g):
         part = b.op("MatMul", [g, w], dtype=dt)
         parts.append(b.op("Mul", [part, b.const(np.array(1 / factor, np.float32))]) if factor != 1 else part)
     out = parts[0]
@@ -175,7 +177,7 @@ def _is_constant(b: Builder, name: str) -> bool:
     return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
-def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g) -> list[tuple[str, int]]:
+def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, blocks, dt, g) -> list[tuple[str, int]]:
     """W's columns from the constant packed B [N, blocks, block·bits/8], each with the factor it is
     scaled by: [(W, 1)] for 8 bits; [(W[:, 0::2], 1), (16 · W[:, 1::2], 16)] (each [N, blocks·block/2])
     for 4 bits, from B & 0x0F and B & 0xF0 (the high nibble in place, its zero point times 16: scaling
@@ -187,9 +189,6 @@ def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g) -
     converts a DequantizeLinear only with a static input shape. DequantizeLinear (opset 21, axis 1,
     block_size) applies the per-block scales and zero points (made at run time too: they are [N, blocks],
     6% of a 4-bit weight's bytes)."""
-    blocks = b.view.shape(packed)[1] if b.view.shape(packed) else None
-    if not isinstance(blocks, int):
-        raise NotImplementedError("MatMulNBits whose packed weight has no static shape")
     per_byte = 8 // bits
     width = blocks * block // per_byte  # each part's columns
     uint8 = onnx.TensorProto.UINT8
@@ -203,7 +202,9 @@ def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, dt, g) -
     scale = scales if b.view.shape(scales) == [n, blocks] else b.op("Reshape", [scales, b.ints([n, blocks])],
                                                                      dtype=b.view.dtype(scales), shape=[n, blocks])
     offset = zps = None  # float zero points: W = q * scale - zero_point * scale
-    if zero_points and b.view.dtype(zero_points) in (uint8, onnx.TensorProto.INT8):
+    if zero_points and b.view.dtype(zero_points) == onnx.TensorProto.INT8:
+        raise NotImplementedError("MatMulNBits with int8 zero points (the spec's are uint8 or float)")
+    if zero_points and b.view.dtype(zero_points) == uint8:
         zp = b.op("Cast", [masked(zero_points, 0xFF)], to=onnx.TensorProto.INT32)  # [N, ceil(blocks * bits / 8)]
         zp = _unpack_nibbles(b, zp, [n, -1]) if bits == 4 else b.op("Reshape", [zp, b.ints([n, -1])])
         zp = b.op("Slice", [zp, b.ints([0]), b.ints([blocks]), b.ints([1])])

@@ -539,8 +539,9 @@ def weight_input_gradient(b, g, w, like, trans_w: int = 0, alpha: float = 1.0) -
         # g's leading axes and K: a Shape of `like` (the forward's activation) would keep it alive until
         # the backward runs that Shape
         leading = b.op("Slice", [b.shape_of(g_in), b.ints([0]), b.ints([-1])])
+        zero_is_size = {"allowzero": 1} if b.opset >= 14 else {}  # an MoE expert that got no tokens
         return b.op("Reshape", [out, b.op("Concat", [leading, b.ints([k])], axis=0)], dtype=dt,
-                    shape=b.view.shape(like))
+                    shape=b.view.shape(like), **zero_is_size)
     return b.reshape_like(out, like)
 
 
