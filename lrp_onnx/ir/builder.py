@@ -104,6 +104,15 @@ class Builder:
         return self.op("Reshape", [g, self.shape_of(t)], dtype=self.view.dtype(g), shape=self.view.shape(t),
                        **zero_is_size)
 
+    def reshape_leading(self, t: str, g: str, last, shape=None) -> str:
+        """`t` reshaped to g's shape with its last axis replaced by `last` (an int): a gradient shaped
+        from another backward tensor, never by a Shape of a forward tensor (that would keep it alive until
+        the backward). allowzero as in reshape_like."""
+        zero_is_size = {"allowzero": 1} if self.opset >= 14 else {}
+        leading = self.op("Slice", [self.shape_of(g), self.ints([0]), self.ints([-1])])
+        return self.op("Reshape", [t, self.op("Concat", [leading, self.ints([last])], axis=0)],
+                       dtype=self.view.dtype(t), shape=shape, **zero_is_size)
+
     def cast_like(self, g: str, t: str) -> str:
         dt_g, dt_t = self.view.dtype(g), self.view.dtype(t)
         if dt_g is None or dt_t is None or dt_g == dt_t:

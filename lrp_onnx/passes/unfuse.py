@@ -627,7 +627,7 @@ def refuse(model: onnx.ModelProto, unfused: list[Unfused]) -> int:
             for k, t in enumerate(n.output):
                 n.output[k] = renamed.get(t, t)
         at = min(index[name] for name in u.copy)
-        for k, n in enumerate(_empty_past(u.node) + [u.node]):
+        for k, n in enumerate(_empty_past(model, u.node) + [u.node]):
             g.node.insert(at + k, n)
         index = {n.name: k for k, n in enumerate(g.node)}
         count += 1
@@ -636,36 +636,30 @@ def refuse(model: onnx.ModelProto, unfused: list[Unfused]) -> int:
     return count
 
 
-def _empty_past(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+def _empty_past(model: onnx.ModelProto, node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """A GroupQueryAttention whose past slots the cache binding emptied (cache.py: "no past") gets an
     empty past instead, [batch, kv_num_heads, 0, head_size] of the query's type, sliced from the query:
     what the exporter's runtime feeds at the first step, and what OpenVINO (2026.4)
     requires ("past_key and past_value must be provided as tensors"). Other fused ops keep the
-    empty slots. Adds the nodes' outputs to `node`'s inputs and returns the nodes."""
+    empty slots. Adds the nodes' output to `node`'s inputs and returns the nodes."""
     if (node.domain, node.op_type) != (MS, "GroupQueryAttention") or any(node.input[3:5]) or len(node.input) < 3:
         return []
     heads, kv_heads = attr(node, "num_heads"), attr(node, "kv_num_heads")
     packed = not (node.input[1] if len(node.input) > 1 else "")
-    prefix = f"{SCOPE}past/{node.output[0]}/"  # the output: a node may have no name
-    nodes = []
-
-    def op(op_type, inputs, **attrs):
-        out = f"{prefix}{op_type}_{len(nodes)}"
-        nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
-        return out
+    e = _Emitter(model, f"{SCOPE}past/{node.output[0]}", {}, {})  # the output: a node may have no name
 
     def ints(values):
-        return op("Constant", [], value=helper.make_tensor("value", TensorProto.INT64, [len(values)], values))
+        return e.const(values, np.int64)
 
     # the first position's query heads [batch, 1, heads (+ 2 kv_heads), head_size] -> [batch, kv_heads, 0,
     # head_size]: constants only (OpenVINO's Reshape of a zero-size tensor by a computed shape went wrong)
-    first = op("Slice", [node.input[0], ints([0]), ints([1]), ints([1])])
-    split = op("Reshape", [first, ints([0, 0, heads + 2 * kv_heads if packed else heads, -1])])
-    past = op("Slice", [op("Transpose", [split], perm=[0, 2, 1, 3]), ints([0, 0]), ints([kv_heads, 0]), ints([1, 2])])
+    first = e.op("Slice", [node.input[0], ints([0]), ints([1]), ints([1])])
+    split = e.op("Reshape", [first, ints([0, 0, heads + 2 * kv_heads if packed else heads, -1])])
+    past = e.op("Slice", [e.op("Transpose", [split], perm=[0, 2, 1, 3]), ints([0, 0]), ints([kv_heads, 0]), ints([1, 2])])
     while len(node.input) < 5:
         node.input.append("")
     node.input[3] = node.input[4] = past
-    return nodes
+    return e.nodes
 
 
 def prune_copies(model: onnx.ModelProto) -> None:

@@ -81,21 +81,24 @@ def _fused_matmul(b, node, gy, wants):
 # runtime constant-folds a DequantizeLinear of a constant (onnxruntime keeps it for its QDQ fusions), so
 # the converted model keeps the weight in its quantized form (docs/quantized.md). Anything built from the
 # weight with other ops (Cast, Sub, Mul, Transpose) would be folded into an fp32 copy at session creation.
-def after(b: Builder, small: str, g: str) -> str:
-    """`small` (a small constant) made to depend on the run-time values of `g`, values unchanged:
-    [small, small][i], i = isinf(g's first element) as 0 or 1 (0 for an empty g). A DequantizeLinear of
-    constants alone may run as soon as the run starts (nothing orders it), and every dequantized weight
-    would be alive at once; through this, each runs when its gradient arrives and is freed after its one
-    MatMul. And nothing built from it can be constant-folded: a dependency on g's shape alone (an empty
-    slice of g) is folded by OpenVINO, whose shape inference knows the slice is empty, and it then folded
-    every unpacked weight into float constants (a 7B model did not fit in 24 GB)."""
-    dims = b.view.shape(small)
-    dt = b.view.dtype(small)
+def value_anchor(b: Builder, g: str) -> str:
+    """A run-time int64 scalar from the values of `g`, always 0 or 1: isinf of g's first element (0 for
+    an empty g). What `after` picks with; made once per gradient."""
     first = b.op("Slice", [b.op("Reshape", [g, b.ints([-1])]), b.ints([0]), b.ints([1])])
     total = b.op("ReduceSum", [b.op("Cast", [first], to=onnx.TensorProto.FLOAT)], keepdims=0)  # a scalar
-    index = b.op("Cast", [b.op("IsInf", [total])], to=onnx.TensorProto.INT64)
+    return b.op("Cast", [b.op("IsInf", [total])], to=onnx.TensorProto.INT64)
+
+
+def after(b: Builder, small: str, anchor: str) -> str:
+    """`small` (a small constant) made to depend on the run-time values of a gradient, values unchanged:
+    [small, small][anchor], `anchor` = value_anchor(gradient). A DequantizeLinear of constants alone may
+    run as soon as the run starts (nothing orders it), and every dequantized weight would be alive at
+    once; through this, each runs when its gradient arrives and is freed after its one MatMul. And
+    nothing built from it can be constant-folded: a dependency on the gradient's shape alone (an empty
+    slice of it) is folded by OpenVINO, whose shape inference knows the slice is empty, and it then
+    folded every unpacked weight into float constants (a 7B model did not fit in 24 GB)."""
     pair = b.op("Concat", [b.op("Unsqueeze", [small, b.ints([0])]) for _ in range(2)], axis=0)
-    return b.op("Gather", [pair, index], axis=0, dtype=dt, shape=dims)
+    return b.op("Gather", [pair, anchor], axis=0, dtype=b.view.dtype(small), shape=b.view.shape(small))
 
 
 def dequantized_input_gradient(b: Builder, g, weight, scale, zero_point, like):
@@ -107,7 +110,8 @@ def dequantized_input_gradient(b: Builder, g, weight, scale, zero_point, like):
     if zero_point and b.view.rank(zero_point) not in (0, 1) or scale and b.view.rank(scale) not in (0, 1):
         raise NotImplementedError("a quantized MatMul whose weight scale / zero point is not per tensor or per column")
     per_column = bool(zero_point and b.view.rank(zero_point) == 1 and (b.view.shape(zero_point) or [1])[0] != 1)
-    unit_scale = after(b, b.const(np.ones(b.view.shape(zero_point) if per_column else [], np.float32)), g)
+    unit_scale = after(b, b.const(np.ones(b.view.shape(zero_point) if per_column else [], np.float32)),
+                       value_anchor(b, g))
     w = b.op("DequantizeLinear", [weight, unit_scale, zero_point or None], axis=1)  # W - zero_point, [K, N]
     w = b.op("Cast", [w], to=dt) if dt != onnx.TensorProto.FLOAT else w
     n = (b.view.shape(weight) or [None, None])[1]
@@ -148,7 +152,7 @@ def _matmul_nbits(b, node, gy, wants):
     dt = b.view.dtype(gy[0]) or onnx.TensorProto.FLOAT
     grads = [None] * len(node.input)
     stored = b.view.shape(packed)  # the spec's [N, ceil(K / block_size), block_size * bits / 8]
-    if b.opset < 21 or not _is_constant(b, packed) or bits == 4 and block % 2 or \
+    if b.opset < 21 or not b.view.is_constant(packed) or bits == 4 and block % 2 or \
             not stored or len(stored) != 3 or stored[1] != -(-k // block):
         w = _dequantize_with_standard_ops(b, packed, scales, zero_points, bits, block, k, n, dt)
         grads[0] = _as(b, b.op("MatMul", [gy[0], w], dtype=dt), a)
@@ -162,19 +166,11 @@ def _matmul_nbits(b, node, gy, wants):
     out = parts[0]
     if len(parts) == 2:  # even and odd columns, interleaved: [..., blocks*block/2, 2] -> [..., blocks*block]
         pairs = b.op("Concat", [b.op("Unsqueeze", [p, b.ints([-1])]) for p in parts], axis=-1)
-        leading = b.op("Slice", [b.shape_of(g), b.ints([0]), b.ints([-1])])
-        out = b.op("Reshape", [pairs, b.op("Concat", [leading, b.ints([blocks * block])], axis=0)])
+        out = b.reshape_leading(pairs, g, blocks * block)
     if blocks * block != k:
         out = b.op("Slice", [out, b.ints([0]), b.ints([k]), b.ints([-1])])
     grads[0] = _as(b, out, a)
     return grads
-
-
-def _is_constant(b: Builder, name: str) -> bool:
-    if name in b.view.initializers:
-        return True
-    node = b.view.nodes[b.view.producer[name]] if name in b.view.producer else None
-    return node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
 
 
 def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, blocks, dt, g) -> list[tuple[str, int]]:
@@ -183,7 +179,7 @@ def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, blocks, 
     for 4 bits, from B & 0x0F and B & 0xF0 (the high nibble in place, its zero point times 16: scaling
     by a power of two is exact, so (g · 16W) / 16 = g · W to the last bit).
 
-    The bytes are masked with a mask made from the run-time gradient `g` (`after`): nothing a runtime can
+    The bytes are masked with a mask made from the run-time gradient `g` (`after`, one anchor per g): nothing a runtime can
     fold into a weight-sized initializer, and nothing runs before the weight's gradient arrives. Only
     bitwise AND and static shapes: OpenVINO 2026.4 rounds BitShift of uint8 (0xF8 >> 4 gave 16) and
     converts a DequantizeLinear only with a static input shape. DequantizeLinear (opset 21, axis 1,
@@ -193,8 +189,10 @@ def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, blocks, 
     width = blocks * block // per_byte  # each part's columns
     uint8 = onnx.TensorProto.UINT8
 
+    anchor = value_anchor(b, g)
+
     def masked(t, value):
-        return b.op("BitwiseAnd", [t, after(b, b.const(np.array([value], np.uint8)), g)])
+        return b.op("BitwiseAnd", [t, after(b, b.const(np.array([value], np.uint8)), anchor)])
 
     factors = [1] if bits == 8 else [1, 16]
     masks = [0xFF] if bits == 8 else [0x0F, 0xF0]
@@ -215,7 +213,7 @@ def _dequantize_blocked(b, packed, scales, zero_points, bits, block, n, blocks, 
                               b.op("Reshape", [scales, b.ints([n, blocks, 1])])])
     else:
         middle = 2 ** (bits - 1)
-        zps = [b.op("Expand", [after(b, b.const(np.array([middle * f], np.uint8)), g), b.ints([n, blocks])])
+        zps = [b.op("Expand", [after(b, b.const(np.array([middle * f], np.uint8)), anchor), b.ints([n, blocks])])
                for f in factors]
     out = []
     for i, (q, factor) in enumerate(zip(parts, factors)):

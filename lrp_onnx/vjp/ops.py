@@ -535,13 +535,8 @@ def weight_input_gradient(b, g, w, like, trans_w: int = 0, alpha: float = 1.0) -
     out = b.op("Transpose", [prod], perm=[1, 0], dtype=dt, shape=[None, k])
     if b.view.rank(like) == 2:
         return out
-    if isinstance(k, int) and b.view.rank(g_in) == b.view.rank(like):
-        # g's leading axes and K: a Shape of `like` (the forward's activation) would keep it alive until
-        # the backward runs that Shape
-        leading = b.op("Slice", [b.shape_of(g_in), b.ints([0]), b.ints([-1])])
-        zero_is_size = {"allowzero": 1} if b.opset >= 14 else {}  # an MoE expert that got no tokens
-        return b.op("Reshape", [out, b.op("Concat", [leading, b.ints([k])], axis=0)], dtype=dt,
-                    shape=b.view.shape(like), **zero_is_size)
+    if isinstance(k, int) and b.view.rank(g_in) == b.view.rank(like):  # not by a Shape of `like`
+        return b.reshape_leading(out, g_in, k, shape=b.view.shape(like))
     return b.reshape_like(out, like)
 
 
